@@ -1,0 +1,145 @@
+"""``dppo``: the command layer. Each command parses its options and calls one library function;
+errors the user can fix are printed as one red line (exit code 1), never as a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="dppo",
+    help="Align language models with preference data: DPO plus direct on-policy penalization (DPPO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+prep_app = typer.Typer(help="Tokenize, template, truncate and pack data into memory-mapped shards.", invoke_without_command=True)
+app.add_typer(prep_app, name="prep")
+
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def user_errors(fn: F) -> F:
+    """Turn the library's user-facing errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from dppo.errors import USER_ERRORS
+
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# -- shared options ---------------------------------------------------------------------------
+Data = Annotated[str, typer.Option("--data", help="Hugging Face hub data set id, or a local parquet/jsonl/json/arrow file or folder.")]
+Tokenizer = Annotated[str, typer.Option("--tokenizer", help="Hub id or local folder with tokenizer.json and tokenizer_config.json.")]
+Out = Annotated[Path, typer.Option("--out", help="Output folder for the shards.")]
+Split = Annotated[Optional[str], typer.Option("--split", help="Split of a hub data set (default: train).")]
+Config = Annotated[Optional[str], typer.Option("--config", help="Configuration (subset) name of a hub data set.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Revision (branch, tag or commit) of a hub data set.")]
+MaxLen = Annotated[str, typer.Option("--max-len", help="Maximum sequence length in tokens: 'auto' (the --percentile of full-sequence lengths) or an integer.")]
+Percentile = Annotated[float, typer.Option("--percentile", help="Percentile of full-sequence token lengths used by --max-len auto.")]
+MaxPromptLen = Annotated[Optional[int], typer.Option("--max-prompt-len", help="Prompt tokens kept (default: max_len - 21, at least max_len / 2).")]
+PackLen = Annotated[Optional[int], typer.Option("--pack-len", help="Tokens per packing row (default: a power of two >= 2048 that holds the longest example).")]
+Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with an error naming it, instead of skipping and counting.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace shards already in the output folder.")]
+
+
+def _max_len(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected 'auto' or an integer, got {value!r}", param_hint="--max-len") from None
+    if n <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--max-len")
+    return n
+
+
+@prep_app.callback()
+@user_errors
+def prep_default(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the default data sets.")] = Path("data"),
+    overwrite: Overwrite = False,
+) -> None:
+    """Without a subcommand: prepare the paper's data (SmolTalk SFT, UltraFeedback train_prefs and
+    test_prefs) with the Qwen2.5-0.5B tokenizer into OUT/sft, OUT/prefs-train_prefs, OUT/prefs-test_prefs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dppo.prep import prepare_defaults
+
+    prepare_defaults(out, overwrite=overwrite)
+
+
+@prep_app.command("sft")
+@user_errors
+def prep_sft(
+    data: Data,
+    tokenizer: Tokenizer,
+    out: Out,
+    split: Split = None,
+    config: Config = None,
+    revision: Revision = None,
+    max_len: MaxLen = "auto",
+    percentile: Percentile = 95.0,
+    max_prompt_len: MaxPromptLen = None,
+    pack_len: PackLen = None,
+    strict: Strict = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Chat SFT data in the SmolTalk schema (`messages`): first user and first assistant turn, labels on the assistant turn."""
+    from dppo.prep import PrepConfig, prepare
+
+    prepare(PrepConfig("sft", data, tokenizer, out, split=split, config=config, revision=revision,
+                       max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
+                       pack_len=pack_len, strict=strict, overwrite=overwrite))
+
+
+@prep_app.command("prefs")
+@user_errors
+def prep_prefs(
+    data: Data,
+    tokenizer: Tokenizer,
+    out: Out,
+    ygen: Annotated[Optional[Path], typer.Option("--ygen", help="y_gen file (parquet or jsonl with prompt_id, response), as `dppo generate` writes it.")] = None,
+    allow_missing_ygen: Annotated[bool, typer.Option("--allow-missing-ygen", help="Drop (and count) pairs whose prompt_id has no y_gen, instead of failing.")] = False,
+    split: Split = None,
+    config: Config = None,
+    revision: Revision = None,
+    max_len: MaxLen = "auto",
+    percentile: Percentile = 95.0,
+    max_prompt_len: MaxPromptLen = None,
+    pack_len: PackLen = None,
+    strict: Strict = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen."""
+    from dppo.prep import PrepConfig, prepare
+
+    prepare(PrepConfig("prefs", data, tokenizer, out, split=split, config=config, revision=revision, ygen=ygen,
+                       max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
+                       pack_len=pack_len, strict=strict, allow_missing_ygen=allow_missing_ygen, overwrite=overwrite))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

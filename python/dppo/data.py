@@ -1,0 +1,178 @@
+"""Reading prepared shards without copying.
+
+``open_shards(DIR)`` memory-maps every shard of a folder written by ``dppo prep`` (format:
+``docs/shards.md``) and returns a ``Shards`` object: ``len()``, ``.meta``, and indexing that
+gives one example as numpy arrays (views into the mapped files wherever possible):
+
+* SFT: ``input_ids`` and ``labels`` (-100 on non-assistant tokens);
+* pairs: ``prompt_id``, ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ygen_ids``
+  (``None`` without y_gen), plus ``score_chosen`` / ``score_rejected``.
+
+The packing rows (lists of examples that fill ``pack_len`` tokens) and per-example lengths
+serve the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dppo import _native
+
+__all__ = ["Shards", "ShardError", "open_shards", "SEG_PROMPT", "SEG_RESPONSE", "SEG_CHOSEN", "SEG_REJECTED", "SEG_YGEN"]
+
+SEG_PROMPT, SEG_RESPONSE, SEG_CHOSEN, SEG_REJECTED, SEG_YGEN = 0, 1, 2, 3, 4
+FLAG_PROMPT_TRUNCATED, FLAG_RESPONSE_TRUNCATED, FLAG_BOUNDARY_RESPLIT = 1, 2, 4
+
+_DTYPES = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32, "u8": np.uint8}
+
+
+class ShardError(_native.DppoError):
+    """A shard folder that is missing, incomplete or corrupt (the message names the file)."""
+
+
+@dataclass
+class _Shard:
+    name: str
+    tokens: np.ndarray
+    arrays: dict[str, np.ndarray]
+    n_examples: int
+    pack_len: int
+
+    def segments(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = int(self.arrays["ex_seg_off"][i]), int(self.arrays["ex_seg_off"][i + 1])
+        return self.arrays["seg_kind"][a:b], self.arrays["seg_tok_off"][a:b], self.arrays["seg_len"][a:b]
+
+    def prompt_id(self, i: int) -> str:
+        a, b = int(self.arrays["id_off"][i]), int(self.arrays["id_off"][i + 1])
+        return bytes(self.arrays["id_bytes"][a:b]).decode("utf-8")
+
+
+def _map_shard(dir: Path, name: str, verify: bool) -> tuple[_Shard, dict[str, Any]]:
+    idx_path = dir / f"{name}.idx"
+    try:
+        info = _native.open_shard_index(str(idx_path), verify)
+    except _native.DppoError as e:
+        raise ShardError(str(e)) from None
+    header = info["header"]
+    idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
+    arrays = {
+        sec: np.frombuffer(idx, dtype=_DTYPES[dtype], count=count, offset=offset)
+        for sec, (offset, dtype, count) in info["sections"].items()
+    }
+    n_tokens = header["n_tokens"]
+    tok_path = dir / f"{name}.tok"
+    tokens = np.memmap(tok_path, dtype=np.uint32, mode="r") if n_tokens else np.zeros(0, dtype=np.uint32)
+    return _Shard(name, tokens, arrays, header["n_examples"], header["pack_len"]), header
+
+
+class Shards:
+    """All shards of one prepared folder, indexed as one sequence of examples."""
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise ShardError(f"{self.path}: no such folder (prepare it with `dppo prep`)")
+        if not meta_path.is_file():
+            raise ShardError(f"{meta_path}: missing; {self.path} is not a complete prepared folder (was `dppo prep` interrupted?)")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{meta_path}: unreadable ({e})") from None
+        if self.meta.get("format") != "dppo-shards":
+            raise ShardError(f"{meta_path}: not a dppo shard folder")
+        self.kind: str = self.meta["kind"]
+        self._shards: list[_Shard] = []
+        headers = []
+        for s in self.meta["shards"]:
+            shard, header = _map_shard(self.path, s["name"], verify)
+            if header["n_examples"] != s["examples"]:
+                raise ShardError(f"{self.path / (s['name'] + '.idx')}: holds {header['n_examples']} examples, meta.json says {s['examples']}")
+            self._shards.append(shard)
+            headers.append(header)
+        self.has_ygen: bool = bool(self.meta["counts"].get("has_ygen")) if self.kind == "pairs" else False
+        self.pack_len: int = int(self.meta["counts"]["pack_len"])
+        self._starts = np.cumsum([0] + [s.n_examples for s in self._shards])
+
+    # -- examples -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, i: int) -> tuple[_Shard, int]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"example {i} out of range for {n} examples")
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._shards[k], i - int(self._starts[k])
+
+    def _parts(self, shard: _Shard, j: int) -> dict[int, np.ndarray]:
+        kinds, offs, lens = shard.segments(j)
+        return {int(k): shard.tokens[int(o) : int(o) + int(n)] for k, o, n in zip(kinds, offs, lens)}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, j = self._locate(int(i))
+        parts = self._parts(shard, j)
+        prompt = parts[SEG_PROMPT]
+        row = int(shard.arrays["ex_row"][j])
+        if self.kind == "sft":
+            resp = parts[SEG_RESPONSE]
+            input_ids = np.concatenate([prompt, resp]).astype(np.int64)
+            labels = input_ids.copy()
+            labels[: len(prompt)] = -100
+            return {"input_ids": input_ids, "labels": labels, "source_row": row}
+        scores = shard.arrays["ex_scores"][2 * j : 2 * j + 2]
+        return {
+            "prompt_id": shard.prompt_id(j),
+            "prompt_ids": prompt,
+            "chosen_ids": parts[SEG_CHOSEN],
+            "rejected_ids": parts[SEG_REJECTED],
+            "ygen_ids": parts.get(SEG_YGEN),
+            "score_chosen": float(scores[0]),
+            "score_rejected": float(scores[1]),
+            "source_row": row,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def lengths(self) -> dict[str, np.ndarray]:
+        """Per-example segment lengths (int64), e.g. ``{"prompt": ..., "chosen": ..., ...}``."""
+        names = {SEG_PROMPT: "prompt", SEG_RESPONSE: "response", SEG_CHOSEN: "chosen", SEG_REJECTED: "rejected", SEG_YGEN: "ygen"}
+        out: dict[str, list[np.ndarray]] = {}
+        for shard in self._shards:
+            kinds = shard.arrays["seg_kind"]
+            lens = shard.arrays["seg_len"].astype(np.int64)
+            for code, name in names.items():
+                sel = lens[kinds == code]
+                if len(sel):
+                    out.setdefault(name, []).append(sel)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    # -- packing rows ------------------------------------------------------------------------
+    def packed_rows(self) -> Iterator[np.ndarray]:
+        """Each packing row as the global indices of its examples (together <= ``pack_len`` tokens)."""
+        for start, shard in zip(self._starts, self._shards):
+            off, items = shard.arrays["row_off"], shard.arrays["row_items"]
+            for r in range(len(off) - 1):
+                yield items[int(off[r]) : int(off[r + 1])].astype(np.int64) + int(start)
+
+    @property
+    def num_packed_rows(self) -> int:
+        return sum(len(s.arrays["row_off"]) - 1 for s in self._shards)
+
+    def __repr__(self) -> str:
+        return f"Shards({str(self.path)!r}, kind={self.kind!r}, examples={len(self)}, has_ygen={self.has_ygen})"
+
+
+def open_shards(path: str | os.PathLike[str], *, verify: bool = True) -> Shards:
+    """Open a folder written by ``dppo prep`` (checksums verified unless ``verify=False``)."""
+    return Shards(path, verify=verify)

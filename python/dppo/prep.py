@@ -1,0 +1,166 @@
+"""``dppo prep``: raw chat / preference data to memory-mapped shards.
+
+Python reads the source (polars for local files, ``datasets`` for hub ids) in bounded batches and
+hands each batch to the Rust engine as Arrow data in one call; the engine validates, renders the
+chat template, tokenizes, truncates, packs and writes the shards (see ``dppo._native``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dppo import _native
+from dppo.sources import SourceError, file_fingerprint, open_source, resolve_tokenizer
+
+__all__ = ["PrepConfig", "prepare", "prepare_defaults", "PrepError", "DEFAULTS"]
+
+PrepError = _native.DppoError
+
+DEFAULTS = {
+    "tokenizer": "Qwen/Qwen2.5-0.5B",
+    "sft": {"data": "HuggingFaceTB/smol-smoltalk", "split": "train"},
+    "prefs": {"data": "HuggingFaceH4/ultrafeedback_binarized", "splits": ["train_prefs", "test_prefs"]},
+    "out": "data",
+}
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """Everything one preparation run needs; saved into ``meta.json`` as ``config``."""
+
+    kind: Literal["sft", "prefs"]
+    data: str
+    tokenizer: str
+    out: Path
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    ygen: Path | None = None
+    max_len: int | None = None  # None: the `percentile` of full-sequence lengths
+    percentile: float = 95.0
+    max_prompt_len: int | None = None
+    pack_len: int | None = None
+    strict: bool = False
+    allow_missing_ygen: bool = False
+    overwrite: bool = False
+    batch_rows: int = 4096
+    tokenizer_fallback: bool = False
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_ygen(path: Path) -> Any:
+    import polars as pl
+
+    if not path.is_file():
+        raise SourceError(f"{path}: no such y_gen file (write it with `dppo generate`)")
+    try:
+        if path.suffix == ".parquet":
+            df = pl.read_parquet(path)
+        elif path.suffix in (".jsonl", ".json"):
+            df = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_json(path)
+        else:
+            raise SourceError(f"{path}: y_gen must be a .parquet or .jsonl file")
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{path}: cannot read y_gen file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [c for c in ("prompt_id", "response") if c not in df.columns]
+    if missing:
+        raise SourceError(f"{path}: y_gen file lacks column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
+    return df.select("prompt_id", "response")
+
+
+def _summary_table(title: str, s: dict[str, Any]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("rows in", f"{s['rows_in']:,}")
+    t.add_row("rows kept", f"{s['rows_kept']:,}")
+    dropped = {k: v for k, v in s["dropped"].items() if v}
+    t.add_row("rows dropped", f"{s['rows_dropped']:,}" + (f"  ({', '.join(f'{k} {v:,}' for k, v in dropped.items())})" if dropped else ""))
+    t.add_row("truncated", f"{s['truncated']:,} (prompt {s['truncated_prompt']:,}, response {s['truncated_response']:,})")
+    src = s["max_len_from"]
+    how = f"p{src['auto']['percentile']:g} of full-sequence lengths" if isinstance(src, dict) else "fixed"
+    t.add_row("max_len", f"{s['max_len']:,} ({how}); prompt <= {s['max_prompt_len']:,}")
+    if s.get("boundary_resplit"):
+        t.add_row("boundary re-split", f"{s['boundary_resplit']:,}")
+    t.add_row("tokens", f"{s['tokens']:,} stored, {s['packed_tokens']:,} packed")
+    t.add_row("packing", f"{s['rows']:,} rows of {s['pack_len']:,}, padding {100 * s['padding_fraction']:.2f}%")
+    if s.get("ygen"):
+        t.add_row("y_gen", f"{s['ygen']['responses']:,} responses")
+    t.add_row("speed", f"{s['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s ({s['seconds']:.1f} s)")
+    return t
+
+
+def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Prepare one data set into ``cfg.out``; returns the summary (also in ``meta.json``)."""
+    console = console or Console(stderr=True)
+    tok_dir = resolve_tokenizer(cfg.tokenizer)
+    source = open_source(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, batch_rows=cfg.batch_rows)
+    prep = _native.Preparer(
+        "sft" if cfg.kind == "sft" else "prefs",
+        str(tok_dir),
+        str(cfg.out),
+        max_len=cfg.max_len,
+        percentile=cfg.percentile,
+        max_prompt_len=cfg.max_prompt_len,
+        pack_len=cfg.pack_len,
+        strict=cfg.strict,
+        allow_missing_ygen=cfg.allow_missing_ygen,
+        overwrite=cfg.overwrite,
+        tokenizer_fallback=cfg.tokenizer_fallback,
+    )
+    ygen_desc = None
+    try:
+        if cfg.ygen is not None:
+            if cfg.kind != "prefs":
+                raise SourceError("--ygen applies to preference data (dppo prep prefs)")
+            prep.add_ygen(_read_ygen(Path(cfg.ygen)).to_arrow())
+            ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen))}
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
+            task = bar.add_task(f"tokenize {cfg.kind}", total=source.num_rows, rate="")
+            t0, rows = time.perf_counter(), 0
+            for batch in source.batches:
+                rows += prep.feed(batch, rows)
+                bar.update(task, completed=rows, rate=f"{rows / max(time.perf_counter() - t0, 1e-9):,.0f} rows/s")
+            bar.update(task, total=rows)
+            write = bar.add_task("truncate, pack, write", total=None, rate="")
+
+            def progress(done: int, total: int) -> None:
+                bar.update(write, completed=done, total=total)
+
+            meta = {
+                "source": source.description,
+                "tokenizer_source": str(cfg.tokenizer),
+                "ygen_source": ygen_desc,
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "extra_meta"},
+                **cfg.extra_meta,
+            }
+            summary = json.loads(prep.finish(json.dumps(meta), progress))
+    except BaseException:
+        prep.abort()
+        raise
+    if show_progress:
+        console.print(_summary_table(f"{cfg.kind} -> {cfg.out}", summary))
+    return summary
+
+
+def prepare_defaults(out: Path | None = None, *, overwrite: bool = False, console: Console | None = None) -> list[dict[str, Any]]:
+    """Bare ``dppo prep``: the paper's data (SmolTalk SFT, UltraFeedback train/test pairs) with the
+    Qwen2.5-0.5B tokenizer into ``out`` (default ``data/``)."""
+    out = Path(out or DEFAULTS["out"])
+    tok = DEFAULTS["tokenizer"]
+    runs = [PrepConfig("sft", DEFAULTS["sft"]["data"], tok, out / "sft", split=DEFAULTS["sft"]["split"], overwrite=overwrite)]
+    for split in DEFAULTS["prefs"]["splits"]:
+        runs.append(PrepConfig("prefs", DEFAULTS["prefs"]["data"], tok, out / f"prefs-{split}", split=split, overwrite=overwrite))
+    return [prepare(r, console=console) for r in runs]

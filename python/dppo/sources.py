@@ -1,0 +1,223 @@
+"""Reading data sources: Hugging Face hub ids and local parquet / jsonl / json / arrow files or folders.
+
+Every reader yields Arrow-compatible batches (polars DataFrames or pyarrow tables) of a bounded
+number of rows, so that preparing a data set never loads it whole. Failures become one
+``SourceError`` line naming the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["SourceError", "Source", "open_source", "resolve_tokenizer", "file_fingerprint"]
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".feather", ".ipc")
+
+
+class SourceError(RuntimeError):
+    """A data source or tokenizer that cannot be read (the message is one line)."""
+
+
+@dataclass
+class Source:
+    """An opened source: a description for ``meta.json`` and an iterator of Arrow batches."""
+
+    description: dict[str, Any]
+    batches: Iterator[Any]
+    num_rows: int | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
+    """blake2b of a file's bytes (16 hex digits), recorded in ``meta.json`` as the source's identity."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    parquet = [p for p in files if p.suffix == ".parquet"]
+    return parquet or files
+
+
+def _polars_batches(path: Path, batch_rows: int) -> Iterator[Any]:
+    import polars as pl
+
+    suffix = path.suffix
+    try:
+        if suffix == ".parquet":
+            yield from pl.scan_parquet(path).collect_batches(chunk_size=batch_rows)
+        elif suffix == ".jsonl":
+            yield from _jsonl_batches(path, batch_rows)
+        elif suffix == ".json":
+            df = pl.read_json(path, infer_schema_length=None)
+            yield from df.iter_slices(batch_rows)
+        elif suffix in (".arrow", ".feather", ".ipc"):
+            yield from _arrow_file_batches(path, batch_rows)
+        else:
+            raise SourceError(f"{path}: unsupported file type {suffix!r} (use parquet, jsonl, json or arrow)")
+    except SourceError:
+        raise
+    except Exception as e:  # polars / pyarrow parse errors
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path}: cannot read {suffix[1:]} data: {msg}") from None
+
+
+JSONL_COLUMN = "__jsonl__"
+
+
+def _jsonl_batches(path: Path, batch_rows: int, chunk_bytes: int = 8 << 20) -> Iterator[Any]:
+    """Raw jsonl lines as Arrow binary, parsed by the engine row by row. Readers that infer a
+    schema (polars, pyarrow) silently turn a number into a string or fail the whole file, while a
+    field of the wrong type must be a counted skip of its own row."""
+    import pyarrow as pa
+
+    rest = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            data = rest + block
+            if not block:
+                lines, rest = data.split(b"\n"), b""
+            else:
+                lines = data.split(b"\n")
+                rest = lines.pop()
+            lines = [ln for ln in lines if ln.strip()]
+            for start in range(0, len(lines), batch_rows):
+                yield pa.table({JSONL_COLUMN: pa.array(lines[start : start + batch_rows], type=pa.large_binary())})
+            if not block:
+                break
+
+
+def _arrow_file_batches(path: Path, batch_rows: int) -> Iterator[Any]:
+    import pyarrow as pa
+
+    # `datasets` writes the Arrow *stream* format; feather/IPC files use the file format
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            source.seek(0)
+            batches = iter(pa.ipc.open_stream(source))
+        for b in batches:
+            for start in range(0, b.num_rows, batch_rows):
+                yield pa.Table.from_batches([b.slice(start, batch_rows)])
+
+
+def _count_rows(files: list[Path]) -> int | None:
+    """Rows of parquet (from metadata) and jsonl (line count) files, for progress bars; else None."""
+    total = 0
+    try:
+        import pyarrow.parquet as pq
+
+        for p in files:
+            if p.suffix == ".parquet":
+                total += pq.ParquetFile(p).metadata.num_rows
+            elif p.suffix == ".jsonl":
+                with open(p, "rb") as f:
+                    total += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
+            else:
+                return None
+    except Exception:
+        return None
+    return total
+
+
+def _hub_error(src: str, e: Exception) -> SourceError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return SourceError(
+        f"could not load '{src}' from the Hugging Face hub ({type(e).__name__}: {first}); "
+        "check the name and your network, or pass a local parquet/jsonl file"
+    )
+
+
+def open_source(
+    src: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    revision: str | None = None,
+    batch_rows: int = 4096,
+) -> Source:
+    """Open ``src``: an existing local file or folder, else a Hugging Face hub data set id."""
+    path = Path(src).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        if not files:
+            raise SourceError(f"{path}: no parquet, jsonl, json or arrow files found")
+
+        def batches() -> Iterator[Any]:
+            for f in files:
+                yield from _polars_batches(f, batch_rows)
+
+        desc = {
+            "type": "local",
+            "path": str(path.resolve()),
+            "files": [{"name": str(f.relative_to(path)) if path.is_dir() else f.name, "blake2b": file_fingerprint(f)} for f in files],
+        }
+        return Source(desc, batches(), _count_rows(files), files)
+
+    if str(src).startswith((".", "/", "~")) or str(src).endswith(DATA_SUFFIXES):
+        raise SourceError(f"{src}: no such file or folder")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(str(src), name=config, split=split or "train", revision=revision)
+    except Exception as e:
+        raise _hub_error(str(src), e) from None
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+
+    def hub_batches() -> Iterator[Any]:
+        import pyarrow as pa
+
+        for b in table.to_batches(max_chunksize=batch_rows):
+            yield pa.Table.from_batches([b])
+
+    desc = {
+        "type": "hub",
+        "id": str(src),
+        "config": config,
+        "split": split or "train",
+        "revision": revision,
+        "fingerprint": getattr(ds, "_fingerprint", None),
+    }
+    return Source(desc, hub_batches(), len(ds))
+
+
+def resolve_tokenizer(tok: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local folder holding ``tokenizer.json`` (and ``tokenizer_config.json``) for ``tok``:
+    the folder itself, or a hub id fetched into the Hugging Face cache."""
+    path = Path(tok).expanduser()
+    if path.exists():
+        if path.is_file():
+            path = path.parent
+        if not (path / "tokenizer.json").is_file():
+            raise SourceError(f"{path}: no tokenizer.json in this folder")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(tok),
+            revision=revision,
+            allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"],
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(
+            f"could not fetch tokenizer '{tok}' from the Hugging Face hub ({type(e).__name__}: {first}); "
+            "check the name and your network, or pass a local folder with tokenizer.json"
+        ) from None
+    if not (Path(local) / "tokenizer.json").is_file():
+        raise SourceError(f"tokenizer '{tok}' has no tokenizer.json (only fast tokenizers are supported)")
+    return Path(local)

@@ -1,0 +1,705 @@
+//! The preparation pipeline: rows in, shards out.
+//!
+//! Pass 1 (`feed_*`, once per source batch): validate rows, render the chat template, tokenize in
+//! parallel, append the untruncated ids to a spill file, and count full-sequence lengths in a
+//! histogram (constant memory, exact percentiles). Pass 2 (`finish`): choose `max_len`, read the
+//! spill back in order, truncate, write shards (packed by best-fit decreasing), write
+//! `meta.json`, and only then move the folder into place. Memory does not grow with the number of
+//! rows; a killed run leaves only a `*.partial-PID` folder that the next run removes.
+//!
+//! Response ids are "the rendered full conversation's ids after the prompt's". The prompt is
+//! tokenized once per example, not once per response: special tokens always split the text, so
+//! the ids of `prompt + response` are the prompt's ids up to its last special token followed by
+//! the ids of the short tail after it (`"assistant\n"` for ChatML) joined with the response text.
+//! Only that joint tail is tokenized per response. When the tail's ids are not a prefix of the
+//! joint ids (the pre-tokenizer merged across the boundary, e.g. a response starting with a
+//! newline), the prompt's ids are not a prefix of the conversation's ids either; the response's
+//! ids are then those of the response text on its own, the example is flagged and counted
+//! (`boundary_resplit`), and `prompt + response` stays a valid, decodable sequence.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::error::{IoContext, PrepError, Result};
+use crate::record::{first_exchange, pair, RawPairRow, RawSftRow, Skip};
+use crate::shard::{self, SegKind, ShardStats, ShardWriter};
+use crate::template::{ChatTemplate, Message};
+use crate::tokenizer::Tokenizer;
+
+/// What kind of data a run prepares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    Sft,
+    Pairs,
+}
+
+/// How `max_len` is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxLen {
+    /// The given percentile of full-sequence token lengths (nearest rank).
+    Auto { percentile: f64 },
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone)]
+pub struct PrepOptions {
+    pub kind: DataKind,
+    pub max_len: MaxLen,
+    /// Default: `max_len - 21`, at least `max_len / 2` (with the paper's 989 this is the 968
+    /// prompt tokens the author's runs kept).
+    pub max_prompt_len: Option<u32>,
+    /// Default: the smallest power of two, at least 2048, that holds the longest possible example.
+    pub pack_len: Option<u32>,
+    /// Stop at the first bad row with an error naming it.
+    pub strict: bool,
+    /// Drop (and count) pairs whose prompt_id is not in the y_gen file, instead of failing.
+    pub allow_missing_ygen: bool,
+    /// A new shard starts once this many tokens are written.
+    pub shard_max_tokens: u64,
+}
+
+impl Default for PrepOptions {
+    fn default() -> Self {
+        Self {
+            kind: DataKind::Pairs,
+            max_len: MaxLen::Auto { percentile: 95.0 },
+            max_prompt_len: None,
+            pack_len: None,
+            strict: false,
+            allow_missing_ygen: false,
+            shard_max_tokens: 256 << 20,
+        }
+    }
+}
+
+/// The smallest length L such that at least `p` percent of the counted lengths are <= L
+/// (numpy's `percentile(..., method="inverted_cdf")`).
+pub fn nearest_rank(hist: &[u64], p: f64) -> Option<u32> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (len, &c) in hist.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(len as u32);
+        }
+    }
+    Some((hist.len() - 1) as u32)
+}
+
+pub fn default_max_prompt_len(max_len: u32) -> u32 {
+    max_len.saturating_sub(21).max(max_len / 2)
+}
+
+fn default_pack_len(longest_example: u32) -> u32 {
+    longest_example.max(2048).next_power_of_two()
+}
+
+/// One tokenized example before truncation.
+struct Encoded {
+    row: u64,
+    id: String,
+    prompt: Vec<u32>,
+    /// (kind, ids) per response, in shard order: Response | Chosen, Rejected[, Ygen]
+    responses: Vec<(SegKind, Vec<u32>)>,
+    resplit: bool,
+    scores: [f32; 2],
+}
+
+#[derive(Default)]
+struct Counts {
+    rows_in: u64,
+    kept: u64,
+    skipped: BTreeMap<Skip, u64>,
+    boundary_resplit: u64,
+    untruncated_tokens: u64,
+    ygen_missing_examples: Vec<String>,
+    ygen_bad_rows: u64,
+    ygen_duplicates: u64,
+}
+
+/// Pass 1 and pass 2 of a preparation run. See the module docs.
+pub struct Preparer {
+    tok: Arc<Tokenizer>,
+    template: ChatTemplate,
+    specials: Option<AhoCorasick>,
+    opts: PrepOptions,
+    out_dir: PathBuf,
+    work_dir: PathBuf,
+    overwrite: bool,
+    spill_path: PathBuf,
+    spill: Option<BufWriter<File>>,
+    hist: Vec<u64>,
+    counts: Counts,
+    ygen: Option<HashMap<String, String>>,
+    started: Instant,
+}
+
+impl Preparer {
+    /// Check the output folder and create the working folder beside it.
+    pub fn new(
+        tok: Arc<Tokenizer>,
+        template: ChatTemplate,
+        opts: PrepOptions,
+        out_dir: &Path,
+        overwrite: bool,
+    ) -> Result<Self> {
+        if let MaxLen::Auto { percentile } = opts.max_len {
+            if !(percentile > 0.0 && percentile <= 100.0) {
+                return Err(PrepError::Config(format!("--percentile must be in (0, 100], got {percentile}")));
+            }
+        }
+        if let MaxLen::Fixed(0) = opts.max_len {
+            return Err(PrepError::Config("--max-len must be positive".into()));
+        }
+        if looks_complete(out_dir) && !overwrite {
+            return Err(PrepError::Config(format!(
+                "{} already holds prepared shards; pass --overwrite to replace them",
+                out_dir.display()
+            )));
+        }
+        if out_dir.exists() && !out_dir.is_dir() {
+            return Err(PrepError::Config(format!("{} exists and is not a folder", out_dir.display())));
+        }
+        remove_stale_partials(out_dir);
+        let work_dir = partial_dir(out_dir);
+        fs::create_dir_all(&work_dir).at(&work_dir)?;
+        let spill_path = work_dir.join("spill.bin");
+        let spill = BufWriter::with_capacity(4 << 20, File::create(&spill_path).at(&spill_path)?);
+        let specials = {
+            let added: Vec<String> = tok.added_tokens().into_iter().map(|(s, _, _)| s).collect();
+            if added.is_empty() {
+                None
+            } else {
+                Some(
+                    AhoCorasick::builder()
+                        .match_kind(MatchKind::LeftmostLongest)
+                        .build(&added)
+                        .map_err(|e| PrepError::Tokenizer(e.to_string()))?,
+                )
+            }
+        };
+        Ok(Self {
+            tok,
+            template,
+            specials,
+            opts,
+            out_dir: out_dir.to_owned(),
+            work_dir,
+            overwrite,
+            spill_path,
+            spill: Some(spill),
+            hist: Vec::new(),
+            counts: Counts::default(),
+            ygen: None,
+            started: Instant::now(),
+        })
+    }
+
+    /// Register y_gen responses (`None` entries are unusable rows of the y_gen file).
+    pub fn add_ygen(&mut self, rows: Vec<Option<(String, String)>>) {
+        let map = self.ygen.get_or_insert_with(HashMap::new);
+        for r in rows {
+            match r {
+                None => self.counts.ygen_bad_rows += 1,
+                Some((id, resp)) => {
+                    if map.contains_key(&id) {
+                        self.counts.ygen_duplicates += 1;
+                    } else {
+                        map.insert(id, resp);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn has_ygen(&self) -> bool {
+        self.ygen.is_some()
+    }
+
+    /// Byte offset just past the last added/special token in `text` (0 if none).
+    fn tail_start(&self, text: &str) -> usize {
+        self.specials.as_ref().and_then(|ac| ac.find_iter(text).last()).map(|m| m.end()).unwrap_or(0)
+    }
+
+    /// Tokenize a prompt and its responses; see the module docs for the response rule.
+    fn encode(&self, prompt_msgs: &[Message], responses: &[(SegKind, &Message)]) -> std::result::Result<(Vec<u32>, Vec<(SegKind, Vec<u32>)>, bool), Skip> {
+        let prompt_text = self.template.render(prompt_msgs, true).map_err(|_| Skip::TemplateError)?;
+        let cut = self.tail_start(&prompt_text);
+        let (head, tail) = prompt_text.split_at(cut);
+        let mut prompt = self.tok.encode(head);
+        let tail_ids = self.tok.encode(tail);
+        prompt.extend_from_slice(&tail_ids);
+        let mut resplit = false;
+        let mut msgs = prompt_msgs.to_vec();
+        let mut out = Vec::with_capacity(responses.len());
+        for &(kind, resp) in responses {
+            msgs.push(resp.clone());
+            let full = self.template.render(&msgs, false).map_err(|_| Skip::TemplateError)?;
+            msgs.pop();
+            let Some(suffix) = full.strip_prefix(prompt_text.as_str()) else {
+                return Err(Skip::TemplateNotPrefix);
+            };
+            let joint = self.tok.encode(&full[cut..]);
+            let ids = if joint.starts_with(&tail_ids) {
+                joint[tail_ids.len()..].to_vec()
+            } else {
+                resplit = true;
+                self.tok.encode(suffix)
+            };
+            out.push((kind, ids));
+        }
+        Ok((prompt, out, resplit))
+    }
+
+    fn encode_sft(&self, row: &RawSftRow) -> std::result::Result<Encoded, Skip> {
+        if row.invalid {
+            return Err(Skip::InvalidJson);
+        }
+        let (prompt, resp) = first_exchange(&row.messages)?;
+        let (p, r, resplit) = self.encode(&prompt, &[(SegKind::Response, &resp)])?;
+        Ok(Encoded { row: row.row, id: String::new(), prompt: p, responses: r, resplit, scores: [f32::NAN; 2] })
+    }
+
+    fn encode_pair(&self, row: &RawPairRow) -> std::result::Result<Encoded, Skip> {
+        let (id, prompt, chosen, rejected) = pair(row)?;
+        let ygen_msg;
+        let mut responses = vec![(SegKind::Chosen, &chosen), (SegKind::Rejected, &rejected)];
+        if let Some(map) = &self.ygen {
+            let y = map.get(&id).ok_or(Skip::MissingYgen)?;
+            ygen_msg = Message::new("assistant", y.as_str());
+            responses.push((SegKind::Ygen, &ygen_msg));
+        }
+        let (p, r, resplit) = self.encode(&prompt, &responses)?;
+        let score = |s: Option<f64>| s.map(|v| v as f32).unwrap_or(f32::NAN);
+        Ok(Encoded {
+            row: row.row,
+            id,
+            prompt: p,
+            responses: r,
+            resplit,
+            scores: [score(row.score_chosen), score(row.score_rejected)],
+        })
+    }
+
+    pub fn feed_sft(&mut self, rows: &[RawSftRow]) -> Result<()> {
+        let encoded: Vec<_> = rows.par_iter().map(|r| (r.row, String::new(), self.encode_sft(r))).collect();
+        self.absorb(encoded)
+    }
+
+    pub fn feed_pairs(&mut self, rows: &[RawPairRow]) -> Result<()> {
+        let encoded: Vec<_> = rows
+            .par_iter()
+            .map(|r| {
+                let id = match &r.prompt_id {
+                    crate::record::RawStr::Str(s) => s.clone(),
+                    _ => String::new(),
+                };
+                (r.row, id, self.encode_pair(r))
+            })
+            .collect();
+        self.absorb(encoded)
+    }
+
+    fn absorb(&mut self, encoded: Vec<(u64, String, std::result::Result<Encoded, Skip>)>) -> Result<()> {
+        for (row, id, e) in encoded {
+            self.counts.rows_in += 1;
+            match e {
+                Err(skip) => {
+                    if skip == Skip::MissingYgen && !self.opts.allow_missing_ygen {
+                        // not a row problem: reported as a whole at the end
+                        if self.counts.ygen_missing_examples.len() < 5 {
+                            self.counts.ygen_missing_examples.push(id.clone());
+                        }
+                    } else if self.opts.strict {
+                        return Err(PrepError::BadRow {
+                            row,
+                            prompt_id: (!id.is_empty()).then_some(id),
+                            reason: format!("{} ({})", skip.explain(), skip.name()),
+                        });
+                    }
+                    *self.counts.skipped.entry(skip).or_default() += 1;
+                }
+                Ok(ex) => {
+                    self.counts.kept += 1;
+                    self.counts.boundary_resplit += ex.resplit as u64;
+                    for (kind, ids) in &ex.responses {
+                        let n = ex.prompt.len() + ids.len();
+                        self.counts.untruncated_tokens += n as u64;
+                        if *kind != SegKind::Ygen {
+                            if self.hist.len() <= n {
+                                self.hist.resize(n + 1, 0);
+                            }
+                            self.hist[n] += 1;
+                        }
+                    }
+                    self.spill_write(&ex)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spill_write(&mut self, ex: &Encoded) -> Result<()> {
+        let w = self.spill.as_mut().expect("spill open until finish");
+        let mut buf = Vec::with_capacity(64 + 4 * (ex.prompt.len() + ex.responses.iter().map(|r| r.1.len()).sum::<usize>()));
+        buf.extend_from_slice(&ex.row.to_le_bytes());
+        buf.extend_from_slice(&(ex.resplit as u32).to_le_bytes());
+        buf.extend_from_slice(&ex.scores[0].to_le_bytes());
+        buf.extend_from_slice(&ex.scores[1].to_le_bytes());
+        buf.extend_from_slice(&(ex.id.len() as u32).to_le_bytes());
+        buf.extend_from_slice(ex.id.as_bytes());
+        buf.extend_from_slice(&(ex.responses.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(ex.prompt.len() as u32).to_le_bytes());
+        for (kind, ids) in &ex.responses {
+            buf.extend_from_slice(&(*kind as u32).to_le_bytes());
+            buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        }
+        for &t in ex.prompt.iter().chain(ex.responses.iter().flat_map(|r| r.1.iter())) {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        w.write_all(&buf).at(&self.spill_path)
+    }
+
+    /// Rows seen so far.
+    pub fn rows_in(&self) -> u64 {
+        self.counts.rows_in
+    }
+
+    /// Pass 2. `extra_meta` (source description, tokenizer name, ...) is merged into meta.json.
+    /// `progress(done, total)` is called as examples are written.
+    pub fn finish(mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64)) -> Result<serde_json::Value> {
+        let result = self.finish_inner(extra_meta, progress);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&self.work_dir);
+        }
+        result
+    }
+
+    /// Remove the working folder (used when the caller aborts).
+    pub fn abort(self) {
+        let _ = fs::remove_dir_all(&self.work_dir);
+    }
+
+    fn finish_inner(&mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64)) -> Result<serde_json::Value> {
+        let mut spill = self.spill.take().expect("finish called once");
+        spill.flush().at(&self.spill_path)?;
+        drop(spill);
+        let c = &self.counts;
+        if !c.ygen_missing_examples.is_empty() {
+            let missing = c.skipped.get(&Skip::MissingYgen).copied().unwrap_or(0);
+            return Err(PrepError::Input(format!(
+                "the y_gen file lacks {missing} of the data's prompt_ids (e.g. {}); generate them with \
+                 `dppo generate`, or pass --allow-missing-ygen to drop those pairs",
+                c.ygen_missing_examples.join(", ")
+            )));
+        }
+        if c.kept == 0 {
+            let reasons: Vec<String> = c.skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            return Err(PrepError::Input(format!(
+                "no usable rows: {} rows read, all skipped ({})",
+                c.rows_in,
+                if reasons.is_empty() { "the source is empty".into() } else { reasons.join(", ") }
+            )));
+        }
+        let (max_len, max_len_from) = match self.opts.max_len {
+            MaxLen::Auto { percentile } => {
+                (nearest_rank(&self.hist, percentile).unwrap_or(1), json!({"auto": {"percentile": percentile}}))
+            }
+            MaxLen::Fixed(n) => (n, json!("fixed")),
+        };
+        let max_len = max_len.max(2);
+        let max_prompt_len = self.opts.max_prompt_len.unwrap_or_else(|| default_max_prompt_len(max_len)).min(max_len - 1);
+        let n_resp: u32 = match (self.opts.kind, self.ygen.is_some()) {
+            (DataKind::Sft, _) => 1,
+            (DataKind::Pairs, false) => 2,
+            (DataKind::Pairs, true) => 3,
+        };
+        let pack_len = self.opts.pack_len.unwrap_or_else(|| default_pack_len(n_resp * max_len));
+        let kind = match self.opts.kind {
+            DataKind::Sft => shard::KIND_SFT,
+            DataKind::Pairs => shard::KIND_PAIRS,
+        };
+        let hflags = if self.ygen.is_some() { shard::HAS_YGEN } else { 0 };
+
+        let mut reader = BufReader::with_capacity(4 << 20, File::open(&self.spill_path).at(&self.spill_path)?);
+        let mut shards: Vec<ShardStats> = Vec::new();
+        let mut writer: Option<ShardWriter> = None;
+        let (mut trunc_prompt, mut trunc_resp, mut truncated) = (0u64, 0u64, 0u64);
+        let total = self.counts.kept;
+        for done in 0..total {
+            let ex = read_spilled(&mut reader, &self.spill_path)?;
+            let mut flags = if ex.resplit { shard::FLAG_BOUNDARY_RESPLIT } else { 0 };
+            let mut prompt = ex.prompt;
+            if prompt.len() as u32 > max_prompt_len {
+                prompt.truncate(max_prompt_len as usize);
+                flags |= shard::FLAG_PROMPT_TRUNCATED;
+            }
+            let room = (max_len as usize).saturating_sub(prompt.len());
+            let mut responses = ex.responses;
+            for (_, ids) in responses.iter_mut() {
+                if ids.len() > room {
+                    ids.truncate(room);
+                    flags |= shard::FLAG_RESPONSE_TRUNCATED;
+                }
+            }
+            trunc_prompt += (flags & shard::FLAG_PROMPT_TRUNCATED != 0) as u64;
+            trunc_resp += (flags & shard::FLAG_RESPONSE_TRUNCATED != 0) as u64;
+            truncated += (flags & (shard::FLAG_PROMPT_TRUNCATED | shard::FLAG_RESPONSE_TRUNCATED) != 0) as u64;
+            let unit: u32 = responses.iter().map(|r| (prompt.len() + r.1.len()) as u32).sum();
+            if unit > pack_len {
+                return Err(PrepError::Config(format!(
+                    "--pack-len {pack_len} is shorter than an example ({unit} tokens at row {}); use at least {}",
+                    ex.row,
+                    n_resp * max_len
+                )));
+            }
+            if writer.as_ref().is_some_and(|w| w.tokens() >= self.opts.shard_max_tokens) {
+                shards.push(writer.take().unwrap().finish(pack_len)?);
+            }
+            if writer.is_none() {
+                let name = format!("shard-{:05}", shards.len());
+                writer = Some(ShardWriter::create(&self.work_dir, &name, kind, hflags)?);
+            }
+            let mut segs: Vec<(SegKind, &[u32])> = vec![(SegKind::Prompt, &prompt)];
+            segs.extend(responses.iter().map(|(k, ids)| (*k, ids.as_slice())));
+            writer.as_mut().unwrap().add(ex.row, &ex.id, &segs, flags, ex.scores)?;
+            if done % 4096 == 4095 || done + 1 == total {
+                progress(done + 1, total);
+            }
+        }
+        if let Some(w) = writer.take() {
+            shards.push(w.finish(pack_len)?);
+        }
+        fs::remove_file(&self.spill_path).at(&self.spill_path)?;
+
+        let tokens: u64 = shards.iter().map(|s| s.tokens).sum();
+        let packed: u64 = shards.iter().map(|s| s.packed_tokens).sum();
+        let rows: u64 = shards.iter().map(|s| s.rows).sum();
+        let padding = if rows == 0 { 0.0 } else { 1.0 - packed as f64 / (rows as f64 * pack_len as f64) };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let c = &self.counts;
+        let mut dropped = serde_json::Map::new();
+        for s in Skip::ALL {
+            dropped.insert(s.name().into(), json!(c.skipped.get(&s).copied().unwrap_or(0)));
+        }
+        let summary = json!({
+            "kind": match self.opts.kind { DataKind::Sft => "sft", DataKind::Pairs => "pairs" },
+            "rows_in": c.rows_in,
+            "rows_kept": c.kept,
+            "rows_dropped": c.rows_in - c.kept,
+            "dropped": dropped,
+            "truncated": truncated,
+            "truncated_prompt": trunc_prompt,
+            "truncated_response": trunc_resp,
+            "boundary_resplit": c.boundary_resplit,
+            "max_len": max_len,
+            "max_len_from": max_len_from,
+            "max_prompt_len": max_prompt_len,
+            "pack_len": pack_len,
+            "tokens": tokens,
+            "packed_tokens": packed,
+            "tokens_before_truncation": c.untruncated_tokens,
+            "rows": rows,
+            "padding_fraction": padding,
+            "has_ygen": self.ygen.is_some(),
+            "ygen": self.ygen.as_ref().map(|m| json!({
+                "responses": m.len(), "bad_rows": c.ygen_bad_rows, "duplicates": c.ygen_duplicates,
+            })),
+            "seconds": elapsed,
+            "rows_per_s": c.rows_in as f64 / elapsed.max(1e-9),
+            "tokens_per_s": c.untruncated_tokens as f64 / elapsed.max(1e-9),
+        });
+        let mut meta = json!({
+            "format": "dppo-shards",
+            "version": shard::VERSION,
+            "kind": summary["kind"],
+            "tokenizer": {
+                "fingerprint": self.tok.fingerprint(),
+                "backend": self.tok.backend_name(),
+                "vocab_size": self.tok.vocab_size(),
+            },
+            "chat_template": self.template.source(),
+            "chat_template_hash": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(self.template.source().as_bytes())),
+            "shards": shards.iter().map(|s| json!({
+                "name": s.name, "examples": s.examples, "tokens": s.tokens, "rows": s.rows,
+                "tok_checksum": format!("{:016x}", s.tok_checksum),
+            })).collect::<Vec<_>>(),
+            "counts": summary,
+        });
+        merge(&mut meta, extra_meta);
+        let meta_path = self.work_dir.join("meta.json");
+        let text = serde_json::to_string_pretty(&meta).expect("meta serializes");
+        fs::write(&meta_path, text).at(&meta_path)?;
+        self.publish()?;
+        Ok(meta["counts"].clone())
+    }
+
+    /// Move the finished working folder to the output path (replacing an old one only now).
+    fn publish(&self) -> Result<()> {
+        let out = &self.out_dir;
+        if out.exists() {
+            if looks_complete(out) && !self.overwrite {
+                return Err(PrepError::Config(format!("{} appeared while preparing; not replaced", out.display())));
+            }
+            let is_empty = fs::read_dir(out).at(out)?.next().is_none();
+            if !is_empty && !looks_complete(out) {
+                // a folder with the user's own files: move ours in beside them
+                for e in fs::read_dir(&self.work_dir).at(&self.work_dir)? {
+                    let e = e.at(&self.work_dir)?;
+                    if e.file_name() != "meta.json" {
+                        fs::rename(e.path(), out.join(e.file_name())).at(out)?;
+                    }
+                }
+                fs::rename(self.work_dir.join("meta.json"), out.join("meta.json")).at(out)?;
+                let _ = fs::remove_dir(&self.work_dir);
+                return Ok(());
+            }
+            let old = out.with_file_name(format!(
+                "{}.old-{}",
+                out.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            fs::rename(out, &old).at(out)?;
+            fs::rename(&self.work_dir, out).at(out)?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            if let Some(parent) = out.parent() {
+                if !parent.as_os_str().is_empty() {
+                    fs::create_dir_all(parent).at(parent)?;
+                }
+            }
+            fs::rename(&self.work_dir, out).at(out)?;
+        }
+        Ok(())
+    }
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
+        for (k, v) in b {
+            a.insert(k, v);
+        }
+    }
+}
+
+/// A folder is complete when it has `meta.json` (written last, just before the rename).
+pub fn looks_complete(dir: &Path) -> bool {
+    dir.join("meta.json").is_file()
+}
+
+fn partial_dir(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "shards".into());
+    out.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Remove working folders left by killed runs (their process no longer exists).
+fn remove_stale_partials(out: &Path) {
+    let Some(name) = out.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = fs::read_dir(&parent) else { return };
+    for e in entries.flatten() {
+        let fname = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+struct Spilled {
+    row: u64,
+    id: String,
+    resplit: bool,
+    scores: [f32; 2],
+    prompt: Vec<u32>,
+    responses: Vec<(SegKind, Vec<u32>)>,
+}
+
+fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
+    let mut b8 = [0u8; 8];
+    let mut b4 = [0u8; 4];
+    let mut u32_ = |r: &mut dyn Read| -> Result<u32> {
+        r.read_exact(&mut b4).at(path)?;
+        Ok(u32::from_le_bytes(b4))
+    };
+    r.read_exact(&mut b8).at(path)?;
+    let row = u64::from_le_bytes(b8);
+    let resplit = u32_(r)? != 0;
+    let s0 = f32::from_bits(u32_(r)?);
+    let s1 = f32::from_bits(u32_(r)?);
+    let id_len = u32_(r)? as usize;
+    let mut id = vec![0u8; id_len];
+    r.read_exact(&mut id).at(path)?;
+    let n = u32_(r)? as usize;
+    let plen = u32_(r)? as usize;
+    let mut heads = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = match u32_(r)? {
+            1 => SegKind::Response,
+            2 => SegKind::Chosen,
+            3 => SegKind::Rejected,
+            _ => SegKind::Ygen,
+        };
+        heads.push((k, u32_(r)? as usize));
+    }
+    let mut read_ids = |len: usize| -> Result<Vec<u32>> {
+        let mut bytes = vec![0u8; 4 * len];
+        r.read_exact(&mut bytes).at(path)?;
+        Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+    };
+    let prompt = read_ids(plen)?;
+    let mut responses = Vec::with_capacity(n);
+    for (k, len) in heads {
+        responses.push((k, read_ids(len)?));
+    }
+    Ok(Spilled { row, id: String::from_utf8_lossy(&id).into_owned(), resplit, scores: [s0, s1], prompt, responses })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_matches_inverted_cdf() {
+        // lengths 1..=100 once each: the 95th percentile is 95, the 100th is 100, the 1st is 1
+        let mut hist = vec![0u64; 101];
+        for l in 1..=100 {
+            hist[l] = 1;
+        }
+        assert_eq!(nearest_rank(&hist, 95.0), Some(95));
+        assert_eq!(nearest_rank(&hist, 100.0), Some(100));
+        assert_eq!(nearest_rank(&hist, 0.5), Some(1));
+        // 19 short and one long: p95 stays short, p96 needs the long one
+        let mut h = vec![0u64; 1001];
+        h[10] = 19;
+        h[1000] = 1;
+        assert_eq!(nearest_rank(&h, 95.0), Some(10));
+        assert_eq!(nearest_rank(&h, 96.0), Some(1000));
+        assert_eq!(nearest_rank(&[], 95.0), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(default_max_prompt_len(989), 968);
+        assert_eq!(default_max_prompt_len(30), 15);
+        assert_eq!(default_pack_len(3 * 989), 4096);
+        assert_eq!(default_pack_len(576), 2048);
+    }
+}

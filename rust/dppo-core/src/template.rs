@@ -1,0 +1,196 @@
+//! Chat templates: the tokenizer's own Jinja `chat_template`, rendered with minijinja so that the
+//! text equals what `transformers`' `apply_chat_template(..., tokenize=False)` produces.
+//!
+//! `transformers` renders with a sandboxed jinja2 environment configured with `trim_blocks=True`,
+//! `lstrip_blocks=True` and the loop-controls extension, and passes `messages`, `tools`,
+//! `documents`, `add_generation_prompt` and the tokenizer's special tokens (`bos_token`,
+//! `eos_token`, ...) as variables, plus the global `raise_exception`. We mirror that setup;
+//! Python string methods used by templates (`.strip()`, `.startswith()`, ...) come from
+//! minijinja-contrib's pycompat layer.
+
+use std::collections::BTreeMap;
+
+use minijinja::{syntax::SyntaxConfig, Environment, Error as JinjaError, ErrorKind, Value};
+use crate::error::{PrepError, Result};
+
+/// One chat message: `{"role": ..., "content": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template plus the special-token variables it is rendered with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    special_tokens: BTreeMap<String, String>,
+}
+
+const NAME: &str = "chat_template";
+
+fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+}
+
+impl ChatTemplate {
+    /// Compile `source`; `special_tokens` maps names such as `bos_token` to their text.
+    pub fn new(source: &str, special_tokens: BTreeMap<String, String>) -> Result<Self> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| PrepError::Template(e.to_string()))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned(NAME, source.to_owned())
+            .map_err(|e| PrepError::Template(format!("the chat template does not compile: {e}")))?;
+        Ok(Self { env, source: source.to_owned(), special_tokens })
+    }
+
+    /// The template's source text (recorded in `meta.json`).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Render a conversation exactly as `apply_chat_template(messages, tokenize=False,
+    /// add_generation_prompt=...)` does.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template(NAME).expect("template was added in new()");
+        let mut ctx: BTreeMap<String, Value> = self
+            .special_tokens
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        let msgs: Value = messages
+            .iter()
+            .map(|m| Value::from_pairs([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+            .collect();
+        ctx.insert("messages".into(), msgs);
+        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+        ctx.insert("tools".into(), Value::from(()));
+        ctx.insert("documents".into(), Value::from(()));
+        tmpl.render(Value::from(ctx)).map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(detail) = e.detail() {
+                if !msg.contains(detail) {
+                    msg = format!("{msg}: {detail}");
+                }
+            }
+            PrepError::Template(format!("rendering the chat template failed: {msg}"))
+        })
+    }
+}
+
+/// A Qwen2.5-style ChatML template (without the tool-calling branches), used by tests and the demo.
+pub const CHATML_TEMPLATE: &str = "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen() -> ChatTemplate {
+        ChatTemplate::new(CHATML_TEMPLATE, BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn renders_chatml_with_default_system() {
+        let msgs = [Message::new("user", "Hi"), Message::new("assistant", "Hello!")];
+        let text = qwen().render(&msgs, false).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn generation_prompt_is_a_prefix_of_the_full_conversation() {
+        let t = qwen();
+        let prompt = t.render(&[Message::new("system", "Be brief."), Message::new("user", "2+2?")], true).unwrap();
+        let full = t
+            .render(
+                &[Message::new("system", "Be brief."), Message::new("user", "2+2?"), Message::new("assistant", "4")],
+                false,
+            )
+            .unwrap();
+        assert!(prompt.ends_with("<|im_start|>assistant\n"));
+        assert_eq!(&full[prompt.len()..], "4<|im_end|>\n");
+    }
+
+    #[test]
+    fn raise_exception_and_syntax_errors_are_reported() {
+        let t = ChatTemplate::new("{{ raise_exception('only user turns') }}", BTreeMap::new()).unwrap();
+        let err = t.render(&[Message::new("user", "x")], false).unwrap_err().to_string();
+        assert!(err.contains("only user turns"), "{err}");
+        assert!(ChatTemplate::new("{% if %}", BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn python_string_methods_and_special_tokens() {
+        let mut sp = BTreeMap::new();
+        sp.insert("bos_token".to_string(), "<s>".to_string());
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}|{% endfor %}",
+            sp,
+        )
+        .unwrap();
+        assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "<s>HI|");
+    }
+}
+
+/// The chat template and special-token variables of a tokenizer folder, found where
+/// `transformers` looks: `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`
+/// (a string, or a list of `{name, template}` of which `default` is used).
+pub fn load_from_dir(dir: &std::path::Path) -> Result<(String, BTreeMap<String, String>)> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| PrepError::Tokenizer(format!("{}: invalid JSON: {e}", cfg_path.display())))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let mut specials = BTreeMap::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"] {
+        let text = match cfg.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+            _ => None,
+        };
+        if let Some(t) = text {
+            specials.insert(key.to_owned(), t);
+        }
+    }
+    let jinja = dir.join("chat_template.jinja");
+    let source = if jinja.is_file() {
+        std::fs::read_to_string(&jinja).map_err(|e| PrepError::Tokenizer(format!("{}: {e}", jinja.display())))?
+    } else {
+        match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    PrepError::Tokenizer(format!("{}: chat_template list has no 'default' entry", cfg_path.display()))
+                })?,
+            _ => {
+                return Err(PrepError::Tokenizer(format!(
+                    "{} has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json); \
+                     use a chat/instruct tokenizer or add a template",
+                    dir.display()
+                )))
+            }
+        }
+    };
+    Ok((source, specials))
+}

@@ -1,0 +1,263 @@
+//! `dppo._native`: the thin Python binding of `dppo-core`.
+//!
+//! Arguments are extracted while holding the GIL; the work itself (tokenizing a whole batch,
+//! writing shards) runs in Rust with the GIL released. Arrow data arrives through the Arrow
+//! PyCapsule stream interface (`__arrow_c_stream__`), so polars, pyarrow and `datasets` tables
+//! cross the boundary without copies or per-row Python work.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::ffi_stream::{RecordBatchStreamReader, FFI_ArrowArrayStream};
+use arrow_array::RecordBatch;
+use dppo_core::prep::{DataKind, MaxLen, PrepOptions, Preparer as CorePreparer};
+use dppo_core::template::ChatTemplate;
+use dppo_core::tokenizer::Tokenizer as CoreTokenizer;
+use dppo_core::{arrow_input, shard, PrepError};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyDict};
+
+create_exception!(_native, DppoError, PyException, "An error of the dppo data engine (one line, names the file or row).");
+
+fn err(e: PrepError) -> PyErr {
+    DppoError::new_err(e.to_string())
+}
+
+/// Import every record batch of an object that implements `__arrow_c_stream__`.
+fn record_batches(obj: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBatch>> {
+    let capsule = obj.call_method0("__arrow_c_stream__").map_err(|_| {
+        DppoError::new_err("expected Arrow data (an object with __arrow_c_stream__, e.g. a pyarrow Table or polars DataFrame)")
+    })?;
+    let capsule = capsule.cast::<PyCapsule>()?;
+    let ptr = capsule.pointer_checked(Some(c"arrow_array_stream"))?.as_ptr() as *mut FFI_ArrowArrayStream;
+    // SAFETY: the capsule holds a valid stream; from_raw moves it out and leaves a released
+    // stream behind, so the capsule's destructor does not release it twice.
+    let reader = unsafe { RecordBatchStreamReader::from_raw(ptr) }
+        .map_err(|e| DppoError::new_err(format!("cannot read Arrow stream: {e}")))?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DppoError::new_err(format!("cannot read Arrow stream: {e}")))
+}
+
+fn load_tokenizer(dir: &Path, force_fallback: bool) -> PyResult<CoreTokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(DppoError::new_err(format!("{}: no tokenizer.json in this folder", dir.display())));
+    }
+    let tok = if force_fallback {
+        CoreTokenizer::from_file_fallback(&path)
+    } else {
+        CoreTokenizer::from_file(&path)
+    };
+    tok.map_err(|e| DppoError::new_err(format!("{}: {e}", path.display())))
+}
+
+/// The engine's tokenizer, exposed for tests and benchmarks.
+#[pyclass(frozen)]
+struct Tokenizer {
+    inner: Arc<CoreTokenizer>,
+}
+
+#[pymethods]
+impl Tokenizer {
+    /// Load `tokenizer.json` from a folder; `fallback=True` forces the `tokenizers` crate path.
+    #[new]
+    #[pyo3(signature = (dir, fallback=false))]
+    fn new(dir: PathBuf, fallback: bool) -> PyResult<Self> {
+        Ok(Self { inner: Arc::new(load_tokenizer(&dir, fallback)?) })
+    }
+
+    fn encode(&self, py: Python<'_>, text: &str) -> Vec<u32> {
+        let text = text.to_owned();
+        let tok = self.inner.clone();
+        py.detach(move || tok.encode(&text))
+    }
+
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> Vec<Vec<u32>> {
+        let tok = self.inner.clone();
+        py.detach(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            tok.encode_batch(&refs)
+        })
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint()
+    }
+}
+
+/// Render a tokenizer folder's chat template (tests compare it with `apply_chat_template`).
+#[pyfunction]
+#[pyo3(signature = (tokenizer_dir, messages, add_generation_prompt=false))]
+fn render_chat(tokenizer_dir: PathBuf, messages: Vec<(String, String)>, add_generation_prompt: bool) -> PyResult<String> {
+    let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
+    let t = ChatTemplate::new(&source, specials).map_err(err)?;
+    let msgs: Vec<_> = messages.into_iter().map(|(r, c)| dppo_core::template::Message::new(r, c)).collect();
+    t.render(&msgs, add_generation_prompt).map_err(err)
+}
+
+/// One preparation run (`dppo prep sft|prefs`): feed Arrow batches, then finish.
+#[pyclass]
+struct Preparer {
+    inner: Option<CorePreparer>,
+    kind: DataKind,
+}
+
+impl Preparer {
+    fn live(&mut self) -> PyResult<&mut CorePreparer> {
+        self.inner.as_mut().ok_or_else(|| DppoError::new_err("this preparation run is already finished"))
+    }
+}
+
+#[pymethods]
+impl Preparer {
+    #[new]
+    #[pyo3(signature = (kind, tokenizer_dir, out_dir, *, max_len=None, percentile=95.0, max_prompt_len=None,
+                        pack_len=None, strict=false, allow_missing_ygen=false, overwrite=false,
+                        shard_max_tokens=256<<20, tokenizer_fallback=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: &str,
+        tokenizer_dir: PathBuf,
+        out_dir: PathBuf,
+        max_len: Option<u32>,
+        percentile: f64,
+        max_prompt_len: Option<u32>,
+        pack_len: Option<u32>,
+        strict: bool,
+        allow_missing_ygen: bool,
+        overwrite: bool,
+        shard_max_tokens: u64,
+        tokenizer_fallback: bool,
+    ) -> PyResult<Self> {
+        let kind = match kind {
+            "sft" => DataKind::Sft,
+            "pairs" | "prefs" => DataKind::Pairs,
+            other => return Err(DppoError::new_err(format!("unknown data kind {other:?} (sft or prefs)"))),
+        };
+        let tok = load_tokenizer(&tokenizer_dir, tokenizer_fallback)?;
+        let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
+        let template = ChatTemplate::new(&source, specials).map_err(err)?;
+        let opts = PrepOptions {
+            kind,
+            max_len: match max_len {
+                Some(n) => MaxLen::Fixed(n),
+                None => MaxLen::Auto { percentile },
+            },
+            max_prompt_len,
+            pack_len,
+            strict,
+            allow_missing_ygen,
+            shard_max_tokens,
+        };
+        let inner = CorePreparer::new(Arc::new(tok), template, opts, &out_dir, overwrite).map_err(err)?;
+        Ok(Self { inner: Some(inner), kind })
+    }
+
+    /// Prepare the rows of an Arrow table/stream; `first_row` is the source index of its first row.
+    /// Returns the number of rows read.
+    fn feed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>, first_row: u64) -> PyResult<u64> {
+        let batches = record_batches(data)?;
+        let kind = self.kind;
+        let prep = self.live()?;
+        py.detach(|| -> Result<u64, PrepError> {
+            let mut row = first_row;
+            for b in &batches {
+                match kind {
+                    DataKind::Sft => prep.feed_sft(&arrow_input::sft_rows(b, row)?)?,
+                    DataKind::Pairs => prep.feed_pairs(&arrow_input::pair_rows(b, row)?)?,
+                }
+                row += b.num_rows() as u64;
+            }
+            Ok(row - first_row)
+        })
+        .map_err(err)
+    }
+
+    /// Register y_gen responses from an Arrow table with `prompt_id` and `response`.
+    fn add_ygen(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let batches = record_batches(data)?;
+        let prep = self.live()?;
+        py.detach(|| -> Result<(), PrepError> {
+            for b in &batches {
+                prep.add_ygen(arrow_input::ygen_rows(b)?);
+            }
+            Ok(())
+        })
+        .map_err(err)
+    }
+
+    /// Truncate, pack and write the shards; returns the summary as JSON text.
+    /// `progress(done, total)` is called from time to time.
+    #[pyo3(signature = (extra_meta_json="{}", progress=None))]
+    fn finish(&mut self, py: Python<'_>, extra_meta_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+        let extra: serde_json::Value = serde_json::from_str(extra_meta_json)
+            .map_err(|e| DppoError::new_err(format!("extra metadata is not JSON: {e}")))?;
+        let prep = self.inner.take().ok_or_else(|| DppoError::new_err("already finished"))?;
+        let summary = py.detach(move || {
+            let mut cb = |done: u64, total: u64| {
+                if let Some(p) = &progress {
+                    Python::attach(|py| {
+                        let _ = p.call1(py, (done, total));
+                    });
+                }
+            };
+            prep.finish(extra, &mut cb)
+        });
+        summary.map(|s| s.to_string()).map_err(err)
+    }
+
+    /// Give up: remove the working folder.
+    fn abort(&mut self) {
+        if let Some(p) = self.inner.take() {
+            p.abort();
+        }
+    }
+}
+
+/// Check a shard index (and, with `verify`, both checksums) and describe its arrays:
+/// `{"header": {...}, "sections": {name: (offset, dtype, count)}}`.
+#[pyfunction]
+#[pyo3(signature = (idx_path, verify=true))]
+fn open_shard_index<'py>(py: Python<'py>, idx_path: PathBuf, verify: bool) -> PyResult<Bound<'py, PyDict>> {
+    let h = py.detach(|| shard::open_index(&idx_path, verify)).map_err(err)?;
+    let header = PyDict::new(py);
+    header.set_item("kind", match h.kind {
+        shard::KIND_SFT => "sft",
+        shard::KIND_PAIRS => "pairs",
+        _ => "unknown",
+    })?;
+    header.set_item("has_ygen", h.flags & shard::HAS_YGEN != 0)?;
+    header.set_item("pack_len", h.pack_len)?;
+    header.set_item("n_examples", h.n_examples)?;
+    header.set_item("n_segments", h.n_segments)?;
+    header.set_item("n_tokens", h.n_tokens)?;
+    header.set_item("n_rows", h.n_rows)?;
+    let sections = PyDict::new(py);
+    for s in h.sections() {
+        sections.set_item(s.name, (s.offset, s.dtype, s.count))?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("header", header)?;
+    out.set_item("sections", sections)?;
+    Ok(out)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DppoError", m.py().get_type::<DppoError>())?;
+    m.add_class::<Tokenizer>()?;
+    m.add_class::<Preparer>()?;
+    m.add_function(wrap_pyfunction!(render_chat, m)?)?;
+    m.add_function(wrap_pyfunction!(open_shard_index, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
