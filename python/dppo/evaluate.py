@@ -1,0 +1,413 @@
+"""``dppo eval``: win rates of models against a baseline, judged by a reward model.
+
+For every evaluation prompt, each model and the baseline answer it (``dppo.generate``, cached
+under ``CACHE/generations/`` by model fingerprint, tokenizer and sampling settings; rows by
+prompt), a judge scores every answer (``dppo.judges``, cached in ``CACHE/judge_scores.sqlite``),
+and each model is compared with the baseline prompt by prompt.
+
+With ``d_i = reward(model, i) - reward(baseline, i)`` over the ``n`` prompts where both rewards
+exist, a prompt is a win if ``d_i > tol``, a loss if ``d_i < -tol`` and a tie otherwise
+(``tol = 0`` by default: equal rewards, e.g. identical answers). Then
+
+    win_rate = (wins + ties / 2) / n
+    se       = sqrt((mean(s_i^2) - win_rate^2) / n),  s_i = 1, 1/2, 0 for win, tie, loss
+             (the binomial sqrt(p (1 - p) / n) when there are no ties)
+    strict   = wins / n  (ties count as losses, as the author's script did), se sqrt(s (1 - s) / n)
+
+A judge failure that survives the judge's retries removes that prompt from the model's ``n``; the
+count and the prompt_ids are reported, never dropped silently.
+
+Outputs in ``OUT``: ``results.json`` and ``results.md`` (one table, all models), ``scores.jsonl``
+(per model and prompt: rewards, difference, outcome), ``winrate.png``, ``reward_diff.png`` and
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from dppo.errors import ConfigError
+
+__all__ = ["EvalConfig", "Comparison", "compare", "evaluate", "results_markdown"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``dppo eval`` run; saved into ``OUT/config.json``. ``cache_dir`` defaults to ``OUT/cache``."""
+
+    models: tuple[str, ...]
+    baseline: str
+    judge: str
+    data: str
+    out: Path
+    split: str | None = "test_prefs"
+    config: str | None = None
+    revision: str | None = None
+    limit: int | None = 1000
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int | None = None
+    engine: str = "auto"
+    dtype: str = "auto"
+    tokenizer: str | None = None
+    cache_dir: Path | None = None
+    api_base: str | None = None
+    judge_batch_size: int = 8
+    concurrency: int = 8
+    tie_tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model against the baseline over the prompts both have a reward for."""
+
+    n: int
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float | None
+    se: float | None
+    strict_win_rate: float | None
+    strict_se: float | None
+    mean_reward: float | None
+    baseline_mean_reward: float | None
+    mean_diff: float | None
+    excluded: dict[str, list[str]]  # reason -> prompt_ids
+    diffs: dict[str, float]  # prompt_id -> reward difference
+
+    def outcome(self, prompt_id: str, tol: float = 0.0) -> str:
+        d = self.diffs[prompt_id]
+        return "win" if d > tol else "loss" if d < -tol else "tie"
+
+
+def compare(
+    rewards: Mapping[str, float | None], baseline: Mapping[str, float | None], tie_tolerance: float = 0.0
+) -> Comparison:
+    """Win rate and the rest (module docstring) of ``rewards`` against ``baseline`` (by prompt_id).
+
+    A prompt_id missing or None on either side is excluded, under the reason ``judge_failed``
+    (the model's reward) or ``baseline_judge_failed``.
+    """
+    excluded: dict[str, list[str]] = {"judge_failed": [], "baseline_judge_failed": []}
+    diffs: dict[str, float] = {}
+    mine, theirs = [], []
+    for pid in list(dict.fromkeys([*rewards, *baseline])):
+        r, b = rewards.get(pid), baseline.get(pid)
+        if r is None:
+            excluded["judge_failed"].append(pid)
+        elif b is None:
+            excluded["baseline_judge_failed"].append(pid)
+        else:
+            diffs[pid] = r - b
+            mine.append(r)
+            theirs.append(b)
+    n = len(diffs)
+    wins = sum(d > tie_tolerance for d in diffs.values())
+    losses = sum(d < -tie_tolerance for d in diffs.values())
+    ties = n - wins - losses
+    if n == 0:
+        return Comparison(0, 0, 0, 0, None, None, None, None, None, None, None, excluded, diffs)
+    rate = (wins + ties / 2) / n
+    second_moment = (wins + ties / 4) / n
+    strict = wins / n
+    return Comparison(
+        n=n,
+        wins=wins,
+        losses=losses,
+        ties=ties,
+        win_rate=rate,
+        se=math.sqrt(max(second_moment - rate * rate, 0.0) / n),
+        strict_win_rate=strict,
+        strict_se=math.sqrt(strict * (1 - strict) / n),
+        mean_reward=sum(mine) / n,
+        baseline_mean_reward=sum(theirs) / n,
+        mean_diff=sum(diffs.values()) / n,
+        excluded=excluded,
+        diffs=diffs,
+    )
+
+
+def _name(model: str) -> str:
+    """A model's short name: its folder (the run's name for ``RUN/model``) or its hub id."""
+    p = Path(model)
+    return p.parent.name if p.name == "model" and p.parent.name else (p.name or model)
+
+
+def _labels(baseline: str, models: Sequence[str]) -> list[str]:
+    """Distinct names for the baseline and the models (``name#2`` for a repeated name; the
+    baseline is ``name (baseline)`` where a model has its name)."""
+    names = [_name(m) for m in models]
+    out = []
+    for k, n in enumerate(names):
+        out.append(n if names.count(n) == 1 else f"{n}#{names[: k + 1].count(n)}")
+    base = _name(baseline)
+    return [f"{base} (baseline)" if base in out else base, *out]
+
+
+def _progress(console: Console, show: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+    )
+
+
+def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Generate, judge and compare (module docstring); returns what ``results.json`` holds."""
+    from dppo.generate import (
+        generate_rows,
+        generation_settings,
+        load_prompts,
+        read_generations,
+        resolve_dtype,
+        resolve_model,
+        resolve_model_tokenizer,
+    )
+    from dppo.judges import JudgeOptions, ScoreCache, make_judge, score_items
+
+    if not cfg.models:
+        raise ConfigError("name at least one model to evaluate")
+    if cfg.tie_tolerance < 0:
+        raise ConfigError(f"--tie-tolerance must be >= 0, got {cfg.tie_tolerance}")
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    # The judge is built first: a missing API key or unknown judge fails before any generation.
+    judge = make_judge(
+        cfg.judge,
+        JudgeOptions(
+            batch_size=cfg.judge_batch_size,
+            api_base=cfg.api_base,
+            concurrency=cfg.concurrency,
+        ),
+    )
+    rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
+    if any(r.ids is not None for r in rows):
+        raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
+    prompt_of = {r.prompt_id: r.prompt for r in rows}
+
+    # -- generation (cached by model fingerprint, tokenizer and settings) -----------------------------
+    specs = [cfg.baseline, *cfg.models]
+    names = _labels(cfg.baseline, cfg.models)
+    dtype_name, _ = resolve_dtype(cfg.dtype, None)
+    responses: dict[str, dict[str, dict[str, Any]]] = {}
+    gen_files: dict[str, str] = {}
+    for spec, name in zip(specs, names, strict=True):
+        model_dir = resolve_model(spec)
+        tok_dir = resolve_model_tokenizer(model_dir, cfg.tokenizer)
+        settings = generation_settings(
+            model_dir, tok_dir, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            seed=cfg.seed, max_prompt_len=None, dtype=dtype_name,
+        )
+        key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
+        path = cache_dir / "generations" / f"{settings['model_fingerprint']}-{key}.parquet"
+        gen_files[name] = str(path)
+        generate_rows(
+            spec, rows, path, tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size, engine=cfg.engine, dtype=cfg.dtype,
+            console=console, show_progress=show_progress, show_summary=False, label=f"generate {name}",
+        )
+        responses[name] = {g["prompt_id"]: g for g in read_generations(path) if g["prompt_id"] in prompt_of}
+
+    # -- judging (cached by judge, prompt and response) -------------------------------------------------
+    items, owners = [], []
+    for name in names:
+        for r in rows:
+            g = responses[name].get(r.prompt_id)
+            if g is not None:
+                items.append((r.prompt, g["response"]))
+                owners.append((name, r.prompt_id))
+    with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
+        task = progress.add_task(f"judge {judge.name}", total=len(items))
+        scores = score_items(judge, items, cache, progress=lambda n: progress.advance(task, n))
+    judge.close()
+    rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in rows} for name in names}
+    errors: dict[str, dict[str, str]] = {name: {} for name in names}
+    for (name, pid), sc in zip(owners, scores, strict=True):
+        rewards[name][pid] = sc.value
+        if sc.value is None:
+            errors[name][pid] = sc.error or "failed"
+
+    # -- comparison, tables, plots ---------------------------------------------------------------------
+    base = names[0]
+    table, details = [], []
+    for name in names[1:]:
+        c = compare(rewards[name], rewards[base], cfg.tie_tolerance)
+        lengths = [responses[name][pid]["response_tokens"] for pid in c.diffs]
+        table.append(
+            {
+                "model": name,
+                "path": specs[names.index(name)],
+                "n": c.n,
+                "prompts": len(rows),
+                "win_rate": c.win_rate,
+                "se": c.se,
+                "wins": c.wins,
+                "losses": c.losses,
+                "ties": c.ties,
+                "strict_win_rate": c.strict_win_rate,
+                "strict_se": c.strict_se,
+                "mean_reward": c.mean_reward,
+                "baseline_mean_reward": c.baseline_mean_reward,
+                "mean_reward_diff": c.mean_diff,
+                "mean_response_tokens": sum(lengths) / len(lengths) if lengths else None,
+                "judge_failures": len(c.excluded["judge_failed"]),
+                "baseline_judge_failures": len(c.excluded["baseline_judge_failed"]),
+                "excluded_prompt_ids": c.excluded,
+            }
+        )
+        for pid, d in c.diffs.items():
+            details.append(
+                {
+                    "model": name,
+                    "prompt_id": pid,
+                    "reward": rewards[name][pid],
+                    "baseline_reward": rewards[base][pid],
+                    "diff": d,
+                    "outcome": c.outcome(pid, cfg.tie_tolerance),
+                    "response_tokens": responses[name][pid]["response_tokens"],
+                }
+            )
+    base_lengths = [g["response_tokens"] for g in responses[base].values()]
+    base_scores = [v for v in rewards[base].values() if v is not None]
+    results = {
+        "baseline": {
+            "model": base,
+            "path": cfg.baseline,
+            "mean_reward": sum(base_scores) / len(base_scores) if base_scores else None,
+            "mean_response_tokens": sum(base_lengths) / len(base_lengths) if base_lengths else None,
+            "judge_failures": len(errors[base]),
+        },
+        "judge": {"spec": cfg.judge, "key": judge.key},
+        "prompts": len(rows),
+        "models": table,
+        "judge_errors": {name: errs for name, errs in errors.items() if errs},
+        "generation_files": gen_files,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
+        for d in details:
+            f.write(json.dumps(d) + "\n")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    config["models"] = list(cfg.models)
+    (out / "config.json").write_text(json.dumps({"config": config, "source": source["description"]}, indent=2) + "\n")
+    from dppo.plots import plot_reward_differences, plot_win_rates
+
+    plot_win_rates(table, out / "winrate.png", baseline=base)
+    plot_reward_differences(
+        {row["model"]: [d["diff"] for d in details if d["model"] == row["model"]] for row in table},
+        out / "reward_diff.png",
+        baseline=base,
+    )
+    if show_progress:
+        console.print(_rich_table(results))
+        for name, errs in results["judge_errors"].items():
+            ids = ", ".join(pid[:16] + ("…" if len(pid) > 16 else "") for pid in list(errs)[:5]) + (", ..." if len(errs) > 5 else "")
+            first = next(iter(errs.values()))
+            console.print(
+                f"[yellow]{name}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {ids}; e.g. {first})",
+                highlight=False,
+            )
+        console.print(f"results in {out}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
+    return results
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+COLUMNS = (
+    ("model", "model"),
+    ("n", "n"),
+    ("win rate", "win_rate"),
+    ("± se", "se"),
+    ("W / L / T", "wlt"),
+    ("strict", "strict_win_rate"),
+    ("mean reward", "mean_reward"),
+    ("baseline reward", "baseline_mean_reward"),
+    ("mean Δ", "mean_reward_diff"),
+    ("mean tokens", "mean_response_tokens"),
+    ("judge failures", "failures"),
+)
+
+
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    if key == "wlt":
+        return f"{row['wins']} / {row['losses']} / {row['ties']}"
+    if key == "failures":
+        return f"{row['judge_failures']} + {row['baseline_judge_failures']} baseline"
+    return _fmt(row[key], 1 if key == "mean_response_tokens" else 3)
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The results table in markdown (``results.md``)."""
+    b = results["baseline"]
+    lines = [
+        f"# Win rates against {b['model']}",
+        "",
+        f"Judge `{results['judge']['spec']}`; {results['prompts']} prompts; win rate = (wins + ties/2) / n, "
+        "n = prompts where the judge scored both answers; strict counts ties as losses.",
+        "",
+        "| " + " | ".join(h for h, _ in COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+    ]
+    lines += ["| " + " | ".join(_cell(r, key) for _, key in COLUMNS) + " |" for r in results["models"]]
+    lines += [
+        "",
+        f"Baseline `{b['model']}`: mean reward {_fmt(b['mean_reward'])}, mean response {_fmt(b['mean_response_tokens'], 1)} tokens, "
+        f"{b['judge_failures']} judge failure(s).",
+    ]
+    for name, errs in results.get("judge_errors", {}).items():
+        lines.append(f"- {name}: {len(errs)} judge failure(s), excluded from n: {', '.join(errs)}")
+    return "\n".join(lines) + "\n"
+
+
+def _rich_table(results: Mapping[str, Any]) -> Table:
+    """The console's narrower table (results.md has every column)."""
+    t = Table(title=f"win rate against {results['baseline']['model']} (judge {results['judge']['spec']})")
+    for h in ("model", "n", "win rate ± se", "W / L / T", "strict", "reward (baseline)", "tokens", "failures"):
+        t.add_column(h, justify="left" if h == "model" else "right")
+    for r in results["models"]:
+        t.add_row(
+            r["model"],
+            str(r["n"]),
+            f"{_fmt(r['win_rate'])} ± {_fmt(r['se'])}",
+            _cell(r, "wlt"),
+            _fmt(r["strict_win_rate"]),
+            f"{_fmt(r['mean_reward'], 2)} ({_fmt(r['baseline_mean_reward'], 2)})",
+            _fmt(r["mean_response_tokens"], 1),
+            str(r["judge_failures"] + r["baseline_judge_failures"]),
+        )
+    return t

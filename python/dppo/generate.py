@@ -1,0 +1,763 @@
+"""``dppo generate``: responses of a model to the prompts of a data set, written to parquet or jsonl.
+
+This produces y_gen (the reference model's greedy response to every training prompt, read by
+``dppo prep prefs --ygen FILE``) and the responses that ``dppo eval`` judges.
+
+* **Prompts** are the first user turn of each row, with an optional leading system message,
+  rendered with the tokenizer's chat template plus the generation prompt, exactly as ``dppo prep``
+  renders them (same native template engine and tokenizer). Rows are read from ``chosen``,
+  ``messages`` or a ``prompt`` string column; ``prompt_id`` comes from the data (else the sha256 of
+  the prompt text, UltraFeedback's convention). A prepared pair-shard folder works too: its
+  (possibly truncated) prompt ids are used as they are.
+* **Output**: one row per prompt with ``prompt_id``, ``prompt`` (the user turn), ``response``,
+  ``prompt_tokens``, ``response_tokens`` and ``finish_reason`` (``stop``, ``length``, ``context``);
+  the settings that made it (model and tokenizer fingerprints, sampling) go to ``OUT.meta.json``.
+* **Resumable**: every finished batch is written at once as a part file in ``OUT.parts/``; a rerun
+  skips the prompt_ids already in ``OUT`` or in a part, and the parts are merged into ``OUT``
+  atomically at the end. A crash loses at most the batch in flight. Rerunning with other settings
+  is refused (``overwrite=True`` starts over).
+* **Fast**: see ``dppo.decoding`` (length-sorted batches, in-place KV cache, finished rows
+  dropped, CUDA graphs on CUDA; ``engine="vllm"`` where installed).
+
+Typical use::
+
+    generate(GenConfig(model="runs/sft", data="HuggingFaceH4/ultrafeedback_binarized",
+                       split="train_prefs", out=Path("ygen.parquet")))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from dppo.errors import ConfigError
+
+__all__ = [
+    "GenConfig",
+    "PromptRow",
+    "OUTPUT_COLUMNS",
+    "END_TOKENS",
+    "generate",
+    "generate_rows",
+    "load_prompts",
+    "render_prompts",
+    "resolve_model",
+    "resolve_model_tokenizer",
+    "model_fingerprint",
+    "stop_token_ids",
+    "read_generations",
+    "generation_settings",
+    "resolve_dtype",
+]
+
+OUTPUT_COLUMNS = ("prompt_id", "prompt", "response", "prompt_tokens", "response_tokens", "finish_reason")
+
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<end_of_turn>", "<|end|>")
+"""Special tokens that end a turn or a text in the common chat vocabularies; those present in a
+tokenizer (as added tokens) stop generation, with the model's own ``eos_token_id``."""
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """One ``dppo generate`` run; saved (resolved) into ``OUT.meta.json``.
+
+    ``batch_size=None``: 128 on CUDA, 32 on the CPU. ``tokenizer=None``: the model's folder.
+    ``max_prompt_len``: keep the first N prompt tokens (as prep truncates), None keeps all.
+    """
+
+    model: str
+    data: str
+    out: Path
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None
+    limit: int | None = None
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int | None = None
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    max_prompt_len: int | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A prompt to answer: its id, the user turn's text, and the messages the template renders
+    (or, from shards, the prompt's token ids as prep wrote them)."""
+
+    prompt_id: str
+    prompt: str
+    messages: tuple[tuple[str, str], ...] = ()
+    ids: tuple[int, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Models, tokenizers, fingerprints
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """The local folder of a model: ``RUN/model`` for a run folder, the folder itself for a model
+    folder, or a hub id's snapshot (downloaded into the Hugging Face cache)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "model" / "config.json").is_file():
+            return path / "model"
+        if (path / "config.json").is_file():
+            return path
+        raise ConfigError(f"{path}: neither a run folder (with model/) nor a model folder (with config.json)")
+    if str(model).startswith((".", "/", "~")):
+        raise ConfigError(f"{model}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(model),
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not fetch model '{model}' from the Hugging Face hub ({type(e).__name__}: {first}); "
+            "check the name and your network, or pass a local folder"
+        ) from None
+    return Path(local)
+
+
+def resolve_model_tokenizer(model_dir: Path, tokenizer: str | None = None) -> Path:
+    """The tokenizer folder: ``tokenizer`` if given, else the model folder (or its run folder)."""
+    from dppo.sources import resolve_tokenizer
+
+    if tokenizer is not None:
+        return resolve_tokenizer(tokenizer)
+    for d in (model_dir, model_dir.parent):
+        if (d / "tokenizer.json").is_file():
+            return d
+    raise ConfigError(f"{model_dir}: no tokenizer.json beside the model; pass the tokenizer explicitly")
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        from dppo.sources import file_fingerprint
+
+        _FINGERPRINTS[key] = file_fingerprint(path)
+    return _FINGERPRINTS[key]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """blake2b (16 hex digits) over a model folder's config and weight files' contents."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ConfigError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
+    h = hashlib.blake2b(digest_size=8)
+    for p in files:
+        h.update(f"{p.name}\0{_file_hash(p)}\0".encode())
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(tok_dir: Path) -> str:
+    """Tokenizer plus chat template: the native tokenizer's fingerprint and the template files' hashes."""
+    from dppo import _native
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(_native.Tokenizer(str(tok_dir)).fingerprint.encode())
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if (tok_dir / name).is_file():
+            h.update(f"{name}\0{_file_hash(tok_dir / name)}\0".encode())
+    return h.hexdigest()
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def stop_token_ids(tok_dir: Path, model_dir: Path | None = None) -> list[int]:
+    """Ids that end a response: the model's ``eos_token_id`` (generation_config.json, config.json),
+    the tokenizer's ``eos_token`` and every added token of ``END_TOKENS`` it has."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+    ids: set[int] = set()
+    names = list(END_TOKENS)
+    eos = _json_file(tok_dir / "tokenizer_config.json").get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        names.append(eos)
+        if (i := tok.token_to_id(eos)) is not None:
+            ids.add(i)
+    ids.update(added[n] for n in names if n in added)
+    if model_dir is not None:
+        for name in ("generation_config.json", "config.json"):
+            value = _json_file(model_dir / name).get("eos_token_id")
+            ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
+    if not ids:
+        raise ConfigError(f"{tok_dir}: the tokenizer has no end-of-turn or end-of-text token; cannot tell when to stop")
+    return sorted(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def _prompt_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _first_turn(row: dict[str, Any]) -> tuple[tuple[tuple[str, str], ...], str] | None:
+    """``([system,] user)`` messages and the user's text, as prep takes the prompt, or None."""
+    for key in ("chosen", "messages"):
+        msgs = row.get(key)
+        if not isinstance(msgs, list) or not msgs:
+            continue
+        out: list[tuple[str, str]] = []
+        for m in msgs[:2]:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return None
+            if not m["content"].strip():
+                return None
+            out.append((m["role"], m["content"]))
+            if m["role"] == "user":
+                return tuple(out), m["content"]
+            if m["role"] != "system" or len(out) > 1:
+                return None
+        return None
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        return (("user", prompt),), prompt
+    return None
+
+
+def _rows_of(batch: Any) -> Iterator[dict[str, Any]]:
+    from dppo.sources import JSONL_COLUMN
+
+    table = batch.to_arrow() if hasattr(batch, "to_arrow") else batch
+    if JSONL_COLUMN in table.column_names:
+        for line in table.column(JSONL_COLUMN).to_pylist():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            yield row if isinstance(row, dict) else {}
+        return
+    cols = [c for c in ("prompt_id", "prompt", "chosen", "messages") if c in table.column_names]
+    yield from table.select(cols).to_pylist()
+
+
+def _is_shards(path: Path) -> bool:
+    meta = _json_file(path / "meta.json") if path.is_dir() else {}
+    return meta.get("format") == "dppo-shards"
+
+
+def load_prompts(
+    data: str,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[PromptRow], dict[str, Any]]:
+    """The distinct prompts of a data source (first ``limit`` in source order) and a summary
+    (``description``, ``rows_in``, ``skipped``, ``duplicates``)."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    if _is_shards(Path(data)):
+        return _shard_prompts(Path(data), limit)
+    from dppo.sources import open_source
+
+    src = open_source(data, split=split, config=config, revision=revision)
+    prompts: list[PromptRow] = []
+    seen: set[str] = set()
+    rows_in = skipped = duplicates = 0
+    for batch in src.batches:
+        for row in _rows_of(batch):
+            rows_in += 1
+            turn = _first_turn(row)
+            if turn is None:
+                skipped += 1
+                continue
+            messages, text = turn
+            pid = row.get("prompt_id")
+            pid = pid if isinstance(pid, str) and pid else _prompt_id(text)
+            if pid in seen:
+                duplicates += 1
+                continue
+            seen.add(pid)
+            prompts.append(PromptRow(pid, text, messages))
+            if limit is not None and len(prompts) >= limit:
+                break
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise ConfigError(f"{data}: no usable prompts ({rows_in} rows read, {skipped} without a user turn)")
+    return prompts, {"description": src.description, "rows_in": rows_in, "skipped": skipped, "duplicates": duplicates}
+
+
+def _shard_prompts(path: Path, limit: int | None) -> tuple[list[PromptRow], dict[str, Any]]:
+    from dppo.data import open_shards
+
+    shards = open_shards(path)
+    if shards.kind != "pairs":
+        raise ConfigError(f"{path}: {shards.kind} shards have no prompt ids; generate from preference shards or raw data")
+    prompts, seen = [], set()
+    for i in range(len(shards)):
+        ex = shards[i]
+        if ex["prompt_id"] in seen:
+            continue
+        seen.add(ex["prompt_id"])
+        prompts.append(PromptRow(ex["prompt_id"], "", ids=tuple(int(t) for t in ex["prompt_ids"])))
+        if limit is not None and len(prompts) >= limit:
+            break
+    desc = {"type": "shards", "path": str(path.resolve()), "tokenizer": shards.meta.get("tokenizer", {})}
+    return prompts, {"description": desc, "rows_in": len(shards), "skipped": 0, "duplicates": len(shards) - len(seen)}
+
+
+def render_prompts(rows: Sequence[PromptRow], tok_dir: Path, max_prompt_len: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt: the chat template with the generation prompt, tokenized (as prep)."""
+    from dppo import _native
+
+    texts = [_native.render_chat(str(tok_dir), list(r.messages), True) for r in rows if r.ids is None]
+    encoded = iter(_native.Tokenizer(str(tok_dir)).encode_batch(texts) if texts else [])
+    out = []
+    for r in rows:
+        ids = list(r.ids) if r.ids is not None else next(encoded)
+        out.append(ids[:max_prompt_len] if max_prompt_len else ids)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Output files
+# ------------------------------------------------------------------------------------------------
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("prompt", pa.string()),
+            ("response", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("response_tokens", pa.int32()),
+            ("finish_reason", pa.string()),
+        ]
+    )
+
+
+def _read_table(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            table = pa.Table.from_pylist(rows, schema=_schema()) if rows else _schema().empty_table()
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read generations ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [c for c in OUTPUT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"{path}: not a generations file (no {', '.join(missing)})")
+    return table.select(list(OUTPUT_COLUMNS)).cast(_schema())
+
+
+def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a file written by ``generate`` (parquet or jsonl), as dicts."""
+    return _read_table(Path(path)).to_pylist()
+
+
+def _write_atomic(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.suffix == ".parquet":
+        pq.write_table(table, tmp)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in table.to_pylist():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _existing(out: Path) -> Any:
+    """The rows already generated for ``out``: the merged file, then every part (newest last)."""
+    import pyarrow as pa
+
+    tables = [_read_table(out)] if out.is_file() else []
+    parts = _parts_dir(out)
+    if parts.is_dir():
+        tables += [_read_table(p) for p in sorted(parts.glob("part-*.parquet"))]
+    return pa.concat_tables(tables) if tables else _schema().empty_table()
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+def generation_settings(
+    model_dir: Path,
+    tok_dir: Path,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_prompt_len: int | None,
+    dtype: str,
+) -> dict[str, Any]:
+    """What decides the responses (and nothing else): a file is resumed only under equal settings."""
+    sampled = temperature > 0
+    return {
+        "model_fingerprint": model_fingerprint(model_dir),
+        "tokenizer_fingerprint": _tokenizer_fingerprint(tok_dir),
+        "stop_ids": stop_token_ids(tok_dir, model_dir),
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_len": max_prompt_len,
+        "temperature": temperature,
+        "top_p": top_p if sampled else None,
+        "seed": seed if sampled else None,
+        "dtype": dtype,
+    }
+
+
+def resolve_dtype(dtype: str, device: str | None) -> tuple[str, str]:
+    """``(dtype name, device)`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bf16" if dev.startswith("cuda") else "fp32"
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    return dtype, dev
+
+
+def _check_options(max_new_tokens: int, temperature: float, top_p: float, batch_size: int | None, engine: str) -> None:
+    from dppo.decoding import ENGINES
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def generate(cfg: GenConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Generate a response to every prompt of ``cfg.data`` (resuming ``cfg.out``); returns a summary."""
+    _check_options(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, cfg.engine)
+    model_dir = resolve_model(cfg.model)
+    tok_dir = resolve_model_tokenizer(model_dir, cfg.tokenizer)
+    rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
+    shard_tok = source["description"].get("tokenizer", {}).get("fingerprint") if source["description"].get("type") == "shards" else None
+    if shard_tok is not None:
+        from dppo import _native
+
+        if _native.Tokenizer(str(tok_dir)).fingerprint != shard_tok:
+            raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")
+    return generate_rows(
+        cfg.model,
+        rows,
+        Path(cfg.out),
+        tokenizer=cfg.tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        engine=cfg.engine,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        max_prompt_len=cfg.max_prompt_len,
+        overwrite=cfg.overwrite,
+        extra_meta={"config": _jsonable(asdict(cfg)), "source": source},
+        console=console,
+        show_progress=show_progress,
+    )
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def generate_rows(
+    model: str,
+    rows: Sequence[PromptRow],
+    out: Path,
+    *,
+    tokenizer: str | None = None,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    engine: str = "auto",
+    dtype: str = "auto",
+    device: str | None = None,
+    max_prompt_len: int | None = None,
+    overwrite: bool = False,
+    stop_after_batches: int | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+    show_summary: bool = True,
+    label: str = "generate",
+) -> dict[str, Any]:
+    """Generate responses for ``rows`` into ``out`` (resuming it); the library core of ``generate``.
+
+    ``stop_after_batches`` ends the run after that many batches, leaving the parts unmerged: what a
+    crash leaves behind (tests use it).
+    """
+    import pyarrow as pa
+
+    _check_options(max_new_tokens, temperature, top_p, batch_size, engine)
+    if max_prompt_len is not None and max_prompt_len < 1:
+        raise ConfigError(f"--max-prompt-len must be positive, got {max_prompt_len}")
+    if out.suffix not in (".parquet", ".jsonl"):
+        raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name}")
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    model_dir = resolve_model(model)
+    tok_dir = resolve_model_tokenizer(model_dir, tokenizer)
+    dtype_name, dev = resolve_dtype(dtype, device)
+    settings = generation_settings(
+        model_dir, tok_dir, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        max_prompt_len=max_prompt_len, dtype=dtype_name,
+    )
+    parts, meta_path = _parts_dir(out), _meta_path(out)
+    if overwrite:
+        for p in (out, meta_path):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    old = _json_file(meta_path).get("settings") or _json_file(parts / "settings.json")
+    if (out.exists() or parts.exists()) and old != settings:
+        if not old:
+            raise ConfigError(f"{out}: exists without {meta_path.name}; pass --overwrite or choose another --out")
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in settings if old.get(k) != settings[k])
+        raise ConfigError(f"{out}: made with other settings ({diff}); pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # -- what is already done -----------------------------------------------------------------
+    existing = _existing(out)
+    wanted = {r.prompt_id: r for r in rows}
+    done_ids = set()
+    for pid, prompt in zip(existing.column("prompt_id").to_pylist(), existing.column("prompt").to_pylist(), strict=True):
+        r = wanted.get(pid)
+        if r is None or r.ids is not None or r.prompt == prompt:
+            done_ids.add(pid)
+    pending = [r for r in rows if r.prompt_id not in done_ids]
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "prompts": len(rows),
+        "already_done": len(rows) - len(pending),
+        "generated": 0,
+        "generated_tokens": 0,
+        "finish_reasons": {},
+    }
+
+    # -- generate the rest, one part file per batch ------------------------------------------------
+    gen_seconds = 0.0
+    if pending:
+        import torch
+
+        from dppo.decoding import Decoder, SamplingConfig
+
+        parts.mkdir(exist_ok=True)
+        _write_json_atomic(settings, parts / "settings.json")
+        first_part = max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=-1) + 1
+        ids = render_prompts(pending, tok_dir, max_prompt_len)
+        from tokenizers import Tokenizer
+
+        detok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        stop = settings["stop_ids"]
+        lm = None if engine == "vllm" else _load_quietly(model_dir, dtype_name, dev)
+        decoder = Decoder(lm, stop, engine=engine, pad_id=stop[0], model_path=str(model_dir), dtype=_VLLM_DTYPES[dtype_name])
+        summary["engine"] = decoder.engine
+        bs = batch_size or (128 if dev.startswith("cuda") else 32)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        keys = [int(hashlib.blake2b(r.prompt_id.encode(), digest_size=8).hexdigest(), 16) for r in pending]
+        reasons: Counter[str] = Counter()
+        tokens_made = 0
+        t_gen = time.perf_counter()
+        progress = Progress(
+            TextColumn(f"[bold]{label}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("prompts"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_progress,
+        )
+        with progress:
+            task = progress.add_task(label, total=len(pending), rate="")
+
+            def on_tokens(n: int) -> None:
+                nonlocal tokens_made
+                tokens_made += n
+                rate = tokens_made / max(time.perf_counter() - t_gen, 1e-9)
+                progress.update(task, rate=f"{rate:,.0f} tok/s")
+
+            for b, completions in enumerate(decoder.run(ids, sampling, batch_size=bs, keys=keys, on_tokens=on_tokens)):
+                table = pa.Table.from_pylist(
+                    [
+                        {
+                            "prompt_id": pending[c.index].prompt_id,
+                            "prompt": pending[c.index].prompt or detok.decode(ids[c.index], skip_special_tokens=False),
+                            "response": detok.decode(c.token_ids, skip_special_tokens=False),
+                            "prompt_tokens": len(ids[c.index]),
+                            "response_tokens": len(c.token_ids),
+                            "finish_reason": c.finish_reason,
+                        }
+                        for c in completions
+                    ],
+                    schema=_schema(),
+                )
+                _write_atomic(table, parts / f"part-{first_part + b:06d}.parquet")
+                reasons.update(c.finish_reason for c in completions)
+                summary["generated"] += len(completions)
+                summary["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+                progress.advance(task, len(completions))
+                if stop_after_batches is not None and b + 1 >= stop_after_batches:
+                    break
+        gen_seconds = time.perf_counter() - t_gen
+        summary["finish_reasons"] = dict(reasons)
+        del decoder, lm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if stop_after_batches is not None:
+            summary["merged"] = False
+            return summary
+
+    # -- merge atomically ------------------------------------------------------------------------
+    merged = _merge(_existing(out), [r.prompt_id for r in rows])
+    _write_atomic(merged, out)
+    meta = {
+        "format": "dppo-generations",
+        "settings": settings,
+        "model": str(model),
+        "model_dir": str(model_dir.resolve()),
+        "tokenizer_dir": str(tok_dir.resolve()),
+        "engine": summary.get("engine") or _json_file(meta_path).get("engine") or engine,
+        "rows": merged.num_rows,
+        **(extra_meta or {}),
+    }
+    _write_json_atomic(meta, meta_path)
+    shutil.rmtree(parts, ignore_errors=True)
+    summary.update(
+        rows=merged.num_rows,
+        seconds=round(time.perf_counter() - t0, 2),
+        tokens_per_s=round(summary["generated_tokens"] / gen_seconds, 1) if gen_seconds else None,
+        merged=True,
+    )
+    if show_progress and show_summary:
+        console.print(_summary_table(summary))
+    elif show_progress:
+        speed = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s") else ""
+        console.print(
+            f"{label}: {summary['generated']:,} new responses ({summary['already_done']:,} cached), "
+            f"{summary['generated_tokens']:,} tokens{speed}",
+            highlight=False,
+        )
+    return summary
+
+
+def _load_quietly(model_dir: Path, dtype: str, device: str) -> Any:
+    """``load_model`` without transformers' own progress bars (ours is drawn by rich)."""
+    from transformers.utils import logging as hf_logging
+
+    from dppo.modeling import load_model
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(str(model_dir), dtype=dtype, device=device, attn="sdpa")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _merge(table: Any, order: Sequence[str]) -> Any:
+    """One row per prompt_id (the newest wins), in ``order`` first, then the others as found."""
+    import pyarrow as pa
+
+    ids = table.column("prompt_id").to_pylist()
+    last = {pid: i for i, pid in enumerate(ids)}
+    rank = {pid: k for k, pid in enumerate(order)}
+    keep = sorted(last.values(), key=lambda i: (rank.get(ids[i], len(rank)), i))
+    return table.take(pa.array(keep, type=pa.int64())) if keep else table.slice(0, 0)
+
+
+def _summary_table(s: dict[str, Any]) -> Table:
+    t = Table(title="generate", show_header=False, box=None, pad_edge=False)
+    t.add_row("output", s["out"])
+    t.add_row("prompts", f"{s['prompts']:,} ({s['already_done']:,} already done)")
+    t.add_row("generated", f"{s['generated']:,} responses, {s['generated_tokens']:,} tokens")
+    if s.get("tokens_per_s"):
+        t.add_row("speed", f"{s['tokens_per_s']:,.0f} tokens/s")
+    if s["finish_reasons"]:
+        t.add_row("finish", ", ".join(f"{k} {v:,}" for k, v in sorted(s["finish_reasons"].items())))
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    return t
+

@@ -1,0 +1,632 @@
+"""Judges: a reward for a response to a prompt (higher is better), behind one small interface.
+
+``make_judge(spec, options)`` builds a judge from a spec string:
+
+| spec | judge |
+| --- | --- |
+| ``nemotron`` (``nemotron:PATH``) | ``nvidia/Llama-3.1-Nemotron-70B-Reward-HF`` (or a local copy) through ``transformers``: the chat [user, assistant] is read and the reward is logit 0 of the first token the model would generate next (the model card's recipe); sharded over the GPUs present |
+| ``nemotron-api`` (``nemotron-api:MODEL``) | NVIDIA's OpenAI-compatible chat-completions endpoint, model ``nvidia/llama-3.1-nemotron-70b-reward``; the reply text is ``reward:<float>``; key from ``$NVIDIA_API_KEY``; ``api_base`` points it elsewhere |
+| ``hf:ID_OR_PATH`` | any ``AutoModelForSequenceClassification`` reward model (score = logit 0), batched |
+| a registered name | a Python function ``(prompt, response) -> float`` (``register_judge``) |
+
+Every judge returns one ``Score`` per item: a value, or None with the error that survived the
+judge's retries. ``ScoreCache`` keeps scores by (judge key, prompt hash, response hash) in SQLite,
+so a rerun, or one more model, pays only for what is new; failures are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dppo.errors import ConfigError
+
+__all__ = [
+    "Score",
+    "Judge",
+    "JudgeOptions",
+    "FunctionJudge",
+    "CausalLMRewardJudge",
+    "SequenceClassifierJudge",
+    "ApiJudge",
+    "ScoreCache",
+    "JUDGES",
+    "register_judge",
+    "register_judge_factory",
+    "make_judge",
+    "score_items",
+    "NEMOTRON_HF",
+    "NEMOTRON_API_MODEL",
+    "NVIDIA_API_BASE",
+]
+
+NEMOTRON_HF = "nvidia/Llama-3.1-Nemotron-70B-Reward-HF"
+NEMOTRON_API_MODEL = "nvidia/llama-3.1-nemotron-70b-reward"
+NVIDIA_API_BASE = "https://integrate.api.nvidia.com/v1"
+
+Item = tuple[str, str]
+"""(prompt, response): the user turn and the assistant's answer."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A judge's verdict on one item: ``value``, or None and the ``error`` that survived retries."""
+
+    value: float | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    """Settings the judges share (each reads what applies to it)."""
+
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "auto"
+    api_base: str | None = None
+    api_key_env: str = "NVIDIA_API_KEY"
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+
+
+class Judge(ABC):
+    """Scores (prompt, response) items. ``key`` identifies the scoring function in the cache:
+    two judges with the same key must give the same scores."""
+
+    name: str
+    key: str
+
+    @abstractmethod
+    def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
+        """One ``Score`` per item, in order; ``progress(n)`` after every ``n`` items scored."""
+
+    def close(self) -> None:  # noqa: B027 - optional for judges that hold nothing
+        """Free what the judge holds (a model's memory); it reloads on next use."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.key!r})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Programmatic judges and the registry
+# ------------------------------------------------------------------------------------------------
+
+
+class FunctionJudge(Judge):
+    """A Python function ``(prompt, response) -> float``; an exception fails that item only.
+    Bump ``version`` when the function changes, so cached scores are not reused."""
+
+    def __init__(self, name: str, fn: Callable[[str, str], float], version: str = "1") -> None:
+        self.name, self.fn = name, fn
+        self.key = f"fn:{name}:{version}"
+
+    def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
+        out = []
+        for prompt, response in items:
+            try:
+                value = float(self.fn(prompt, response))
+                out.append(Score(value) if value == value else Score(None, "the judge returned NaN"))
+            except Exception as e:  # a user's function: any failure is that item's failure
+                out.append(Score(None, f"{type(e).__name__}: {e}"))
+            if progress is not None:
+                progress(1)
+        return out
+
+
+JudgeFactory = Callable[[str | None, JudgeOptions], Judge]
+JUDGES: dict[str, JudgeFactory] = {}
+"""Judge factories by spec name: ``factory(argument after ':' or None, options) -> Judge``."""
+
+
+def register_judge_factory(name: str, factory: JudgeFactory, *, overwrite: bool = False) -> None:
+    """Make ``name`` (and ``name:ARG``) a judge spec."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"judge name {name!r}: use letters, digits, '-', '_' or '.'")
+    if name in JUDGES and not overwrite:
+        raise ValueError(f"judge {name!r} is already registered (pass overwrite=True to replace it)")
+    JUDGES[name] = factory
+
+
+def register_judge(name: str, fn: Callable[[str, str], float], *, version: str = "1", overwrite: bool = False) -> None:
+    """Register a programmatic judge: ``fn(prompt, response) -> float``, higher is better."""
+
+    def factory(arg: str | None, options: JudgeOptions) -> Judge:
+        if arg is not None:
+            raise ConfigError(f"judge {name!r} takes no argument (got {name}:{arg})")
+        return FunctionJudge(name, fn, version)
+
+    register_judge_factory(name, factory, overwrite=overwrite)
+
+
+def make_judge(spec: str, options: JudgeOptions | None = None) -> Judge:
+    """The judge for ``spec`` (``name`` or ``name:ARG``, see the module docstring)."""
+    options = options or JudgeOptions()
+    name, _, arg = spec.partition(":")
+    if name not in JUDGES:
+        raise ConfigError(f"unknown judge {spec!r}; known: {', '.join(sorted(JUDGES))} (hf needs hf:ID_OR_PATH)")
+    return JUDGES[name](arg or None, options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Judges that run a model locally
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_key(kind: str, model: str) -> str:
+    """Cache identity of a model: a local folder by the hash of its files, a hub id by name."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        from dppo.generate import model_fingerprint
+
+        return f"{kind}:{path.name}@{model_fingerprint(path)}"
+    return f"{kind}:{model}"
+
+
+def _chat_ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+        tokenize=True,
+        add_generation_prompt=False,
+    )
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+class _LocalModelJudge(Judge):
+    """Shared machinery: lazy loading, chat tokenization, length-sorted batches, per-item retry of a
+    batch that fails (so one bad item does not fail its neighbours)."""
+
+    def __init__(self, model: str, options: JudgeOptions) -> None:
+        self.model_id, self.options = model, options
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    @abstractmethod
+    def _load(self) -> tuple[Any, Any]:
+        """(model, tokenizer)."""
+
+    @abstractmethod
+    def _forward(self, batch: list[list[int]]) -> list[float]:
+        """Scores of a batch of token id lists."""
+
+    def _device(self) -> Any:
+        import torch
+
+        return torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _dtype(self) -> Any:
+        import torch
+
+        if self.options.dtype == "auto":
+            return torch.bfloat16 if self._device().type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.options.dtype]
+
+    def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
+        import torch
+
+        if self._model is None:
+            self._model, self._tokenizer = self._load()
+        out: list[Score | None] = [None] * len(items)
+        ids: list[list[int] | None] = []
+        for i, (prompt, response) in enumerate(items):
+            try:
+                ids.append(_chat_ids(self._tokenizer, prompt, response))
+            except Exception as e:
+                ids.append(None)
+                out[i] = Score(None, f"chat template: {type(e).__name__}: {e}")
+        order = sorted((i for i in range(len(items)) if ids[i] is not None), key=lambda i: -len(ids[i]))
+        bs = max(1, self.options.batch_size)
+        with torch.inference_mode():
+            for s in range(0, len(order), bs):
+                batch = order[s : s + bs]
+                try:
+                    values = self._forward([ids[i] for i in batch])
+                    for i, v in zip(batch, values, strict=True):
+                        out[i] = Score(v) if v == v else Score(None, "the model gave NaN")
+                except Exception as e:
+                    if len(batch) == 1:
+                        out[batch[0]] = Score(None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    else:  # isolate the failing item(s)
+                        for i in batch:
+                            out[i] = self.score([items[i]])[0]
+                if progress is not None:
+                    progress(len(batch))
+        if progress is not None and len(order) < len(items):
+            progress(len(items) - len(order))
+        return [s if s is not None else Score(None, "not scored") for s in out]
+
+    def close(self) -> None:
+        import torch
+
+        self._model = self._tokenizer = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _pad(batch: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
+    """Right-padded ids [B, T], attention mask, and each row's last real position."""
+    import torch
+
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(batch):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    last = torch.tensor([len(r) - 1 for r in batch], dtype=torch.long)
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+class CausalLMRewardJudge(_LocalModelJudge):
+    """A causal LM read as a reward model: the reward of [user, assistant] is logit ``index`` of the
+    first token the model would generate after the chat (Llama-3.1-Nemotron-70B-Reward's recipe:
+    ``generate(max_new_tokens=1, output_scores=True).scores[0][0][0]``). Only that one logit is
+    computed: the last real position's hidden state times row ``index`` of the output layer."""
+
+    def __init__(self, model: str, options: JudgeOptions, index: int = 0, name: str = "nemotron") -> None:
+        super().__init__(model, options)
+        self.index, self.name = index, name
+        self.key = _model_key(f"causal-lm-logit{index}", model)
+
+    def _load(self) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        kwargs: dict[str, Any] = {"dtype": self._dtype()}
+        device = self._device()
+        if device.type == "cuda" and torch.cuda.device_count() > 1 and self.options.device is None:
+            try:
+                import accelerate  # noqa: F401
+            except ImportError:
+                raise ConfigError("sharding the judge over several GPUs needs accelerate (pip install accelerate)") from None
+            kwargs["device_map"] = "auto"  # shard the layers over the GPUs present
+        model = AutoModelForCausalLM.from_pretrained(self.model_id, **kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(device)
+        return model.eval(), tokenizer
+
+    def _forward(self, batch: list[list[int]]) -> list[float]:
+        model = self._model
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        device = model.get_input_embeddings().weight.device
+        ids, mask, last = _pad(batch, pad, device)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = hidden[range(len(batch)), last]
+        head = model.get_output_embeddings()
+        w = head.weight[self.index].to(h.device)
+        logit = h @ w
+        if getattr(head, "bias", None) is not None:
+            logit = logit + head.bias[self.index].to(h.device)
+        return logit.float().tolist()
+
+
+class SequenceClassifierJudge(_LocalModelJudge):
+    """An ``AutoModelForSequenceClassification`` reward model; the reward is logit 0.
+
+    Batches are right-padded with the pad token; the model pools its last non-pad token. An item
+    whose own last token is the pad token is scored alone, unpadded, so padding cannot move it.
+    """
+
+    name = "hf"
+
+    def __init__(self, model: str, options: JudgeOptions) -> None:
+        super().__init__(model, options)
+        self.name = f"hf:{model}"
+        self.key = _model_key("seq-cls-logit0", model)
+
+    def _load(self) -> tuple[Any, Any]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_id, dtype=self._dtype())
+        if model.config.pad_token_id is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            model.config.pad_token_id = pad
+        return model.to(self._device()).eval(), tokenizer
+
+    def _forward(self, batch: list[list[int]]) -> list[float]:
+        model = self._model
+        pad = model.config.pad_token_id
+        device = next(model.parameters()).device
+        alone = [i for i, row in enumerate(batch) if pad is not None and row[-1] == pad]
+        together = [i for i in range(len(batch)) if i not in alone]
+        out = [0.0] * len(batch)
+        groups = ([together] if together else []) + [[i] for i in alone]
+        for group in groups:
+            rows = [batch[i] for i in group]
+            ids, mask, _ = _pad(rows, pad if pad is not None else 0, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for i, v in zip(group, logits[:, 0].float().tolist(), strict=True):
+                out[i] = v
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The OpenAI-compatible API judge
+# ------------------------------------------------------------------------------------------------
+
+_REWARD = re.compile(r"reward\s*:\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+class _Secret:
+    """A string that never shows itself in a repr, a traceback's locals or ``vars()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class ApiJudge(Judge):
+    """Chat completions on an OpenAI-compatible endpoint whose reply text is ``reward:<float>``.
+
+    Requests run ``concurrency`` at a time. Timeouts, connection errors, HTTP 429 and 5xx, and
+    malformed replies are retried up to ``max_retries`` times with exponential backoff (full jitter
+    between half and all of ``backoff * 2**attempt``, capped at ``max_backoff``; a ``Retry-After``
+    header is honoured). Other 4xx fail the item at once; 401/403 stop the run (the key is wrong).
+    The key is sent only in the ``Authorization`` header and never appears in a message or repr.
+    """
+
+    def __init__(self, model: str, options: JudgeOptions) -> None:
+        key = os.environ.get(options.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"the nemotron-api judge needs an API key in ${options.api_key_env}")
+        self._api_key = _Secret(key)
+        self.model = model
+        self.options = options
+        base = (options.api_base or NVIDIA_API_BASE).rstrip("/")
+        self.url = base + "/chat/completions"
+        self.name = "nemotron-api"
+        # another endpoint may serve something else under the same model name
+        self.key = f"api:{model}" if base == NVIDIA_API_BASE else f"api:{model}@{base}"
+        self._sleep = time.sleep
+
+    def __repr__(self) -> str:
+        return f"ApiJudge(model={self.model!r}, url={self.url!r})"
+
+    def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
+        lock = threading.Lock()
+        refused: list[ConfigError] = []
+
+        def one(item: Item) -> Score:
+            if refused:  # the key was refused: do not send the rest
+                return Score(None, "not sent")
+            try:
+                result = self._score_one(*item)
+            except ConfigError as e:
+                refused.append(e)
+                return Score(None, str(e))
+            if progress is not None:
+                with lock:
+                    progress(1)
+            return result
+
+        with ThreadPoolExecutor(max_workers=max(1, self.options.concurrency)) as pool:
+            scores = list(pool.map(one, items))
+        if refused:
+            raise refused[0]
+        return scores
+
+    def _request(self, body: bytes) -> float:
+        req = urllib.request.Request(
+            self.url,
+            data=body,
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {self._api_key.reveal()}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.options.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            with e:  # the error holds the open response: close it
+                detail = _snippet(e.read()) if e.fp is not None else ""
+                retry_after = _retry_after(e.headers.get("Retry-After")) if e.headers is not None else None
+            if e.code in (401, 403):
+                raise ConfigError(
+                    f"the judge endpoint {self.url} refused the key in ${self.options.api_key_env} (HTTP {e.code})"
+                ) from None
+            if e.code == 429 or 500 <= e.code < 600:
+                raise _Retry(f"HTTP {e.code}", retry_after) from None
+            raise ValueError(f"HTTP {e.code}: {detail}") from None
+        except TimeoutError:
+            raise _Retry(f"timed out after {self.options.timeout:g} s") from None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise _Retry(f"timed out after {self.options.timeout:g} s") from None
+            raise _Retry(f"connection error: {type(reason).__name__}: {reason}") from None
+        return _parse_reward(raw)
+
+    def _score_one(self, prompt: str, response: str) -> Score:
+        body = json.dumps(
+            {"model": self.model, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+        ).encode()
+        error = "no attempt"
+        for attempt in range(self.options.max_retries + 1):
+            try:
+                return Score(self._request(body))
+            except _Retry as e:
+                error, wait = str(e), e.wait
+            except ConfigError:
+                raise
+            except ValueError as e:  # a reply the endpoint will not change its mind about
+                return Score(None, str(e))
+            if attempt < self.options.max_retries:
+                base = min(self.options.max_backoff, self.options.backoff * 2**attempt)
+                self._sleep(wait if wait is not None else base * (0.5 + 0.5 * random.random()))
+        return Score(None, f"{error} (after {self.options.max_retries + 1} attempts)")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, min(float(value), 300.0)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _snippet(raw: bytes, n: int = 120) -> str:
+    text = raw.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:n] + ("..." if len(text) > n else "")
+
+
+def _parse_reward(raw: bytes) -> float:
+    """The reward in an OpenAI-style reply whose message content reads ``reward:<float>``."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+        match = _REWARD.search(content)
+        if match is None:
+            raise KeyError("content")
+        value = float(match.group(1))
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Retry(f"malformed reply: {_snippet(raw)}") from None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in specs
+# ------------------------------------------------------------------------------------------------
+
+
+def _nemotron(arg: str | None, options: JudgeOptions) -> Judge:
+    return CausalLMRewardJudge(arg or NEMOTRON_HF, options, index=0, name="nemotron")
+
+
+def _nemotron_api(arg: str | None, options: JudgeOptions) -> Judge:
+    return ApiJudge(arg or NEMOTRON_API_MODEL, options)
+
+
+def _hf(arg: str | None, options: JudgeOptions) -> Judge:
+    if not arg:
+        raise ConfigError("the hf judge needs a model: --judge hf:ID_OR_PATH")
+    return SequenceClassifierJudge(arg, options)
+
+
+register_judge_factory("nemotron", _nemotron)
+register_judge_factory("nemotron-api", _nemotron_api)
+register_judge_factory("hf", _hf)
+
+
+# ------------------------------------------------------------------------------------------------
+# The score cache
+# ------------------------------------------------------------------------------------------------
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ScoreCache:
+    """Judge scores in SQLite, keyed by (judge key, sha256(prompt), sha256(response))."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS scores (judge TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL,"
+            " score REAL NOT NULL, PRIMARY KEY (judge, prompt, response))"
+        )
+        self._db.commit()
+
+    def get(self, judge: str, items: Sequence[Item]) -> list[float | None]:
+        out = []
+        for prompt, response in items:
+            row = self._db.execute(
+                "SELECT score FROM scores WHERE judge = ? AND prompt = ? AND response = ?", (judge, _sha(prompt), _sha(response))
+            ).fetchone()
+            out.append(None if row is None else float(row[0]))
+        return out
+
+    def put(self, judge: str, items: Sequence[Item], scores: Sequence[float]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
+            [(judge, _sha(p), _sha(r), float(s)) for (p, r), s in zip(items, scores, strict=True)],
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ScoreCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def score_items(
+    judge: Judge,
+    items: Sequence[Item],
+    cache: ScoreCache | None = None,
+    *,
+    chunk: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> list[Score]:
+    """Scores of ``items``: cached ones looked up, the rest judged (distinct items once, in chunks
+    that are cached as they finish, so an interrupted run keeps what it paid for)."""
+    out: list[Score | None] = [None] * len(items)
+    cached = cache.get(judge.key, items) if cache is not None else [None] * len(items)
+    todo: dict[Item, list[int]] = {}
+    for i, (item, value) in enumerate(zip(items, cached, strict=True)):
+        if value is not None:
+            out[i] = Score(value)
+        else:
+            todo.setdefault(item, []).append(i)
+    if progress is not None and len(items) - sum(map(len, todo.values())):
+        progress(len(items) - sum(map(len, todo.values())))
+    distinct = list(todo)
+    for s in range(0, len(distinct), chunk):
+        part = distinct[s : s + chunk]
+        scores = judge.score(part, progress=progress)
+        if progress is not None and (repeats := sum(len(todo[item]) - 1 for item in part)):
+            progress(repeats)
+        if cache is not None:
+            good = [(item, sc.value) for item, sc in zip(part, scores, strict=True) if sc.value is not None]
+            if good:
+                cache.put(judge.key, [g[0] for g in good], [g[1] for g in good])
+        for item, sc in zip(part, scores, strict=True):
+            for i in todo[item]:
+                out[i] = sc
+    return [s if s is not None else Score(None, "not scored") for s in out]

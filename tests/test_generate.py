@@ -1,0 +1,343 @@
+"""`dppo generate`: greedy output identical to transformers, stopping, sampling, files, resume, prep round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_models as tm
+import torch
+from conftest import write_jsonl
+from dppo import _native, testing
+from dppo.data import open_shards
+from dppo.decoding import Completion, Decoder, SamplingConfig, supports_fast_decoding
+from dppo.errors import ConfigError
+from dppo.generate import (
+    OUTPUT_COLUMNS,
+    GenConfig,
+    PromptRow,
+    generate,
+    generate_rows,
+    load_prompts,
+    read_generations,
+    render_prompts,
+    stop_token_ids,
+)
+from dppo.prep import PrepConfig, prepare
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine (no thread barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vocab(tok_dir: Path) -> int:
+    return tm.vocab_size(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def ids_prompts(vocab: int) -> list[list[int]]:
+    """Prompts of many lengths (3..60 tokens), random ids."""
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, vocab, int(n)).tolist() for n in [3, 60, 17, 5, 41, 9, 33, 12, 25, 48, 7, 20]]
+
+
+@pytest.fixture(scope="module")
+def lm(vocab: int):
+    return tm.causal_lm(vocab, seed=0)
+
+
+def hf_greedy(model, prompt: list[int], new: int, stop: list[int]) -> tuple[list[int], str]:
+    """transformers' greedy generate on one prompt (no padding): the reference."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=new,
+            do_sample=False, eos_token_id=stop or None, pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    for t, tok in enumerate(out):
+        if tok in stop:
+            return out[:t], "stop"
+    return out, "length"
+
+
+def run(decoder: Decoder, prompts, sampling, batch_size, keys=None) -> dict[int, tuple[list[int], str]]:
+    got: dict[int, tuple[list[int], str]] = {}
+    for batch in decoder.run(prompts, sampling, batch_size=batch_size, keys=keys):
+        assert len(batch) <= batch_size
+        for c in batch:
+            assert c.index not in got
+            got[c.index] = (c.token_ids, c.finish_reason)
+    assert sorted(got) == list(range(len(prompts)))
+    return got
+
+
+# -- the decoder ----------------------------------------------------------------------------------
+def test_greedy_is_token_identical_to_transformers_generate(lm, ids_prompts):
+    new = 24
+    free = [hf_greedy(lm, p, new, [])[0] for p in ids_prompts]
+    # stop tokens that occur mid-response in several rows: rows stop at different steps, so the
+    # batch sheds finished rows while the others go on
+    counts: dict[int, int] = {}
+    for row in free:
+        for tok in set(row[2:-2]):
+            counts[tok] = counts.get(tok, 0) + 1
+    stop = sorted(counts, key=lambda t: (-counts[t], t))[:3]
+    want = [hf_greedy(lm, p, new, stop) for p in ids_prompts]
+    reasons = {w[1] for w in want}
+    assert reasons == {"stop", "length"}, "the test needs rows that stop and rows that run out"
+    sampling = SamplingConfig(max_new_tokens=new)
+    for engine, graphs, bs in (("dppo", False, 5), ("dppo", False, 12), ("dppo", True, 5), ("hf", False, 5)):
+        got = run(Decoder(lm, stop, engine=engine, cuda_graphs=graphs), ids_prompts, sampling, bs)
+        for i, w in enumerate(want):
+            assert got[i] == w, (engine, graphs, bs, i)
+
+
+def test_static_step_sheds_rows_in_halves(lm, ids_prompts):
+    """The fixed-shape step (the CUDA-graph path, run eagerly here), whose slot set halves once
+    half its rows have finished and no prompt is left, gives the same tokens as the dynamic path."""
+    prompts = ids_prompts * 3
+    stop = sorted({r[0][1] for r in (hf_greedy(lm, p, 12, []) for p in ids_prompts[:6])})
+    sampling = SamplingConfig(max_new_tokens=12)
+    dynamic = run(Decoder(lm, stop, cuda_graphs=False), prompts, sampling, 32)
+    decoder = Decoder(lm, stop, cuda_graphs=True)
+    static = run(decoder, prompts, sampling, 32)
+    assert static == dynamic
+    assert sorted(n for n, _ in decoder._slot_sets) == [16, 32]  # the tail moved to 16 slots
+    assert {r for _, r in dynamic.values()} == {"stop", "length"}
+
+
+def test_context_limit_and_empty_prompt(vocab):
+    model = tm.causal_lm(vocab, seed=1)
+    model.config.max_position_embeddings = 20
+    d = Decoder(model, [0])
+    got = run(d, [[5] * 18, [5] * 20, [5] * 3], SamplingConfig(max_new_tokens=8), 3)
+    assert len(got[0][0]) == 2 and got[0][1] == "context"
+    assert got[1] == ([], "context")
+    assert got[2][1] in ("length", "stop")
+    with pytest.raises(ValueError, match="at least one token"):
+        list(d.run([[]], SamplingConfig()))
+
+
+def test_sampling_is_reproducible_whatever_the_batching(lm, ids_prompts):
+    s = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+    keys = [1000 + i for i in range(len(ids_prompts))]
+    a = run(Decoder(lm, []), ids_prompts, s, 3, keys)
+    b = run(Decoder(lm, []), ids_prompts, s, 12, keys)
+    assert a == b
+    c = run(Decoder(lm, []), ids_prompts, SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=8), 3, keys)
+    assert a != c
+    greedy = run(Decoder(lm, []), ids_prompts, SamplingConfig(max_new_tokens=16), 4)
+    assert a != greedy
+    # a nucleus this small keeps only the most likely token: greedy again
+    tiny = run(Decoder(lm, []), ids_prompts, SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1e-9), 4, keys)
+    assert tiny == greedy
+
+
+def test_engine_support_checks(lm):
+    assert supports_fast_decoding(lm) is None
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
+    assert "gpt2" in supports_fast_decoding(gpt2)
+    assert Decoder(gpt2, [1]).engine == "hf"
+    with pytest.raises(ValueError, match="does not support"):
+        Decoder(gpt2, [1], engine="dppo")
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0)
+
+
+# -- files, settings, resume --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok_dir: Path, vocab: int, pairs_rows) -> Path:
+    """A tiny model that ends some of its turns with <|im_end|>, saved with the test tokenizer."""
+    model = tm.causal_lm(vocab, seed=3)
+    rows = [PromptRow(r["prompt_id"], r["prompt"], (("user", r["prompt"]),)) for r in pairs_rows[:8]]
+    end = _native.Tokenizer(str(tok_dir)).encode("<|im_end|>")[0]
+    tm.make_it_stop(model, end, tm.frequent_token(model, render_prompts(rows, tok_dir)))
+    return tm.save(model, tmp_path_factory.mktemp("lm") / "model", tok_dir)
+
+
+def test_stop_ids_come_from_the_tokenizer_and_model(tok_dir, model_dir):
+    enc = _native.Tokenizer(str(tok_dir))
+    want = {enc.encode("<|im_end|>")[0], enc.encode("<|endoftext|>")[0]}
+    assert set(stop_token_ids(tok_dir)) == want
+    cfg = json.loads((model_dir / "generation_config.json").read_text()) if (model_dir / "generation_config.json").exists() else {}
+    assert set(stop_token_ids(tok_dir, model_dir)) >= want | ({cfg["eos_token_id"]} if isinstance(cfg.get("eos_token_id"), int) else set())
+
+
+def test_prompts_render_exactly_as_prep(tmp_path, tok_dir, pairs_file, pairs_rows):
+    rows, info = load_prompts(str(pairs_file))
+    assert [r.prompt_id for r in rows] == [r["prompt_id"] for r in pairs_rows]
+    assert info["rows_in"] == len(pairs_rows) and info["skipped"] == 0
+    prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s", max_len=100_000), show_progress=False)
+    shards = open_shards(tmp_path / "s")
+    ids = dict(zip([r.prompt_id for r in rows], render_prompts(rows, tok_dir), strict=True))
+    for i in range(len(shards)):
+        ex = shards[i]
+        assert ids[ex["prompt_id"]] == ex["prompt_ids"].tolist()
+    # a system message leads the prompt as in prep; duplicates and bad rows are counted
+    sys_row = {"prompt_id": "s", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}
+    src = write_jsonl(tmp_path / "mixed.jsonl", [sys_row, sys_row, {"prompt": "plain text"}, {"messages": []}, "not json"])
+    rows, info = load_prompts(str(src))
+    assert [r.messages for r in rows] == [(("system", "Be brief."), ("user", "Hi?")), (("user", "plain text"),)]
+    assert rows[1].prompt_id == testing.prompt_id("plain text")
+    assert info["duplicates"] == 1 and info["skipped"] == 2
+    assert load_prompts(str(pairs_file), limit=5)[0] == load_prompts(str(pairs_file))[0][:5]
+
+
+def test_generate_writes_parquet_and_jsonl(tmp_path, model_dir, pairs_file, tok_dir):
+    common = dict(model=str(model_dir), data=str(pairs_file), max_new_tokens=16, batch_size=8, limit=30)
+    s = generate(GenConfig(out=tmp_path / "y.parquet", **common), show_progress=False)
+    assert s["generated"] == 30 and s["rows"] == 30 and s["already_done"] == 0
+    rows = read_generations(tmp_path / "y.parquet")
+    assert tuple(rows[0]) == OUTPUT_COLUMNS
+    assert {r["finish_reason"] for r in rows} == {"stop", "length"}
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    prompts, _ = load_prompts(str(pairs_file), limit=30)
+    assert [r["prompt_id"] for r in rows] == [p.prompt_id for p in prompts]  # source order
+    ids = render_prompts(prompts, tok_dir)
+    for r, p, pid in zip(rows, prompts, ids, strict=True):
+        assert r["prompt"] == p.prompt and r["prompt_tokens"] == len(pid)
+        assert r["response_tokens"] <= 16 and (r["response_tokens"] == 16) == (r["finish_reason"] == "length")
+        assert "<|im_end|>" not in r["response"]
+    # the responses are the model's greedy continuation, decoded
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stop = stop_token_ids(tok_dir, model_dir)
+    for r, pid in list(zip(rows, ids, strict=True))[:6]:
+        toks, why = hf_greedy(lm, pid, 16, stop)
+        assert (tok.decode(toks, skip_special_tokens=False), why) == (r["response"], r["finish_reason"])
+    meta = json.loads((tmp_path / "y.parquet.meta.json").read_text())
+    assert meta["settings"]["max_new_tokens"] == 16 and meta["rows"] == 30
+    assert not (tmp_path / "y.parquet.parts").exists()
+
+    generate(GenConfig(out=tmp_path / "y.jsonl", **common), show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "y.jsonl").read_text().splitlines()]
+    assert lines == rows
+
+
+def test_run_folder_and_settings_guard(tmp_path, model_dir, pairs_file):
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (run_dir / "model" / f.name).write_bytes(f.read_bytes())
+    cfg = GenConfig(model=str(run_dir), data=str(pairs_file), out=tmp_path / "y.parquet", max_new_tokens=4, limit=4)
+    generate(cfg, show_progress=False)
+    with pytest.raises(ConfigError, match=r"max_new_tokens 4 -> 5.*--overwrite"):
+        generate(GenConfig(**{**cfg.__dict__, "max_new_tokens": 5}), show_progress=False)
+    s = generate(GenConfig(**{**cfg.__dict__, "max_new_tokens": 5, "overwrite": True}), show_progress=False)
+    assert s["generated"] == 4
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        generate(GenConfig(**{**cfg.__dict__, "model": str(tmp_path)}), show_progress=False)
+    with pytest.raises(ConfigError, match=r"\.parquet or \.jsonl"):
+        generate(GenConfig(**{**cfg.__dict__, "out": tmp_path / "y.csv"}), show_progress=False)
+
+
+def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir, pairs_file, monkeypatch):
+    common = dict(model=str(model_dir), data=str(pairs_file), max_new_tokens=12, batch_size=4, limit=22)
+    full = generate(GenConfig(out=tmp_path / "full.parquet", **common), show_progress=False)
+    assert full["generated"] == 22
+
+    real_run = Decoder.run
+
+    def crashing_run(self, *args, **kwargs):
+        for k, batch in enumerate(real_run(self, *args, **kwargs)):
+            if k == 3:
+                raise RuntimeError("power cut")  # the fourth batch is in flight
+            yield batch
+
+    monkeypatch.setattr(Decoder, "run", crashing_run)
+    out = tmp_path / "y.parquet"
+    with pytest.raises(RuntimeError, match="power cut"):
+        generate(GenConfig(out=out, **common), show_progress=False)
+    assert not out.exists()
+    parts = sorted((tmp_path / "y.parquet.parts").glob("part-*.parquet"))
+    assert len(parts) == 3
+    monkeypatch.setattr(Decoder, "run", real_run)
+
+    s = generate(GenConfig(out=out, **common), show_progress=False)
+    assert s["already_done"] == 12 and s["generated"] == 10
+    assert read_generations(out) == read_generations(tmp_path / "full.parquet")
+    # a larger limit only generates the new prompts; the file keeps source order
+    s = generate(GenConfig(out=out, **{**common, "limit": 26}), show_progress=False)
+    assert s["already_done"] == 22 and s["generated"] == 4
+    prompts, _ = load_prompts(str(pairs_file), limit=26)
+    assert [r["prompt_id"] for r in read_generations(out)] == [p.prompt_id for p in prompts]
+
+
+def test_stop_after_batches_leaves_parts_for_the_next_run(tmp_path, model_dir, pairs_file):
+    rows, _ = load_prompts(str(pairs_file), limit=10)
+    out = tmp_path / "y.parquet"
+    s = generate_rows(str(model_dir), rows, out, max_new_tokens=6, batch_size=3, stop_after_batches=2, show_progress=False)
+    assert s["generated"] == 6 and not s["merged"] and not out.exists()
+    s = generate_rows(str(model_dir), rows, out, max_new_tokens=6, batch_size=3, show_progress=False)
+    assert s["already_done"] == 6 and s["generated"] == 4 and len(read_generations(out)) == 10
+
+
+def test_generate_then_prep_round_trip(tmp_path, model_dir, pairs_file, pairs_rows, tok_dir, hf_tokenizer):
+    ygen = tmp_path / "ygen.parquet"
+    generate(GenConfig(model=str(model_dir), data=str(pairs_file), out=ygen, max_new_tokens=20), show_progress=False)
+    prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s", ygen=ygen, max_len=100_000), show_progress=False)
+    shards = open_shards(tmp_path / "s")
+    assert shards.has_ygen and len(shards) == len(pairs_rows)
+    by_id = {r["prompt_id"]: r for r in read_generations(ygen)}
+    end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i in range(len(shards)):
+        ex = shards[i]
+        g = by_id[ex["prompt_id"]]
+        msgs = [{"role": "user", "content": g["prompt"]}, {"role": "assistant", "content": g["response"]}]
+        prompt = hf_tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+        full = hf_tokenizer.apply_chat_template(msgs, tokenize=False)
+        want = hf_tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        assert ex["ygen_ids"].tolist() == want
+        assert end in want  # the end-of-turn token(s) as the template renders them
+        assert len(ex["prompt_ids"]) == g["prompt_tokens"]
+
+
+def test_generate_from_prepared_shards(tmp_path, model_dir, pairs_file, tok_dir):
+    prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s", max_len=100_000), show_progress=False)
+    out = tmp_path / "y.parquet"
+    generate(GenConfig(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)
+    rows = read_generations(out)
+    shards = open_shards(tmp_path / "s")
+    assert [r["prompt_id"] for r in rows] == [shards[i]["prompt_id"] for i in range(6)]
+    assert [r["prompt_tokens"] for r in rows] == [len(shards[i]["prompt_ids"]) for i in range(6)]
+    assert rows[0]["prompt"].startswith("<|im_start|>")
+    # resuming from shards keys on prompt_id alone
+    assert generate(GenConfig(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)["generated"] == 0
+
+
+def test_cli_generate(tmp_path, model_dir, pairs_file):
+    import typer
+    from dppo.cli.generate_eval import generate_cmd
+    from dppo.cli.main import user_errors
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command("generate")(user_errors(generate_cmd))
+    app.command("other")(lambda: None)
+    runner = CliRunner()
+    out = tmp_path / "y.jsonl"
+    res = runner.invoke(app, ["generate", "--model", str(model_dir), "--data", str(pairs_file), "--out", str(out), "--limit", "3", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 3
+    res = runner.invoke(app, ["generate", "--model", str(model_dir), "--data", str(pairs_file), "--out", str(out), "--limit", "3", "--max-new-tokens", "4"])
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = runner.invoke(app, ["generate", "--model", str(model_dir), "--data", str(pairs_file), "--out", str(out), "--temperature", "-1"])
+    assert res.exit_code == 2
+
+
+def test_completion_is_plain_data():
+    c = Completion(3, [1, 2], "stop")
+    assert (c.index, c.token_ids, c.finish_reason) == (3, [1, 2], "stop")

@@ -1,0 +1,318 @@
+"""Judges: registry, local reward models (batched = one by one), the API judge against a local
+chat-completions server (timeouts, 429, 5xx, malformed bodies, bad keys), and the score cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import tiny_models as tm
+import torch
+from dppo.errors import ConfigError
+from dppo.judges import (
+    JUDGES,
+    ApiJudge,
+    CausalLMRewardJudge,
+    FunctionJudge,
+    Judge,
+    JudgeOptions,
+    Score,
+    ScoreCache,
+    SequenceClassifierJudge,
+    make_judge,
+    register_judge,
+    score_items,
+)
+
+ITEMS = [
+    ("What is 2 + 2?", "4"),
+    ("Name a colour.", "Blue, like the sky on a clear day in the middle of summer."),
+    ("Say hi.", "hi"),
+    ("Explain data.", "Data is a list of facts, numbers and observations that the model answers about with care."),
+    ("Count.", "one two three four five six seven"),
+]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine (no thread barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# -- registry and programmatic judges -----------------------------------------------------------
+def test_registered_function_judge():
+    register_judge("test-len", lambda p, r: len(r) - len(p), overwrite=True)
+    judge = make_judge("test-len")
+    assert isinstance(judge, FunctionJudge) and judge.key == "fn:test-len:1"
+    assert [s.value for s in judge.score(ITEMS[:2])] == [len(r) - len(p) for p, r in ITEMS[:2]]
+    with pytest.raises(ValueError, match="already registered"):
+        register_judge("test-len", len)
+    with pytest.raises(ConfigError, match="takes no argument"):
+        make_judge("test-len:x")
+    with pytest.raises(ConfigError, match="unknown judge"):
+        make_judge("nope")
+    with pytest.raises(ConfigError, match="hf:ID_OR_PATH"):
+        make_judge("hf")
+    assert {"nemotron", "nemotron-api", "hf"} <= set(JUDGES)
+
+
+def test_function_judge_failures_are_per_item():
+    def fn(prompt: str, response: str) -> float:
+        if response == "hi":
+            raise RuntimeError("cannot judge greetings")
+        return float("nan") if response == "4" else 1.0
+
+    scores = FunctionJudge("f", fn).score(ITEMS)
+    assert [s.ok for s in scores] == [False, True, False, True, True]
+    assert "NaN" in scores[0].error and "greetings" in scores[2].error
+
+
+# -- local reward models --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vocab(tok_dir: Path) -> int:
+    return tm.vocab_size(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def seq_rm_dir(tmp_path_factory, tok_dir, vocab, hf_tokenizer) -> Path:
+    model = tm.reward_model(vocab, pad_id=hf_tokenizer.pad_token_id, seed=5)
+    return tm.save(model, tmp_path_factory.mktemp("rm") / "rm", tok_dir)
+
+
+def test_sequence_classifier_batched_equals_one_by_one(seq_rm_dir, hf_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    batched = make_judge(f"hf:{seq_rm_dir}", JudgeOptions(batch_size=3)).score(ITEMS)
+    single = SequenceClassifierJudge(str(seq_rm_dir), JudgeOptions(batch_size=1)).score(ITEMS)
+    assert all(s.ok for s in batched)
+    torch.testing.assert_close(torch.tensor([s.value for s in batched]), torch.tensor([s.value for s in single]), rtol=1e-5, atol=1e-5)
+    model = AutoModelForSequenceClassification.from_pretrained(seq_rm_dir).eval()
+    for (p, r), s in zip(ITEMS, batched, strict=True):
+        ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=True)["input_ids"]
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0, 0].item()
+        assert s.value == pytest.approx(want, abs=1e-5)
+    assert len({s.value for s in batched}) == len(ITEMS)
+
+
+def test_sequence_classifier_key_follows_the_weights(tmp_path, seq_rm_dir, tok_dir, vocab, hf_tokenizer):
+    other = tm.save(tm.reward_model(vocab, pad_id=hf_tokenizer.pad_token_id, seed=6), tmp_path / "rm", tok_dir)
+    a = SequenceClassifierJudge(str(seq_rm_dir), JudgeOptions())
+    b = SequenceClassifierJudge(str(other), JudgeOptions())
+    assert a.key != b.key and a.key.startswith("seq-cls-logit0:rm@")
+    assert SequenceClassifierJudge("org/some-rm", JudgeOptions()).key == "seq-cls-logit0:org/some-rm"
+
+
+def test_causal_lm_reward_is_logit_zero_of_the_next_token(tmp_path, tok_dir, vocab, hf_tokenizer):
+    """The Nemotron recipe: generate one token with output_scores and read scores[0][0][0]."""
+    from transformers import AutoModelForCausalLM
+
+    path = tm.save(tm.causal_lm(vocab, seed=9), tmp_path / "nemo", tok_dir)
+    scores = make_judge(f"nemotron:{path}", JudgeOptions(batch_size=2)).score(ITEMS)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for (p, r), s in zip(ITEMS, scores, strict=True):
+        enc = hf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=True, add_generation_prompt=False,
+            return_tensors="pt", return_dict=True,
+        )
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=1, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+        assert s.value == pytest.approx(out.scores[0][0][0].item(), abs=1e-5)
+    assert isinstance(make_judge("nemotron"), CausalLMRewardJudge)  # the hub model loads lazily: nothing fetched
+
+
+# -- the API judge ------------------------------------------------------------------------------
+KEY = "nvapi-SECRET-do-not-log-1234"
+
+
+class ChatServer:
+    """A chat-completions endpoint on 127.0.0.1 whose behaviour depends on the prompt:
+
+    ``slow``: the first reply comes after 1 s (the client times out at 0.3 s), then fast;
+    ``busy``: HTTP 429 (Retry-After: 0) twice, then a reply; ``flaky``: HTTP 503 once;
+    ``garbled``: a body that is not JSON once, then a reply without a reward once, then fine;
+    ``down``: HTTP 500 always; ``bad``: HTTP 400. The reward is the response's length.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.auth_seen: set[str] = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self.handle_chat(body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def send(self, code: int, payload: bytes, headers: dict[str, str] | None = None):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def handle_chat(self, body):
+                server.auth_seen.add(self.headers.get("Authorization", ""))
+                if self.path != "/v1/chat/completions" or body.get("model") != "nvidia/llama-3.1-nemotron-70b-reward":
+                    return self.send(404, b'{"error": "not found"}')
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    return self.send(401, b'{"error": "bad key"}')
+                user, assistant = body["messages"][0]["content"], body["messages"][1]["content"]
+                with server.lock:
+                    n = server.attempts[user] = server.attempts.get(user, 0) + 1
+                time.sleep(0.05)  # long enough for requests to overlap
+                ok = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"reward:{len(assistant)}.5"}}]}).encode()
+                if "slow" in user and n == 1:
+                    time.sleep(1.0)
+                    return self.send(200, ok)
+                if "busy" in user and n <= 2:
+                    return self.send(429, b'{"error": "rate limited"}', {"Retry-After": "0"})
+                if "flaky" in user and n == 1:
+                    return self.send(503, b"unavailable")
+                if "garbled" in user and n == 1:
+                    return self.send(200, b"<html>oops")
+                if "garbled" in user and n == 2:
+                    return self.send(200, b'{"choices": [{"message": {"content": "no idea"}}]}')
+                if "down" in user:
+                    return self.send(500, b"internal error")
+                if "bad" in user:
+                    return self.send(400, b'{"error": "prompt too long"}')
+                return self.send(200, ok)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True  # server_close waits for handlers still sleeping
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture()
+def server():
+    s = ChatServer()
+    yield s
+    s.close()
+
+
+def api_options(base: str, **kw) -> JudgeOptions:
+    return JudgeOptions(**{"api_base": base, "timeout": 0.3, "backoff": 0.01, "max_retries": 3, "concurrency": 4, **kw})
+
+
+def test_api_judge_retries_and_reports(server, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("NVIDIA_API_KEY", KEY)
+    judge = make_judge("nemotron-api", api_options(server.base))
+    prompts = ["plain", "slow one", "busy one", "flaky one", "garbled one", "down one", "bad one", "plain two"]
+    items = [(p, "x" * (i + 1)) for i, p in enumerate(prompts)]
+    done = []
+    scores = judge.score(items, progress=done.append)
+    assert sum(done) == len(items)
+    values = [s.value for s in scores]
+    assert values[:5] == [1.5, 2.5, 3.5, 4.5, 5.5] and values[7] == 8.5
+    assert values[5] is None and "HTTP 500" in scores[5].error and "after 4 attempts" in scores[5].error
+    assert values[6] is None and "HTTP 400" in scores[6].error and "too long" in scores[6].error
+    assert server.attempts == {"plain": 1, "slow one": 2, "busy one": 3, "flaky one": 2, "garbled one": 3,
+                               "down one": 4, "bad one": 1, "plain two": 1}
+    assert 1 < server.max_in_flight <= 4
+    assert server.auth_seen == {f"Bearer {KEY}"}
+    out = capsys.readouterr()
+    seen = " ".join([repr(judge), str(vars(judge)), out.out, out.err, caplog.text, *(s.error or "" for s in scores)])
+    assert KEY not in seen
+
+
+def test_api_judge_timeouts_exhaust_retries(server, monkeypatch):
+    monkeypatch.setenv("NVIDIA_API_KEY", KEY)
+    judge = ApiJudge("nvidia/llama-3.1-nemotron-70b-reward", api_options(server.base, max_retries=0))
+    [score] = judge.score([("slow", "abc")])
+    assert score.value is None and "timed out" in score.error and "after 1 attempts" in score.error
+
+
+def test_api_judge_bad_key_stops_the_run(server, monkeypatch):
+    monkeypatch.setenv("NVIDIA_API_KEY", "wrong-key-XYZ")
+    judge = make_judge("nemotron-api", api_options(server.base))
+    with pytest.raises(ConfigError, match=r"refused the key in \$NVIDIA_API_KEY \(HTTP 401\)") as e:
+        judge.score([(f"p{i}", "r") for i in range(20)])
+    assert "wrong-key-XYZ" not in str(e.value)
+    assert len(server.attempts) == 0  # refused before the handler counted anything
+
+
+def test_api_judge_needs_a_key(monkeypatch):
+    monkeypatch.delenv("NVIDIA_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$NVIDIA_API_KEY"):
+        make_judge("nemotron-api")
+    monkeypatch.setenv("NVIDIA_API_KEY", KEY)
+    judge = make_judge("nemotron-api")  # nothing is sent until something is scored
+    assert judge.url == "https://integrate.api.nvidia.com/v1/chat/completions"
+    assert judge.key == "api:nvidia/llama-3.1-nemotron-70b-reward"
+
+
+def test_api_judge_connection_refused_is_retried_then_reported(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("NVIDIA_API_KEY", KEY)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = make_judge("nemotron-api", api_options(f"http://127.0.0.1:{port}/v1", max_retries=1))
+    [score] = judge.score([("p", "r")])
+    assert score.value is None and "connection error" in score.error and "after 2 attempts" in score.error
+
+
+# -- the score cache -----------------------------------------------------------------------------
+class CountingJudge(Judge):
+    def __init__(self) -> None:
+        self.name, self.key, self.seen = "count", "count:1", []
+
+    def score(self, items, progress=None):
+        self.seen += list(items)
+        if progress:
+            progress(len(items))
+        return [Score(None, "refuses") if r == "hi" else Score(float(len(r))) for _, r in items]
+
+
+def test_score_cache_pays_only_for_what_is_new(tmp_path):
+    judge = CountingJudge()
+    items = ITEMS + [ITEMS[0]]  # a repeated item is judged once
+    with ScoreCache(tmp_path / "c.sqlite") as cache:
+        ticks = []
+        first = score_items(judge, items, cache, progress=ticks.append)
+        assert sum(ticks) == len(items)
+        assert len(judge.seen) == len(ITEMS)
+        assert first[0] == first[-1] == Score(1.0) and first[2].value is None
+    with ScoreCache(tmp_path / "c.sqlite") as cache:  # reopened: scores persist, failures do not
+        judge.seen = []
+        again = score_items(judge, items + [("new", "answer")], cache, chunk=2)
+        assert judge.seen == [ITEMS[2], ("new", "answer")]
+        assert [s.value for s in again[: len(items)]] == [s.value for s in first]
+        other = CountingJudge()
+        other.key = "count:2"
+        score_items(other, items, cache)
+        assert len(other.seen) == len(ITEMS)  # another judge key shares nothing
