@@ -137,6 +137,17 @@ def prep_prefs(
                        pack_len=pack_len, strict=strict, allow_missing_ygen=allow_missing_ygen, overwrite=overwrite))
 
 
+# -- the other stages, each in its own module ----------------------------------------------------
+from dppo.cli.demo import demo_cmd  # noqa: E402
+from dppo.cli.generate_eval import eval_cmd, generate_cmd  # noqa: E402
+from dppo.cli.train import train_cmd  # noqa: E402
+
+app.command("train")(train_cmd)
+app.command("generate")(user_errors(generate_cmd))
+app.command("eval")(user_errors(eval_cmd))
+app.command("demo")(user_errors(demo_cmd))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 

@@ -70,7 +70,7 @@ __all__ = [
     "vote_weight",
 ]
 
-METHODS = ("sft", "dpo", "simpo", "minll", "unll", "conll")
+from dppo.methods import METHODS  # noqa: E402  (re-exported)
 WEIGHTS = ("linear", "quadratic", "sqrt", "expectile")
 VOTES = ("policy", "ref")
 VOTE_NORMS = ("clip", "tanh")

@@ -1,0 +1,254 @@
+"""The training configuration: every option of ``dppo train``, its default, and its validation.
+
+One frozen dataclass, :class:`TrainConfig`, holds the resolved values. The loss options left at
+``None`` take the method's defaults from :meth:`dppo.losses.LossConfig.defaults` (``docs/method.md``:
+beta 0.01; alpha 10 for minll, 0.1 for unll and conll; ...), so the configuration saved beside a run
+(``RUN/config.json``) always shows the values that were used.
+
+    cfg = TrainConfig(method="unll", data="data/prefs", init="runs/sft/model", out="runs/unll")
+    cfg.alpha, cfg.ref          # 0.1, "runs/sft/model" (the reference defaults to --init)
+
+:func:`load_config` reads a TOML file whose keys mirror the options (``grad_accum = 8`` or
+``grad-accum = 8``) and applies keyword overrides on top: that is how the command line overrides the
+file. Invalid values raise :class:`dppo.errors.ConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dppo.errors import ConfigError
+from typing import TYPE_CHECKING
+
+from dppo.methods import METHODS
+
+if TYPE_CHECKING:  # torch is imported only when a run is configured, not when the CLI starts
+    from dppo.losses import LossConfig
+
+__all__ = ["TrainConfig", "load_config", "OPTIMIZERS", "LR_SCHEDULES", "DTYPES", "RUNTIME_OPTIONS", "HELP"]
+
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("auto", "bf16", "fp32")
+KERNELS = ("auto", "varlen", "sdpa_loop", "dense")
+
+# Options that change how a run is carried out, not what it computes: `--resume` accepts a run whose
+# saved configuration differs from the new one only in these.
+RUNTIME_OPTIONS = frozenset(
+    {"resume", "overwrite", "progress", "save_every", "keep_last", "eval_every", "eval_data", "eval_samples", "peak_tflops"}
+)
+
+_LOSS_FIELDS = ("beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every option of one training run (``dppo train --help`` shows the same texts)."""
+
+    # -- what to train ------------------------------------------------------------------------------
+    method: str = _opt(None, f"Training objective: {'|'.join(METHODS)}.")
+    data: str = _opt(None, "Prepared shards folder (`dppo prep sft` for sft, `dppo prep prefs` for the others).")
+    init: str = _opt(None, "Initial policy: a Hugging Face model folder or hub id.")
+    out: str = _opt(None, "Run folder: model/, config.json, metrics.jsonl, checkpoints/.")
+    ref: str | None = _opt(None, "Reference model (default: --init). DPO post-tuning: --init RUN/model --ref RUN/model.")
+    tokenizer: str | None = _opt(
+        None, "Tokenizer folder saved with the model (default: --init's, else the one the shards were prepared with)."
+    )
+    # -- the loss (None: the method's default from docs/method.md) ----------------------------------
+    beta: float | None = _opt(None, "Inverse temperature of the sigmoid (default 0.01; simpo 2.5).")
+    gamma: float | None = _opt(None, "SimPO target reward margin (default 1.0).")
+    alpha: float | None = _opt(None, "Penalty strength (default 10 for minll, 0.1 for unll and conll).")
+    weight: str | None = _opt(None, "Weight f(r): linear|quadratic|sqrt|expectile (default expectile for minll, else quadratic).")
+    zeta: float | None = _opt(None, "Expectile level of --weight expectile (default 0.5).")
+    vote: str | None = _opt(None, "Whose log-probs form the vote r: policy|ref (default policy).")
+    vote_clip: float | None = _opt(None, "C of the vote normalization (default 2000 for minll and unll, 700 for conll).")
+    vote_norm: str | None = _opt(None, "Vote normalization: clip (clamp(r,-C,C)/C) or tanh (tanh(r/C)) (default clip).")
+    detach_weight: bool | None = _opt(None, "Treat f(r) as a constant: no gradient through the weight (default off).")
+    penalty_norm: str | None = _opt(None, "minll: penalize mean (length-normalized) or sum log-prob of y_gen (default mean).")
+    # -- optimization --------------------------------------------------------------------------------
+    lr: float = _opt(1e-6, "Peak learning rate.")
+    optimizer: str = _opt("adamw", "Optimizer: adamw|rmsprop|sgd (torch defaults otherwise; the author used rmsprop).")
+    weight_decay: float = _opt(0.0, "Decoupled weight decay (AdamW) or L2 (RMSprop, SGD) on matrices, not on biases or norms.")
+    warmup_steps: int = _opt(150, "Linear warm-up: update t (0-based) uses lr * min(1, (t + 1) / warmup_steps).")
+    lr_schedule: str = _opt("constant", "After warm-up: constant|linear|cosine (decay to 0 at the last step).")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global 2-norm to this value; 0 disables clipping.")
+    batch_size: int = _opt(4, "Examples per forward/backward pass (one packed row, no padding).")
+    grad_accum: int = _opt(8, "Passes per optimizer step: a step averages batch_size * grad_accum examples.")
+    epochs: int = _opt(1, "Passes over the data (reshuffled each epoch).")
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    max_samples: int | None = _opt(None, "Use only the first N examples of --data (the data-efficiency study).")
+    seed: int = _opt(0, "Seed of the data order and of every random number generator.")
+    dtype: str = _opt(
+        "auto", "auto|bf16|fp32. bf16: fp32 master weights, bf16 autocast compute (auto: bf16 on CUDA, fp32 elsewhere)."
+    )
+    # -- evaluation ----------------------------------------------------------------------------------
+    eval_data: str | None = _opt(None, "Shards to evaluate the loss and reward accuracy on.")
+    eval_every: int = _opt(0, "Evaluate every N optimizer steps (0: only after the last step).")
+    eval_samples: int | None = _opt(None, "Evaluate on the first N examples of --eval-data only.")
+    # -- checkpoints ---------------------------------------------------------------------------------
+    save_every: int = _opt(500, "Write a resumable checkpoint every N optimizer steps (0: never).")
+    keep_last: int = _opt(2, "Keep this many most recent checkpoints (0: keep all).")
+    resume: bool = _opt(False, "Continue the run in --out from its latest checkpoint (bit-identical on CPU in fp32).")
+    overwrite: bool = _opt(False, "Replace an existing run in --out.")
+    # -- speed knobs (results do not depend on them, up to float rounding) ----------------------------
+    chunk_size: int = _opt(1024, "Tokens whose vocabulary logits are formed at once (never the full [T, V] logits).")
+    kernel: str = _opt("auto", "Packed attention kernel: auto|varlen|sdpa_loop|dense.")
+    skip_ygen: bool = _opt(True, "Skip the y_gen forward of examples whose penalty weight is exactly zero.")
+    ref_batch_tokens: int = _opt(16384, "Tokens per packed row in the reference pass.")
+    keep_probs_mb: int = _opt(
+        1024, "Keep a micro-batch's [tokens x vocab] softmax for backward when it fits in this many MiB "
+        "(saves a third of the output projection's work); 0: always recompute it."
+    )
+    peak_tflops: float | None = _opt(None, "Peak TFLOP/s of the accelerator for the MFU estimate (default: known GPUs).")
+    progress: bool = _opt(True, "Show a progress bar (on a terminal).")
+
+    def __post_init__(self) -> None:
+        for name in ("method", "data", "init", "out"):
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(f"missing {_flag(name)} (on the command line or as `{name}` in the --config file)")
+        if self.method not in METHODS:
+            raise ConfigError(f"{_flag('method')} must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        self._check_types()
+        # The loss options: the method's defaults for the ones not given, validated by LossConfig.
+        given = {k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None}
+        try:
+            from dppo.losses import LossConfig
+
+            loss = LossConfig.defaults(self.method, **given)
+        except ValueError as e:
+            name = str(e).split(" ")[0]
+            raise ConfigError(f"{_flag(name)}: {e}" if name in _LOSS_FIELDS else str(e)) from None
+        for k in _LOSS_FIELDS:
+            object.__setattr__(self, k, getattr(loss, k))
+        for name in ("data", "init", "out", "ref", "tokenizer", "eval_data"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        # The reference defaults to the initial policy; methods without one record none.
+        from dppo.losses import needs_reference
+
+        object.__setattr__(self, "ref", (self.ref or self.init) if needs_reference(self.method) else None)
+        self._check_values()
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else str(f.type)
+            if value is None:
+                if "None" not in kind:
+                    raise ConfigError(f"{_flag(f.name)} must not be empty")
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            else:  # str (paths may come as Path)
+                ok = isinstance(value, (str, os.PathLike))
+            if not ok:
+                raise ConfigError(f"{_flag(f.name)} must be {kind.split(' ')[0]}, got {value!r}")
+
+    def _check_values(self) -> None:
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "dtype": DTYPES, "kernel": KERNELS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_flag(name)} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        positive = ("batch_size", "grad_accum", "epochs", "max_steps", "max_samples", "chunk_size", "ref_batch_tokens", "eval_samples")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "seed", "keep_probs_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+
+    # -- derived values ------------------------------------------------------------------------------
+    def loss_config(self) -> LossConfig:
+        """The :class:`LossConfig` of this run (already validated)."""
+        from dppo.losses import LossConfig
+
+        return LossConfig.defaults(self.method, **{k: getattr(self, k) for k in _LOSS_FIELDS})
+
+    @property
+    def step_examples(self) -> int:
+        """Examples averaged in one optimizer step."""
+        return self.batch_size * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _help(f: dataclasses.Field) -> str:
+    text, default = f.metadata["help"], f.default
+    if default is None or "default" in text:
+        return text
+    shown = ("on" if default else "off") if isinstance(default, bool) else f"{default:g}" if isinstance(default, float) else default
+    return f"{text} (default {shown})"
+
+
+HELP: dict[str, str] = {f.name: _help(f) for f in dataclasses.fields(TrainConfig)}
+"""The help text of every option with its default, for the command line."""
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The options of a TOML file (flat keys mirroring the options, dashes or underscores)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid TOML file ({e})") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: tables are not supported ([{key}]); write the options as top-level keys")
+        if name not in OPTION_NAMES:
+            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(f"{path}: unknown option `{key}`{hint}")
+        values[name] = value
+    return values
+
+
+def load_config(config_file: str | os.PathLike[str] | None = None, **options: Any) -> TrainConfig:
+    """Defaults, then the TOML file's values, then ``options`` (``None`` values are ignored).
+
+    ``options`` use the field names of :class:`TrainConfig` (``grad_accum=8``).
+    """
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}")
+    values = read_toml(config_file) if config_file is not None else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,261 @@
+"""Reference log-probabilities, computed once per (reference model, shards) and cached beside the shards.
+
+DPO and the DPPO objectives need ``logp_ref(y_w | x)``, ``logp_ref(y_l | x)`` and (conll)
+``logp_ref(y_gen | x)`` of every training pair. They do not change during training, so instead of
+keeping a frozen copy of the model in memory and running it every step (what TRL's DPOTrainer does by
+default), one no-grad pass computes them for every example and stores them:
+
+    SHARDS/refcache/<reference fingerprint>-<fp32|bf16>/
+        info.json        the reference, its fingerprint, the shards' fingerprint, the precision
+        chosen.npy       float32 [examples] (NaN where not computed yet)
+        rejected.npy
+        ygen.npy
+
+A later run with the same reference weights and the same shards reads them back (any run: DPO,
+unll, another seed); a different reference (other weights, so another fingerprint) gets its own
+folder, and shards rewritten in place (another fingerprint) invalidate the folder. Entries are
+computed only for the examples and columns asked for (``--max-samples``, conll's y_gen) and are never
+recomputed once stored, so a resumed run reads exactly the values the interrupted one used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dppo.data import Shards
+from dppo.errors import ConfigError
+
+__all__ = ["RefLogps", "reference_logps", "model_fingerprint", "shards_fingerprint", "resolve_model_dir", "COLUMNS"]
+
+COLUMNS = ("chosen", "rejected", "ygen")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+_FLUSH_SECONDS = 120.0
+
+
+def resolve_model_dir(name: str | os.PathLike[str]) -> Path:
+    """A local folder for a model: the folder itself, or a hub id fetched into the Hugging Face cache."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: not a model folder (no config.json)")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model '{name}': no such folder, and the hub did not provide it ({first})") from None
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """16 hex digits of blake2b over a model folder's config.json and weight files (names and bytes)."""
+    folder = Path(path)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise ConfigError(f"{folder}: no weight files (*.safetensors) in this model folder")
+    h = hashlib.blake2b(digest_size=8)
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        _hash_file(h, p)
+    return h.hexdigest()
+
+
+def shards_fingerprint(shards: Shards) -> str:
+    """16 hex digits identifying a shards folder's contents: its index headers carry the checksums of
+    every token and index byte, so hashing them is enough (and instant)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps(shards.meta.get("tokenizer", {}), sort_keys=True).encode())
+    for s in shards.meta["shards"]:
+        with open(shards.path / f"{s['name']}.idx", "rb") as f:
+            h.update(f.read(128))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RefLogps:
+    """logp_ref of every example's responses, indexed by example (float32, NaN where not computed).
+
+    Attributes:
+        chosen, rejected: [examples] sums of log ref(y_t | x, y_<t) over the response tokens.
+        ygen: [examples], or None when y_gen was not asked for.
+        cache_dir: where the values are stored.
+        hit: every value asked for was already in the cache (no reference forward ran).
+    """
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    ygen: np.ndarray | None
+    cache_dir: Path
+    hit: bool
+
+    def batch(self, ids: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``ref_chosen``, ``ref_rejected`` (and ``ref_ygen``) of examples ``ids`` as [B] tensors."""
+        out = {
+            "ref_chosen": torch.from_numpy(self.chosen[ids]).to(device),
+            "ref_rejected": torch.from_numpy(self.rejected[ids]).to(device),
+        }
+        if self.ygen is not None:
+            out["ref_ygen"] = torch.from_numpy(self.ygen[ids]).to(device)
+        return out
+
+
+def _merge_save(path: Path, array: np.ndarray) -> None:
+    """Store ``array``, keeping values another run stored meanwhile (a stored value never changes);
+    ``array`` is updated in place to what was stored."""
+    with contextlib.suppress(OSError, ValueError):
+        stored = np.load(path)
+        if stored.shape == array.shape and stored.dtype == array.dtype:
+            keep = ~np.isnan(stored)
+            array[keep] = stored[keep]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cache_root(shards: Shards, fallback: Path | None) -> Path:
+    root = shards.path / "refcache"
+    if os.access(shards.path, os.W_OK) and (not root.exists() or os.access(root, os.W_OK)):
+        return root
+    if fallback is None:
+        raise ConfigError(f"{shards.path}: not writable, and no other place for the reference cache was given")
+    return fallback
+
+
+def _open_cache(folder: Path, info: dict[str, Any], n: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """The cached columns (NaN-filled where absent); a folder made for other shards is started afresh."""
+    old = None
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((folder / "info.json").read_text())
+    valid = old is not None and all(old.get(k) == info[k] for k in ("ref_fingerprint", "shards_fingerprint", "precision", "examples"))
+    arrays = {}
+    for col in columns:
+        arr = None
+        if valid:
+            with contextlib.suppress(OSError, ValueError):
+                arr = np.load(folder / f"{col}.npy")
+        if arr is None or arr.shape != (n,) or arr.dtype != np.float32:
+            arr = np.full(n, np.nan, dtype=np.float32)
+        arrays[col] = np.array(arr)  # writable copy
+    if not valid:
+        folder.mkdir(parents=True, exist_ok=True)
+        for col in COLUMNS:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"{col}.npy").unlink()
+        tmp = folder / f".info.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, folder / "info.json")
+    return arrays
+
+
+def reference_logps(
+    ref: str | os.PathLike[str],
+    shards: Shards,
+    indices: np.ndarray,
+    *,
+    load: Callable[[], torch.nn.Module],
+    need_ygen: bool,
+    precision: str,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    chunk_size: int = 1024,
+    kernel: str = "auto",
+    batch_tokens: int = 16384,
+    fallback_dir: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RefLogps:
+    """logp_ref of the responses of examples ``indices`` of ``shards``, from the cache or computed.
+
+    Args:
+        ref: the reference model folder (its fingerprint keys the cache).
+        shards: pairs shards.
+        indices: the examples needed.
+        load: returns the reference model (packed attention, no grad needed); called only on a miss,
+            so a cache hit never loads the model.
+        need_ygen: also logp_ref(y_gen | x) (conll).
+        precision: "fp32" or "bf16": part of the cache key (the values differ).
+        autocast: context manager factory the forward runs under (bf16 autocast for "bf16").
+        batch_tokens: tokens per packed row of the no-grad pass.
+        fallback_dir: cache location when the shards folder is not writable.
+        on_progress: called with (tokens done, tokens to do).
+    """
+    from dppo.modeling import PackedBatch, pack_indices, sequence_logps
+
+    n = len(shards)
+    columns = ("chosen", "rejected", "ygen") if need_ygen else ("chosen", "rejected")
+    if need_ygen and not shards.has_ygen:
+        raise ConfigError(f"{shards.path}: the reference log-probs of y_gen are needed but the shards have no y_gen")
+    ref_dir = resolve_model_dir(ref)
+    info = {
+        "ref": os.fspath(ref),
+        "ref_fingerprint": model_fingerprint(ref_dir),
+        "shards_fingerprint": shards_fingerprint(shards),
+        "precision": precision,
+        "examples": n,
+    }
+    folder = _cache_root(shards, fallback_dir) / f"{info['ref_fingerprint']}-{precision}"
+    arrays = _open_cache(folder, info, n, columns)
+
+    indices = np.unique(np.asarray(indices, dtype=np.int64))
+    todo = {col: indices[np.isnan(arrays[col][indices])] for col in columns}
+    if all(len(v) == 0 for v in todo.values()):
+        return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=True)
+
+    # Every (example, column) still missing becomes one (prompt, response) sequence; sequences of the
+    # same example stay in one row so that its prompt is read once.
+    wanted: dict[int, list[str]] = {}
+    for col in columns:
+        for i in todo[col].tolist():
+            wanted.setdefault(i, []).append(col)
+    examples = sorted(wanted)
+    lengths = shards.lengths()
+    cost = [sum(int(lengths["prompt"][i]) + int(lengths[c][i]) for c in wanted[i]) for i in examples]
+    rows = pack_indices(cost, batch_tokens)
+    total, done = sum(cost), 0
+
+    model = load()
+    device = next(model.parameters()).device
+    last_flush = time.monotonic()
+    with torch.no_grad():
+        for row in rows:
+            seqs, slots = [], []
+            for k in row:
+                i = examples[k]
+                ex = shards[i]
+                for col in wanted[i]:
+                    seqs.append((ex["prompt_ids"], ex[f"{col}_ids"]))
+                    slots.append((col, i))
+            with autocast():
+                sums = sequence_logps(model, PackedBatch.from_sequences(seqs).to(device), chunk_size, kernel).sums
+            for (col, i), value in zip(slots, sums.float().cpu().numpy(), strict=True):
+                arrays[col][i] = value
+            done += sum(cost[k] for k in row)
+            if on_progress is not None:
+                on_progress(done, total)
+            if time.monotonic() - last_flush > _FLUSH_SECONDS:  # a long pass keeps what it computed
+                for col in columns:
+                    _merge_save(folder / f"{col}.npy", arrays[col])
+                last_flush = time.monotonic()
+    for col in columns:
+        _merge_save(folder / f"{col}.npy", arrays[col])
+    return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=False)

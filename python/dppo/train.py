@@ -1,0 +1,739 @@
+"""The trainer: SFT, DPO, SimPO and the three DPPO objectives (minll, unll, conll) in one loop.
+
+:func:`train` reads top to bottom, in the manner of nanoGPT's ``train.py``:
+
+1. **setup**: the run folder, the device and precision, the shards, the order of the examples;
+2. **reference**: logp_ref of every pair, computed once by a no-grad pass and cached beside the
+   shards (:mod:`dppo.refcache`), so no reference model is held in memory while training;
+3. **model and optimizer**, restored from the latest checkpoint with ``--resume``;
+4. **the loop**, one optimizer step at a time: *data* (the step's ``batch_size x grad_accum``
+   examples), *forward* (each micro-batch's sequences packed into one row, log-probabilities only
+   where labels exist), *loss* (``LOSSES[method]``, a pure function of log-probabilities), *backward*
+   per micro-batch, *step* (clip, schedule, update), *log* (``RUN/metrics.jsonl``), *eval*,
+   *checkpoint*;
+5. **the final model** in Hugging Face format with its tokenizer (``RUN/model``).
+
+The helpers below the loop do one thing each: :func:`forward_logps` turns a micro-batch into the
+:class:`~dppo.losses.LogProbs` a loss consumes, :func:`evaluate` runs the loss without gradients,
+:func:`lr_at` is the learning-rate schedule, :class:`DataOrder` says which examples a step uses.
+
+Where speed comes from: sequences are packed without padding and attend only within themselves
+(``dppo.modeling``); the vocabulary projection runs only on response positions, in chunks; the
+reference log-probs are cached; and y_gen's forward is skipped for examples whose penalty weight
+f(r) is exactly zero (``losses.can_skip_ygen``): with ``--vote ref`` r is known before the forward,
+with the default ``--vote policy`` the chosen/rejected row runs first and y_gen's row only for the
+examples that need it. Skipping changes no value: the losses zero those terms anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dppo.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
+from dppo.config import RUNTIME_OPTIONS, TrainConfig
+from dppo.data import Shards, open_shards
+from dppo.errors import ConfigError
+from dppo.losses import LOSSES, LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, conll_loss, vote
+from dppo.modeling import PackedBatch, SeqLogps, load_model, sequence_logps
+from dppo.refcache import RefLogps, model_fingerprint, reference_logps, resolve_model_dir, shards_fingerprint
+
+__all__ = ["train", "forward_logps", "evaluate", "lr_at", "DataOrder", "Work", "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
+    """Train ``cfg.method`` on ``cfg.data`` from ``cfg.init``; returns the folder of the final model.
+
+    Writes ``RUN/config.json`` (resolved options and fingerprints), ``RUN/metrics.jsonl`` (one line
+    per optimizer step), ``RUN/checkpoints/step_N/`` (every ``save_every`` steps) and ``RUN/model/``.
+    Raises :class:`~dppo.errors.ConfigError` for anything the user can fix.
+    """
+    console = console or Console(stderr=True)
+    t_start = time.perf_counter()
+    _quiet_transformers()
+
+    # ---------------------------------------------------------------------------------------------
+    # Setup: device and precision, data, run folder
+    # ---------------------------------------------------------------------------------------------
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 keeps fp32 master weights and runs the matmuls under bf16 autocast: at lr 1e-6 an update
+    # is ~1e-4 of a weight, below bf16's resolution, so bf16 weights would not train at all.
+    precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else "fp32"
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    spec = LOSSES[cfg.method]
+    loss_cfg = cfg.loss_config()
+    need_ref_ygen = spec.needs_ygen and spec.fn is conll_loss  # only conll reads logp_ref(y_gen)
+
+    shards = open_shards(cfg.data)
+    _check_shards(cfg, spec, shards, "--data")
+    n_examples = min(len(shards), cfg.max_samples or len(shards))
+    order = DataOrder(n_examples, cfg.step_examples, cfg.epochs, cfg.max_steps, cfg.seed)
+    eval_shards = open_shards(cfg.eval_data) if cfg.eval_data else None
+    eval_spec, eval_cfg = spec, loss_cfg
+    if eval_shards is not None:
+        if spec.needs_ygen and not eval_shards.has_ygen:
+            console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the DPO loss and rewards only")
+            eval_spec, eval_cfg = LOSSES["dpo"], LossConfig.defaults("dpo", beta=loss_cfg.beta)
+        _check_shards(cfg, eval_spec, eval_shards, "--eval-data", ygen_required=False)
+    n_eval = min(len(eval_shards), cfg.eval_samples or len(eval_shards)) if eval_shards is not None else 0
+
+    init_dir = resolve_model_dir(cfg.init)
+    ref_dir = resolve_model_dir(cfg.ref) if cfg.ref else None
+    tok_dir = _find_tokenizer(cfg, init_dir, shards)
+    run = Path(cfg.out)
+    resume_from = _prepare_run(cfg, run, console)
+    fingerprints = _fingerprints(init_dir, ref_dir, shards, eval_shards)
+    _write_run_config(cfg, run, fingerprints, tok_dir, device, precision, order, n_examples, resume_from is not None)
+    seed_everything(cfg.seed)
+
+    # ---------------------------------------------------------------------------------------------
+    # The policy, and the reference log-probs (one no-grad pass, cached beside the shards)
+    # ---------------------------------------------------------------------------------------------
+    policy = load_model(init_dir, dtype="fp32", device=device)  # eval mode: no dropout, as TRL does
+    ref = eval_ref = None
+    t_ref = time.perf_counter()
+    if spec.needs_reference or eval_spec.needs_reference:
+        # The policy before its first update *is* the reference when --ref is --init: no second load.
+        same = ref_dir is not None and ref_dir.resolve() == init_dir.resolve()
+        load_ref = (lambda: policy) if same else (lambda: load_model(ref_dir, dtype="fp32", device=device))
+        ref_pass = partial(
+            _reference_pass, cfg=cfg, ref_dir=ref_dir, load=load_ref, precision=precision, autocast=autocast,
+            run=run, console=console,
+        )
+        if spec.needs_reference:
+            ref = ref_pass(shards, np.arange(n_examples), need_ygen=need_ref_ygen, what="train")
+        if eval_shards is not None and eval_spec.needs_reference:
+            eval_ref = ref_pass(eval_shards, np.arange(n_eval), need_ygen=need_ref_ygen and eval_spec is spec, what="eval")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ref_seconds = time.perf_counter() - t_ref
+
+    optimizer = make_optimizer(cfg, policy)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy, optimizer, verify=False)
+        step = int(state["step"])
+        console.print(f"resumed from {resume_from} (step {step} of {order.total_steps})")
+    _truncate_metrics(run / "metrics.jsonl", step)
+    ygen_mode = _ygen_mode(cfg, spec)
+    dims = ModelDims.of(policy)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(device, precision)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    lengths = shards.lengths()
+    unit = "ex/s" if cfg.method == "sft" else "pairs/s"
+
+    # ---------------------------------------------------------------------------------------------
+    # The loop
+    # ---------------------------------------------------------------------------------------------
+    bar_on = cfg.progress and console.is_terminal
+    progress = _progress_bar(console, enabled=bar_on)
+    with progress, open(run / "metrics.jsonl", "a") as metrics_file:
+        task = progress.add_task(cfg.method, total=order.total_steps, completed=step, loss="-", speed="-")
+        while step < order.total_steps:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            # -- data: this step's examples, and each one's share of the step's loss ---------------
+            ids = order.step_examples(step)
+            if cfg.method == "sft":  # SFT: the mean over all assistant tokens of the step
+                n_tokens = lengths["response"][ids].astype(np.float64)
+                shares = n_tokens / max(n_tokens.sum(), 1.0)
+            else:  # preference methods: the mean over the step's pairs
+                shares = np.full(len(ids), 1.0 / len(ids))
+            outputs: list[LossOutput] = []
+            work = Work()
+            step_loss = torch.zeros((), device=device)
+            for start in range(0, len(ids), cfg.batch_size):
+                micro = ids[start : start + cfg.batch_size]
+                w = torch.as_tensor(shares[start : start + cfg.batch_size], dtype=torch.float32, device=device)
+                # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) ----
+                with autocast():
+                    logps = forward_logps(policy, shards, micro, cfg, loss_cfg, spec, ref, ygen_mode, device, work)
+                # -- loss, backward: each micro-batch's graph is freed right after its backward ----
+                out = spec(loss_cfg, logps)
+                loss = (out.loss * w).sum()
+                loss.backward()
+                step_loss += loss.detach()
+                outputs.append(out)
+
+            # -- step: clip, schedule, update ---------------------------------------------------------
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+            lr = lr_at(cfg, step, order.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = step_loss.item()  # waits for the device: the step is over
+            seconds = time.perf_counter() - t0
+
+            # -- log ------------------------------------------------------------------------------------
+            record = {
+                "step": step,
+                "epoch": round(order.examples_seen(step) / n_examples, 4),
+                "examples": len(ids),
+                "loss": step_loss,
+                **summarize(outputs),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": work.tokens,
+                "tokens_per_s": work.tokens / seconds,
+                "examples_per_s": len(ids) / seconds,
+                "mfu": dims.flops(work) / seconds / peak if peak else None,
+                "step_s": seconds,
+                "step_cpu_s": time.process_time() - cpu0,  # host CPU time, all threads (robust on a shared machine)
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            # -- eval -------------------------------------------------------------------------------------
+            if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                with autocast():
+                    record.update(evaluate(policy, eval_shards, n_eval, cfg, eval_cfg, eval_spec, eval_ref, device))
+                console.print(_eval_line(step, record), highlight=False)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            progress.update(task, advance=1, loss=f"{step_loss:.4f}", speed=f"{len(ids) / seconds:.2f} {unit}")
+            if not bar_on and (step == order.total_steps or step % max(1, order.total_steps // 20) == 0):
+                console.print(f"step {step}/{order.total_steps} loss {step_loss:.4f} {len(ids) / seconds:.2f} {unit}")
+
+            # -- checkpoint -----------------------------------------------------------------------------
+            if cfg.save_every and step % cfg.save_every == 0:
+                state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule}
+                save_checkpoint(run, step, policy, optimizer, state, keep_last=cfg.keep_last)
+
+    # ---------------------------------------------------------------------------------------------
+    # The final model, in Hugging Face format with the tokenizer
+    # ---------------------------------------------------------------------------------------------
+    model_dir = _save_model(policy, tok_dir, run / "model", precision)
+    console.print(
+        f"[green]done:[/] {order.total_steps} steps in {time.perf_counter() - t_start:.1f} s "
+        f"(reference pass {ref_seconds:.1f} s); model in {model_dir}",
+        highlight=False,
+    )
+    return model_dir
+
+
+# -------------------------------------------------------------------------------------------------
+# Data order
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """Which examples each optimizer step uses: a fresh permutation per epoch, from (seed, epoch) alone.
+
+    The order is a pure function of the step number, so a resumed run needs no saved iterator. The
+    last step of an epoch takes the remaining examples (fewer when they do not divide evenly).
+    ``max_steps`` overrides ``epochs`` (continuing into further epochs when larger).
+    """
+
+    n: int
+    per_step: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def step_examples(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return perm[k * self.per_step : (k + 1) * self.per_step]
+
+    def examples_seen(self, step: int) -> int:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return epoch * self.n + min(k * self.per_step, self.n)
+
+
+# -------------------------------------------------------------------------------------------------
+# Forward: a micro-batch of examples -> the LogProbs a loss consumes
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """Tokens a step pushed through the policy (for tokens/s and the MFU estimate)."""
+
+    tokens: int = 0  # every position of every packed row
+    counted: int = 0  # response positions (the only ones projected onto the vocabulary)
+    attn: int = 0  # sum over sequences of length^2 (attention cost)
+
+    def add(self, batch: PackedBatch) -> None:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        self.tokens += batch.num_tokens
+        self.counted += batch.target_pos.numel()
+        self.attn += int((lengths * lengths).sum())
+
+
+def _ygen_mode(cfg: TrainConfig, spec: LossSpec) -> str:
+    """How y_gen's forward is organised: "none" (no y_gen term), "all" (every y_gen in the row),
+    "known" (skip decided before the forward: --vote ref, or alpha 0), "after" (policy vote: the
+    chosen/rejected row first, then a row with the y_gen that have a nonzero weight)."""
+    if not spec.needs_ygen:
+        return "none"
+    if not cfg.skip_ygen:
+        return "all"
+    if cfg.vote == "ref" or cfg.alpha == 0:
+        return "known"
+    gated = cfg.weight != "expectile" or cfg.zeta in (0.0, 1.0)  # f(r) = 0 on a whole half-line of r
+    return "after" if gated else "all"
+
+
+def _logps(model: torch.nn.Module, seqs: list, cfg: TrainConfig, device: torch.device, work: Work | None) -> SeqLogps:
+    batch = PackedBatch.from_sequences(seqs)
+    if work is not None:
+        work.add(batch)
+    return sequence_logps(model, batch.to(device, non_blocking=True), cfg.chunk_size, cfg.kernel, cfg.keep_probs_mb << 20)
+
+
+def forward_logps(
+    model: torch.nn.Module,
+    shards: Shards,
+    ids: np.ndarray,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    spec: LossSpec,
+    ref: RefLogps | None,
+    ygen_mode: str,
+    device: torch.device,
+    work: Work | None = None,
+) -> LogProbs:
+    """Policy (and cached reference) log-probabilities of examples ``ids``, as :class:`LogProbs`.
+
+    SFT: one sequence per example (prompt, response). Pairs: (prompt, chosen) and (prompt, rejected)
+    of every example in one packed row, plus (prompt, y_gen) of the examples whose y_gen term is not
+    known to vanish (see :func:`_ygen_mode`). Differentiable when grad is enabled.
+    """
+    examples = [shards[int(i)] for i in ids]
+    if shards.kind == "sft":
+        seqs = []
+        for ex in examples:
+            n_prompt = int((ex["labels"] == -100).sum())
+            seqs.append((ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:]))
+        out = _logps(model, seqs, cfg, device, work)
+        return LogProbs(policy_chosen=out.sums, n_chosen=out.counts)
+
+    b = len(examples)
+    seqs = [s for ex in examples for s in ((ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["rejected_ids"]))]
+    refs = ref.batch(ids, device) if ref is not None else {}
+    if ygen_mode == "all":
+        need = torch.ones(b, dtype=torch.bool)
+    elif ygen_mode == "known":  # --vote ref (r is a constant of the data) or alpha = 0
+        probe = LogProbs(policy_chosen=refs["ref_chosen"], policy_rejected=refs["ref_rejected"], **refs)
+        need = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
+    else:
+        need = torch.zeros(b, dtype=torch.bool)
+
+    def ygen_seqs(mask: torch.Tensor) -> list:
+        return [(ex["prompt_ids"], ex["ygen_ids"]) for ex, m in zip(examples, mask.tolist(), strict=True) if m]
+
+    out = _logps(model, seqs + ygen_seqs(need), cfg, device, work)
+    chosen, rejected = out.sums[0 : 2 * b : 2], out.sums[1 : 2 * b : 2]
+    ygen = out.select(range(2 * b, 2 * b + int(need.sum()))) if need.any() else None
+    if ygen_mode == "after":
+        # Policy vote: r is known now. Only examples with f(r) != 0 need y_gen's forward (the same
+        # test the loss applies, on the same fp32 values, so the two always agree).
+        probe = LogProbs(policy_chosen=chosen.detach(), policy_rejected=rejected.detach(), **refs)
+        need = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
+        ygen = _logps(model, ygen_seqs(need), cfg, device, work) if need.any() else None
+
+    fields: dict[str, torch.Tensor] = {}
+    if spec.needs_ygen:
+        if ygen is None:
+            fields["ygen_token_logps"] = chosen.new_zeros(0)
+            fields["ygen_index"] = torch.zeros(0, dtype=torch.long, device=chosen.device)
+        else:
+            owner = torch.nonzero(need)[:, 0].to(chosen.device)  # example of each y_gen sequence
+            fields["ygen_token_logps"] = ygen.token_logps
+            fields["ygen_index"] = owner[ygen.token_seq]
+    return LogProbs(
+        policy_chosen=chosen,
+        n_chosen=out.counts[0 : 2 * b : 2],
+        policy_rejected=rejected,
+        n_rejected=out.counts[1 : 2 * b : 2],
+        **refs,
+        **fields,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation and statistics
+# -------------------------------------------------------------------------------------------------
+
+
+def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, float]:
+    """Mean statistics of a step's (or an evaluation's) examples: loss parts, rewards, the vote r
+    (mean and spread), mean f(r), the fraction of examples penalized."""
+    names = {
+        "dpo_loss": "dpo_loss",
+        "penalty": "penalty",
+        "chosen_rewards": "rewards/chosen",
+        "rejected_rewards": "rewards/rejected",
+        "margins": "rewards/margins",
+        "accuracies": "rewards/accuracies",
+        "weight": "weight/mean",
+        "penalized": "penalized",
+    }
+    stats: dict[str, list[torch.Tensor]] = {}
+    for out in outputs:
+        for k, v in out.stats().items():
+            stats.setdefault(k, []).append(v.detach().float().cpu())
+    record: dict[str, float] = {}
+    for k, values in stats.items():
+        v = torch.cat(values)
+        if k == "r":
+            record[prefix + "r/mean"] = v.mean().item()
+            record[prefix + "r/std"] = v.std(correction=0).item()
+        elif k in names:
+            record[prefix + names[k]] = v.mean().item()
+    return record
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    shards: Shards,
+    n: int,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    spec: LossSpec,
+    ref: RefLogps | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean loss and statistics of the first ``n`` examples of ``shards`` (no gradients), as ``eval/*``."""
+    mode = _ygen_mode(cfg, spec) if spec.needs_ygen else "none"
+    outputs, losses, weights = [], [], []
+    for start in range(0, n, cfg.batch_size):
+        ids = np.arange(start, min(n, start + cfg.batch_size))
+        logps = forward_logps(model, shards, ids, cfg, loss_cfg, spec, ref, mode, device)
+        out = spec(loss_cfg, logps)
+        outputs.append(out)
+        if shards.kind == "sft":  # token-weighted, as in training
+            losses.append(-logps.policy_chosen.float().sum().item())
+            weights.append(float(logps.n_chosen.sum()))
+        else:
+            losses.append(out.loss.float().sum().item())
+            weights.append(len(ids))
+    return {"eval/loss": sum(losses) / sum(weights), **summarize(outputs, prefix="eval/")}
+
+
+def _eval_line(step: int, record: dict[str, Any]) -> str:
+    parts = [f"eval @ step {step}: loss {record['eval/loss']:.4f}"]
+    if "eval/rewards/accuracies" in record:
+        parts.append(f"reward accuracy {record['eval/rewards/accuracies']:.3f}")
+        parts.append(f"margin {record['eval/rewards/margins']:.4f}")
+    return ", ".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+# -------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW, RMSprop or SGD with torch's defaults; weight decay on matrices only (not biases, norms)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        fused = next(model.parameters()).is_cuda  # one kernel for all tensors on CUDA
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr)
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of update ``step`` (0-based): linear warm-up, then constant, linear or cosine decay.
+
+    Warm-up: lr * (step + 1) / warmup_steps for step < warmup_steps (the first update is not wasted
+    at lr 0). Decay: progress p = (step - warmup) / (total - warmup) in [0, 1); linear 1 - p, cosine
+    (1 + cos(pi p)) / 2.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - p)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the FLOPs estimate needs: 6 FLOPs per parameter per token (forward + backward) for the
+    body, the vocabulary projection on response positions only, and causal attention."""
+
+    body_params: int  # parameters used once per token, outside the embedding and the output projection
+    vocab_flops: int  # hidden * vocab
+    attn_dim: int  # layers * query heads * head dim
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelDims:
+        c = model.config
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        total = sum(p.numel() for p in model.parameters())  # tied tensors counted once
+        body = total - embed.numel() - (0 if head is embed else head.numel())
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(body, head.numel(), c.num_hidden_layers * c.num_attention_heads * head_dim)
+
+    def flops(self, work: Work) -> float:
+        # causal attention: QK^T and AV cost 2 * L^2 * d per head forward (half of the square), x3 with backward
+        return 6.0 * (self.body_params * work.tokens + self.vocab_flops * work.counted + self.attn_dim * work.attn)
+
+
+_PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "GH200": 989, "B200": 2250, "A100": 312, "A800": 312,
+                     "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def _peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense bf16 peak of known GPUs (None elsewhere: pass --peak-tflops for an MFU figure)."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# Checks, run folder, reference pass, saving
+# -------------------------------------------------------------------------------------------------
+
+
+def _check_shards(cfg: TrainConfig, spec: LossSpec, shards: Shards, option: str, ygen_required: bool = True) -> None:
+    want = "pairs" if spec.needs_rejected else "sft"
+    if shards.kind != want:
+        how = "dppo prep sft" if want == "sft" else "dppo prep prefs"
+        have = "SFT" if shards.kind == "sft" else "preference"
+        raise ConfigError(f"{option} {shards.path}: --method {cfg.method} trains on {want} shards (`{how}`), these are {have} shards")
+    if len(shards) == 0:
+        raise ConfigError(f"{option} {shards.path}: no examples")
+    if ygen_required and spec.needs_ygen and not shards.has_ygen:
+        conf = shards.meta.get("config", {})
+        data = conf.get("data", "SRC")
+        split = f" --split {conf['split']}" if conf.get("split") else ""
+        tok = shards.meta.get("tokenizer_source", "TOKENIZER")
+        model = cfg.ref or cfg.init
+        raise ConfigError(
+            f"--method {cfg.method} needs y_gen (the reference model's greedy responses) and {shards.path} has none: "
+            f"run `dppo generate --model {model} --data {data}{split} --out ygen.parquet`, then "
+            f"`dppo prep prefs --data {data}{split} --tokenizer {tok} --ygen ygen.parquet --out {shards.path} --overwrite`"
+        )
+
+
+def _find_tokenizer(cfg: TrainConfig, init_dir: Path, shards: Shards) -> Path:
+    """The tokenizer saved with the model: --tokenizer, else --init's, else the one prep used; it must
+    be the tokenizer the shards were made with (same fingerprint)."""
+    from dppo import _native
+
+    candidates = [Path(cfg.tokenizer)] if cfg.tokenizer else [init_dir, Path(str(shards.meta.get("tokenizer_source", "")))]
+    tok_dir = next((p for p in candidates if str(p) and (p / "tokenizer.json").is_file()), None)
+    if tok_dir is None:
+        where = cfg.tokenizer or f"{cfg.init} (nor {shards.meta.get('tokenizer_source')}, where the shards' tokenizer came from)"
+        raise ConfigError(f"no tokenizer.json in {where}: pass --tokenizer DIR, the folder `dppo prep` used")
+    want = shards.meta.get("tokenizer", {}).get("fingerprint")
+    have = _native.Tokenizer(str(tok_dir)).fingerprint
+    if want and have != want:
+        raise ConfigError(
+            f"the tokenizer in {tok_dir} (fingerprint {have}) is not the one {shards.path} was prepared with "
+            f"({want}): pass --tokenizer with the folder `dppo prep` used ({shards.meta.get('tokenizer_source')})"
+        )
+    return tok_dir
+
+
+def _fingerprints(init_dir: Path, ref_dir: Path | None, shards: Shards, eval_shards: Shards | None) -> dict[str, Any]:
+    init_fp = model_fingerprint(init_dir)
+    out: dict[str, Any] = {
+        "data": {"path": str(shards.path), "fingerprint": shards_fingerprint(shards), "examples": len(shards),
+                 "has_ygen": shards.has_ygen, "tokenizer_fingerprint": shards.meta.get("tokenizer", {}).get("fingerprint")},
+        "init": {"path": str(init_dir), "fingerprint": init_fp},
+        "ref": None,
+        "eval_data": None,
+    }
+    if ref_dir is not None:
+        same = ref_dir.resolve() == init_dir.resolve()
+        out["ref"] = {"path": str(ref_dir), "fingerprint": init_fp if same else model_fingerprint(ref_dir)}
+    if eval_shards is not None:
+        out["eval_data"] = {"path": str(eval_shards.path), "fingerprint": shards_fingerprint(eval_shards), "examples": len(eval_shards)}
+    return out
+
+
+def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
+    """Check the run folder; with --resume return the checkpoint to continue from (None: start over)."""
+    markers = [run / "config.json", run / "metrics.jsonl", run / "checkpoints", run / "model"]
+    if cfg.resume:
+        remove_stale(run)
+        saved_path = run / "config.json"
+        if saved_path.is_file():
+            try:
+                saved = json.loads(saved_path.read_text())["config"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{saved_path}: unreadable ({e}); cannot check that --resume continues the same run") from None
+            now = cfg.to_dict()
+            diff = [k for k in now if k not in RUNTIME_OPTIONS and saved.get(k) != now[k]]
+            if diff:
+                changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in diff)
+                raise ConfigError(f"--resume: the run in {run} was started with other options ({changes})")
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            console.print(f"[yellow]note:[/] no checkpoint in {run}; starting from step 0")
+        else:
+            read_state(ckpt)  # verify it now, before the reference pass: a damaged checkpoint fails fast
+        return ckpt
+    if any(p.exists() for p in markers):
+        if not cfg.overwrite:
+            raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        for p in markers:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _write_run_config(
+    cfg: TrainConfig, run: Path, fingerprints: dict[str, Any], tok_dir: Path, device: torch.device, precision: str,
+    order: DataOrder, n_examples: int, resuming: bool,
+) -> None:
+    import transformers
+
+    import dppo
+
+    path = run / "config.json"
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())
+        for key in ("data", "init", "ref"):
+            old = (saved.get(key) or {}).get("fingerprint")
+            new = (fingerprints.get(key) or {}).get("fingerprint")
+            if old != new:
+                raise ConfigError(f"--resume: {key} changed since the run started (fingerprint {old} -> {new})")
+    record = {
+        "config": cfg.to_dict(),
+        **fingerprints,
+        "tokenizer": {"path": str(tok_dir), "fingerprint": fingerprints["data"]["tokenizer_fingerprint"]},
+        "examples_used": n_examples,
+        "steps": order.total_steps,
+        "steps_per_epoch": order.steps_per_epoch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "precision": precision,
+        "versions": {"dppo": getattr(dppo, "__version__", None), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+    tmp = run / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps <= ``step`` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.exists():
+        path.touch()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut by a kill: everything after it is gone too
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _reference_pass(
+    shards: Shards, ids: np.ndarray, *, need_ygen: bool, what: str, cfg: TrainConfig, ref_dir: Path,
+    load: Callable[[], torch.nn.Module], precision: str, autocast: Callable[[], Any], run: Path, console: Console,
+) -> RefLogps:
+    progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal, rate=False)
+    with progress:
+        task = progress.add_task(f"reference log-probs ({what})", total=None, loss="", speed="")
+        result = reference_logps(
+            ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=precision, autocast=autocast,
+            chunk_size=cfg.chunk_size, kernel=cfg.kernel, batch_tokens=cfg.ref_batch_tokens,
+            fallback_dir=run / "refcache", on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    status = "reused" if result.hit else "computed"
+    console.print(f"reference log-probs ({what}, {len(ids)} pairs) {status}: {result.cache_dir}", highlight=False)
+    return result
+
+
+def _save_model(model: torch.nn.Module, tok_dir: Path, out: Path, precision: str) -> Path:
+    """``out`` in Hugging Face format (safetensors, bf16 when trained in bf16) plus the tokenizer files,
+    written beside and renamed into place."""
+    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(work, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, work / name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(work, out)
+    return out
+
+
+def _progress_bar(console: Console, enabled: bool, rate: bool = True) -> Progress:
+    columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if rate:
+        columns += [TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}")]
+    columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=not enabled, transient=not rate)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars (loading, saving weights) would break the trainer's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

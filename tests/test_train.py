@@ -1,0 +1,416 @@
+"""The trainer end to end on tiny models (CPU, fp32, no network).
+
+The central check is :func:`test_sgd_step_equals_hand_computed_step`: one optimizer step of every
+method with ``--optimizer sgd`` moves each parameter by exactly ``-lr * d loss / d theta``, where the
+loss is written out here in plain PyTorch from ``docs/method.md`` (each sequence run alone through an
+eager-attention copy of the model, full log-softmax, no packing, no chunking, no cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dppo.checkpoint import CheckpointError, list_checkpoints
+from dppo.config import TrainConfig, load_config
+from dppo.data import open_shards
+from dppo.errors import ConfigError
+from dppo.modeling import PackedBatch, load_model, sequence_logps
+from dppo.train import DataOrder, lr_at
+
+from train_fixtures import *  # noqa: F403
+from train_fixtures import FAST, read_metrics, run_train
+
+TIME_FIELDS = {"tokens_per_s", "examples_per_s", "step_s", "step_cpu_s", "elapsed_s", "mfu"}
+
+
+def load_plain(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def plain_token_logps(model: torch.nn.Module, prompt: np.ndarray, response: np.ndarray) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response token: the sequence alone, full log-softmax."""
+    ids = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))[None]
+    logits = model(ids).logits[0].float()
+    logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logps[len(prompt) - 1 :]
+
+
+def hand_loss(cfg: TrainConfig, shards, ids, policy, ref) -> torch.Tensor:
+    """The step's loss straight from docs/method.md (default options: gradient through f(r))."""
+    if cfg.method == "sft":
+        total, count = 0.0, 0
+        for i in ids:
+            ex = shards[int(i)]
+            n_prompt = int((ex["labels"] == -100).sum())
+            lp = plain_token_logps(policy, ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:])
+            total, count = total + lp.sum(), count + lp.numel()
+        return -total / count  # mean over all assistant tokens of the step
+    losses = []
+    for i in ids:
+        ex = shards[int(i)]
+        p = ex["prompt_ids"]
+        c, r = plain_token_logps(policy, p, ex["chosen_ids"]), plain_token_logps(policy, p, ex["rejected_ids"])
+        if cfg.method == "simpo":
+            losses.append(-F.logsigmoid(cfg.beta * (c.mean() - r.mean()) - cfg.gamma))
+            continue
+        with torch.no_grad():
+            rc, rr = plain_token_logps(ref, p, ex["chosen_ids"]).sum(), plain_token_logps(ref, p, ex["rejected_ids"]).sum()
+        margin = (c.sum() - rc) - (r.sum() - rr)
+        dpo = -F.logsigmoid(cfg.beta * margin)
+        if cfg.method == "dpo":
+            losses.append(dpo)
+            continue
+        vote = c.sum() - r.sum()
+        rn = vote.clamp(-cfg.vote_clip, cfg.vote_clip) / cfg.vote_clip
+        neg = (rn < 0).float()
+        f = (neg - cfg.zeta) * rn**2 if cfg.weight == "expectile" else neg * rn**2
+        g = plain_token_logps(policy, p, ex["ygen_ids"])
+        if cfg.method == "minll":
+            losses.append(dpo + cfg.alpha * f * g.mean())
+        elif cfg.method == "unll":
+            prob = g.exp().clamp(max=1 - 1e-5)
+            losses.append(dpo + cfg.alpha * f * (-torch.log1p(-prob)).mean())
+        else:  # conll
+            with torch.no_grad():
+                rg = plain_token_logps(ref, p, ex["ygen_ids"]).sum()
+            losses.append(-F.logsigmoid(cfg.beta * margin - cfg.alpha * cfg.beta * f * (g.sum() - rg)))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "simpo", "minll", "unll", "conll"])
+def test_sgd_step_equals_hand_computed_step(tmp_path, method, init_dir, ref_dir, pair_shards, sft_shards):
+    data = sft_shards if method == "sft" else pair_shards
+    extra = {} if method in ("sft", "simpo") else {"ref": str(ref_dir), "beta": 0.1}
+    if method in ("unll", "conll"):
+        extra.update(alpha=0.5, vote_clip=20.0)  # large enough weights f(r) to matter
+    lr = 1.0
+    run = run_train(tmp_path / "run", method=method, data=str(data), init=str(init_dir), optimizer="sgd", lr=lr,
+                    max_samples=4, max_steps=1, **extra)
+    cfg = load_config(None, method=method, data=str(data), init=str(init_dir), out="x", **{**FAST, **extra})
+
+    policy, ref = load_plain(init_dir), load_plain(ref_dir)
+    shards = open_shards(data)
+    hand_loss(cfg, shards, range(4), policy, ref).backward()
+    got = load_file(run / "model" / "model.safetensors")
+    checked = 0
+    for name, param in policy.named_parameters():
+        if name not in got:  # a tied output projection is stored once
+            continue
+        torch.testing.assert_close(got[name] - param.detach(), -lr * param.grad, rtol=1e-4, atol=2e-7, msg=name)
+        checked += 1
+    assert checked == len(got)
+    first = read_metrics(run)[0]
+    hand = hand_loss(cfg, shards, range(4), policy, ref).item()
+    assert first["loss"] == pytest.approx(hand, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("vote", ["policy", "ref"])
+def test_skipping_ygen_changes_nothing(tmp_path, vote, init_dir, ref_dir, pair_shards):
+    """y_gen's forward is skipped where f(r) = 0 (r >= 0 for the quadratic weight): same parameters."""
+    common = dict(method="unll", data=str(pair_shards), init=str(init_dir), ref=str(ref_dir), vote=vote, alpha=1.0,
+                  vote_clip=20.0, optimizer="sgd", lr=0.5, max_samples=16, max_steps=3)
+    a = run_train(tmp_path / "skip", **common)
+    b = run_train(tmp_path / "noskip", skip_ygen=False, **common)
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-7)
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert all(0 < m["penalized"] < 1 for m in ma)  # some examples skipped, some not
+    assert sum(m["tokens"] for m in ma) < sum(m["tokens"] for m in mb)  # and skipping saved work
+    for x, y in zip(ma, mb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["penalized"] == y["penalized"]
+
+
+def test_sft_lowers_the_loss(tmp_path, init_dir, sft_shards):
+    run = run_train(tmp_path / "run", method="sft", data=str(sft_shards), init=str(init_dir), lr=3e-3, batch_size=4,
+                    grad_accum=1, max_samples=64, epochs=2, eval_data=str(sft_shards), eval_samples=16, eval_every=8)
+    m = read_metrics(run)
+    assert len(m) == 32
+    assert np.mean([x["loss"] for x in m[-4:]]) < 0.8 * np.mean([x["loss"] for x in m[:4]])
+    evals = [x["eval/loss"] for x in m if "eval/loss" in x]
+    assert len(evals) == 4 and evals[-1] < evals[0]
+
+
+def test_dpo_raises_reward_accuracy_on_a_separable_set(tmp_path, init_dir, separable_shards):
+    run = run_train(tmp_path / "run", method="dpo", data=str(separable_shards), init=str(init_dir), beta=0.1,
+                    lr=2e-3, batch_size=4, grad_accum=2, epochs=3, eval_data=str(separable_shards), eval_every=4)
+    m = read_metrics(run)
+    assert m[0]["rewards/accuracies"] == 0.0  # policy == reference: all rewards are zero at the first step
+    evals = [x for x in m if "eval/rewards/accuracies" in x]
+    assert evals[-1]["eval/rewards/accuracies"] >= 0.95
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
+    assert m[-1]["loss"] < m[0]["loss"]
+
+
+# -- resume, checkpoints ---------------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+import safetensors.torch
+save_model = safetensors.torch.save_model
+calls = []
+def save_then_die(*args, **kwargs):  # the checkpoint's first file is written, then SIGKILL
+    save_model(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == int(os.environ["KILL_AT_SAVE"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_model = save_then_die
+from dppo.cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def _cli(args: list[str], kill_at_save: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_SAVE": str(kill_at_save)}
+    code = KILLER if kill_at_save else "import sys; from dppo.cli.main import app; app(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, init_dir, pair_shards):
+    args = ["train", "--method", "unll", "--data", str(pair_shards), "--init", str(init_dir), "--alpha", "1",
+            "--vote-clip", "20", "--lr", "1e-3", "--warmup-steps", "3", "--batch-size", "2", "--grad-accum", "2",
+            "--max-samples", "24", "--max-steps", "7", "--save-every", "2", "--keep-last", "2", "--no-progress"]
+    whole = _cli([*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    # Killed while writing its second checkpoint (step 4): step_2 is the last complete one.
+    killed = _cli([*args, "--out", str(tmp_path / "cut")], kill_at_save=2)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2]
+    assert any(p.name.startswith(".step_4.partial-") for p in ckpts.iterdir())
+    assert len(read_metrics(tmp_path / "cut")) == 4
+    resumed = _cli([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "cut"))
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [4, 6]
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # the dead run's leftovers are gone
+
+
+def test_corrupt_checkpoint_fails_with_a_clear_error(tmp_path, init_dir, pair_shards):
+    opts = dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=8, max_steps=2, save_every=1)
+    run = run_train(tmp_path / "run", **opts)
+    weights = run / "checkpoints" / "step_2" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"step_2 is damaged: model.safetensors fails its checksum"):
+        run_train(run, resume=True, **opts)
+    (run / "checkpoints" / "step_2" / "state.json").write_text('{"format": "dppo-chec')
+    result = CliRunner().invoke(_app(), ["train", "--method", "dpo", "--data", str(pair_shards), "--init", str(init_dir),
+                                         "--out", str(run), "--resume", "--max-samples", "8", "--max-steps", "2",
+                                         "--save-every", "1", *_fast_flags()])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "step_2 is damaged: state.json is unreadable" in lines[0]
+
+
+def test_resume_refuses_other_options_and_existing_runs(tmp_path, init_dir, pair_shards):
+    opts = dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4, max_steps=1)
+    run = run_train(tmp_path / "run", **opts)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_train(run, **opts)
+    with pytest.raises(ConfigError, match=r"--beta 0.01 -> 0.2"):
+        run_train(run, resume=True, **{**opts, "beta": 0.2})
+    run_train(run, overwrite=True, **opts)  # replaces it
+
+
+# -- reference cache -------------------------------------------------------------------------------
+
+
+def test_reference_cache_reused_and_invalidated(tmp_path, init_dir, pair_shards):
+    import shutil
+
+    from dppo.refcache import reference_logps
+
+    shards_dir = tmp_path / "shards"
+    shutil.copytree(pair_shards, shards_dir, ignore=shutil.ignore_patterns("refcache"))
+    shards = open_shards(shards_dir)
+    ref = tmp_path / "ref"
+    shutil.copytree(init_dir, ref)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_model(ref, dtype="fp32", device="cpu")
+
+    kw = dict(load=load, need_ygen=True, precision="fp32")
+    first = reference_logps(ref, shards, np.arange(6), **kw)
+    assert not first.hit and len(loads) == 1
+    assert np.isnan(first.chosen[6:]).all() and not np.isnan(first.ygen[:6]).any()
+    # the values are the reference's log-probs
+    model = load_model(ref, dtype="fp32", device="cpu")
+    ex = shards[3]
+    want = sequence_logps(model, PackedBatch.from_sequences([(ex["prompt_ids"], ex["rejected_ids"])])).sums[0]
+    assert first.rejected[3] == pytest.approx(want.item(), abs=1e-4)
+
+    again = reference_logps(ref, shards, np.arange(6), **kw)
+    assert again.hit and len(loads) == 1  # reused: the model was not even loaded
+    np.testing.assert_array_equal(again.chosen, first.chosen)
+    more = reference_logps(ref, shards, np.arange(10), **kw)  # only the 4 new examples are computed
+    assert not more.hit and len(loads) == 2
+    np.testing.assert_array_equal(more.chosen[:6], first.chosen[:6])
+
+    # another reference (changed weights): another fingerprint, computed afresh
+    changed = load_model(ref, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        changed.model.norm.weight.mul_(1.5)
+    changed.save_pretrained(ref)
+    other = reference_logps(ref, shards, np.arange(6), **kw)
+    assert not other.hit and len(loads) == 3 and other.cache_dir != first.cache_dir
+    assert not np.allclose(other.chosen[:6], first.chosen[:6])
+    assert len(list((shards_dir / "refcache").iterdir())) == 2
+
+
+def test_trainer_reuses_the_reference_cache(tmp_path, init_dir, pair_shards):
+    opts = dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4, max_steps=1)
+    out = CliRunner().invoke(_app(), _flags(opts, out=tmp_path / "a"))
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(_app(), _flags(opts, out=tmp_path / "b"))
+    assert out.exit_code == 0 and "reference log-probs (train, 4 pairs) reused" in out.output
+
+
+# -- command line, configuration, outputs ------------------------------------------------------------
+
+
+def _app():
+    from dppo.cli.main import app
+
+    return app
+
+
+def _fast_flags() -> list[str]:
+    return ["--batch-size", "2", "--grad-accum", "2", "--warmup-steps", "0", "--max-grad-norm", "0", "--no-progress",
+            "--save-every", "0"]
+
+
+def _flags(opts: dict, out: Path) -> list[str]:
+    args = ["train", "--out", str(out), *_fast_flags()]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.mark.parametrize("method", ["minll", "unll", "conll"])
+def test_ygen_methods_refuse_shards_without_ygen(tmp_path, method, init_dir, pair_shards_noygen):
+    result = CliRunner().invoke(_app(), _flags(dict(method=method, data=pair_shards_noygen, init=init_dir), tmp_path / "r"))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert f"--method {method} needs y_gen" in lines[0]
+    assert "dppo generate --model" in lines[0] and "dppo prep prefs" in lines[0] and "--ygen ygen.parquet" in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_toml_config_and_command_line_override(tmp_path, init_dir, pair_shards):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'method = "unll"\ndata = "{pair_shards}"\ninit = "{init_dir}"\nbeta = 0.2\nlr = 1e-4\n'
+        'grad-accum = 1\nbatch_size = 2\nmax_samples = 4\nmax_steps = 2\nweight = "linear"\n'
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(_app(), ["train", "--config", str(toml), "--out", str(out), "--beta", "0.3",
+                                         "--no-progress", "--warmup-steps", "0"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    cfg = saved["config"]
+    assert cfg["beta"] == 0.3 and cfg["lr"] == 1e-4 and cfg["grad_accum"] == 1 and cfg["weight"] == "linear"
+    assert cfg["alpha"] == 0.1 and cfg["vote_clip"] == 2000.0  # unll's defaults fill the rest
+    assert cfg["ref"] == str(init_dir)  # --ref defaults to --init
+    assert saved["data"]["fingerprint"] and saved["init"]["fingerprint"] == saved["ref"]["fingerprint"]
+    assert len(read_metrics(out)) == 2
+
+    toml.write_text('method = "dpo"\nlearning_rate = 1e-4\n')
+    result = CliRunner().invoke(_app(), ["train", "--config", str(toml), "--out", str(out)])
+    assert result.exit_code == 1 and "unknown option `learning_rate`" in result.output
+
+
+def test_method_defaults_follow_method_md():
+    base = dict(data="d", init="i", out="o")
+    dpo, minll, unll, conll, simpo = (TrainConfig(method=m, **base) for m in ("dpo", "minll", "unll", "conll", "simpo"))
+    assert dpo.beta == unll.beta == 0.01 and dpo.lr == 1e-6 and dpo.warmup_steps == 150
+    assert (dpo.batch_size, dpo.grad_accum, dpo.optimizer) == (4, 8, "adamw")
+    assert (minll.alpha, minll.weight, minll.zeta) == (10.0, "expectile", 0.5)
+    assert (unll.alpha, unll.weight, unll.vote_clip) == (0.1, "quadratic", 2000.0)
+    assert (conll.alpha, conll.vote_clip) == (0.1, 700.0)
+    assert (simpo.beta, simpo.gamma, simpo.ref) == (2.5, 1.0, None)
+    assert dpo.ref == "i" and TrainConfig(method="dpo", ref="r", **base).ref == "r"
+    with pytest.raises(ConfigError, match="--optimizer must be one of adamw|rmsprop|sgd"):
+        TrainConfig(method="dpo", optimizer="adam", **base)
+    with pytest.raises(ConfigError, match="missing --data"):
+        TrainConfig(method="dpo", init="i", out="o")
+
+
+def test_metrics_and_saved_model(tmp_path, init_dir, ref_dir, pair_shards, pair_shards_noygen):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = run_train(tmp_path / "run", method="unll", data=str(pair_shards), init=str(init_dir), ref=str(ref_dir),
+                    alpha=1.0, vote_clip=20.0, lr=1e-3, max_samples=12, max_steps=3, save_every=3,
+                    eval_data=str(pair_shards_noygen), eval_samples=6, peak_tflops=1.0)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    fields = {"step", "epoch", "loss", "dpo_loss", "penalty", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracies", "r/mean", "r/std", "weight/mean", "penalized", "lr", "grad_norm", "tokens",
+              "tokens_per_s", "examples_per_s", "mfu", "step_s", "step_cpu_s"}
+    assert fields <= rows[0].keys()
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows)
+    # the eval set has no y_gen: DPO loss and rewards only, after the last step
+    assert "eval/rewards/accuracies" in rows[-1] and "eval/penalty" not in rows[-1] and "eval/loss" not in rows[0]
+
+    # RUN/model loads with plain transformers and gives the trained policy's log-probs
+    model_dir = run / "model"
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    packed = load_model(model_dir, dtype="fp32", device="cpu")
+    ckpt = load_model(init_dir, dtype="fp32", device="cpu")
+    from safetensors.torch import load_model as load_weights
+
+    load_weights(ckpt, str(run / "checkpoints" / "step_3" / "model.safetensors"))
+    ex = open_shards(pair_shards)[5]
+    seqs = [(ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["ygen_ids"])]
+    with torch.no_grad():
+        want = sequence_logps(ckpt, PackedBatch.from_sequences(seqs)).token_logps
+        got = sequence_logps(packed, PackedBatch.from_sequences(seqs)).token_logps
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        plain_lp = torch.cat([plain_token_logps(plain, p, r) for p, r in seqs])
+    torch.testing.assert_close(plain_lp, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path, init_dir, pair_shards):
+    run = run_train(tmp_path / "run", method="conll", data=str(pair_shards), init=str(init_dir), dtype="bf16",
+                    lr=1e-3, max_samples=4, max_steps=1)
+    assert np.isfinite(read_metrics(run)[0]["loss"])
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    assert next(iter(load_file(run / "model" / "model.safetensors").values())).dtype == torch.bfloat16
+
+
+def test_schedule_and_data_order():
+    cfg = TrainConfig(method="dpo", data="d", init="i", out="o", lr=1.0, warmup_steps=4, lr_schedule="linear")
+    assert [lr_at(cfg, s, 12) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875]
+    order = DataOrder(n=10, per_step=4, epochs=2, max_steps=None, seed=3)
+    assert order.total_steps == 6
+    epoch0 = np.concatenate([order.step_examples(s) for s in range(3)])
+    epoch1 = np.concatenate([order.step_examples(s) for s in range(3, 6)])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(10)) and not np.array_equal(epoch0, epoch1)
+    assert np.array_equal(order.step_examples(4), DataOrder(10, 4, 2, None, 3).step_examples(4))
