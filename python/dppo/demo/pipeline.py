@@ -1,0 +1,366 @@
+"""``dppo demo``: every stage of the pipeline on the built-in task world, and the paper's comparisons
+in miniature.
+
+make the world -> ``prep sft`` -> ``train --method sft`` -> ``generate`` y_gen with the SFT model ->
+``prep prefs --ygen`` -> ``train`` dpo, simpo, minll, unll, conll and unll followed by DPO
+post-tuning (plus an alpha sweep and a data-efficiency sweep) -> ``eval`` every model against the
+SFT model with the programmatic judge; repeated over seeds, then one table and the figures.
+
+It calls the same library functions as the CLI commands. The settings below were fixed before any
+method was run on the world, and every preference method gets the same budget: the same learning
+rate, batch, steps and data, with the paper's default beta / alpha / weight for each method (no
+per-method tuning). They are written into ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+__all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "PAPER"]
+
+# Win rates against the SFT model reported by the paper (Fig. 3A), for the side-by-side table.
+PAPER = {"dpo": 0.759, "minll": 0.893, "unll": 0.898, "conll": 0.890, "unll+dpo": 0.977}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that defines a demo run (recorded in the results)."""
+
+    # the world
+    n_sft: int = 2000
+    n_pairs: int = 1000
+    n_test: int = 150
+    world_seed: int = 0
+    vocab_size: int = 1024
+    # the model: a Qwen2-architecture transformer trained from random weights by the SFT stage
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    # SFT
+    sft_epochs: int = 4
+    sft_lr: float = 3e-3
+    sft_batch: int = 16
+    sft_warmup: int = 20
+    # every preference method: same optimizer, learning rate, batch and number of steps
+    pref_epochs: int = 1
+    pref_lr: float = 2e-4
+    pref_batch: int = 16
+    pref_warmup: int = 10
+    # the vote clip C, rescaled from the paper's (2000 for minll/unll, 700 for conll with responses
+    # of ~250 tokens) by the ratio of response lengths (~10 tokens here): C * 10 / 250
+    vote_clip: float = 80.0
+    conll_vote_clip: float = 28.0
+    # generation
+    max_new_tokens: int = 48
+    gen_batch: int = 64
+    # the sweeps (Fig. 2A: alpha of unll; Fig. 2C: training pairs of dpo and unll)
+    alphas: tuple[float, ...] = (0.01, 0.1, 1.0)
+    sample_sizes: tuple[int, ...] = (250,)
+    seeds: int = 3
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(
+    n_sft=320, n_pairs=160, n_test=32, sft_epochs=2, alphas=(0.01, 0.1), sample_sizes=(48,), seeds=1,
+    max_new_tokens=24,
+)
+
+METHODS = ("dpo", "simpo", "minll", "unll", "conll")
+
+
+@dataclass
+class _Plan:
+    """The ordered stages of one run, for the single progress display."""
+
+    stages: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+
+    def add(self, name: str, fn: Callable[[], Any]) -> None:
+        self.stages.append((name, fn))
+
+
+def _done(path: Path) -> bool:
+    return path.exists()
+
+
+def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = None, quick: bool = False,
+             seeds: int | None = None, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Run the whole demo into ``out`` and return the results (also in ``out/results.json``).
+
+    Stages whose output already exists are reused, so an interrupted demo continues where it stopped.
+    """
+    from dppo.config import TrainConfig
+    from dppo.demo.judge import judge as demo_judge
+    from dppo.demo.world import write_world
+    from dppo.evaluate import EvalConfig, evaluate
+    from dppo.generate import GenConfig, generate
+    from dppo.judges import register_judge
+    from dppo.prep import PrepConfig, prepare
+    from dppo.testing import tiny_qwen2
+    from dppo.train import train
+
+    s = settings or (QUICK if quick else FULL)
+    if seeds is not None:
+        s = replace(s, seeds=seeds)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = console or Console(stderr=True)
+    register_judge("demo", demo_judge, overwrite=True)
+    t0 = time.perf_counter()
+
+    world_dir = out / "world"
+    paths = {"sft": world_dir / "sft.parquet", "prefs_train": world_dir / "prefs_train.parquet",
+             "prefs_test": world_dir / "prefs_test.parquet", "tokenizer": world_dir / "tokenizer"}
+    plan = _Plan()
+    plan.add("make the world", lambda: _done(world_dir / "world.json") or write_world(
+        world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, seed=s.world_seed, vocab_size=s.vocab_size))
+    sft_shards = out / "shards" / "sft"
+    plan.add("prep sft", lambda: _done(sft_shards / "meta.json") or prepare(
+        PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), show_progress=False))
+
+    def common(**kw: Any) -> dict[str, Any]:
+        return {"progress": False, "save_every": 0, "dtype": "fp32", **kw}
+
+    # One SFT model, one y_gen and one set of pair shards; the seeds vary the preference stage (its
+    # data order and every random number), as the paper compares methods from one SFT model.
+    base = out / "base"
+    init = base / "init"
+
+    def make_init() -> None:
+        if _done(init / "config.json"):
+            return
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(str(paths["tokenizer"])))
+        model = tiny_qwen2(vocab, hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
+                           intermediate=s.intermediate, seed=1000)
+        model.save_pretrained(init)
+        for f in paths["tokenizer"].iterdir():
+            shutil.copy(f, init / f.name)
+
+    plan.add("random init", make_init)
+
+    def train_run(run: Path, method: str, data: Path, init_dir: Path, seed: int, **kw: Any) -> Callable[[], Any]:
+        def go() -> Any:
+            if _done(run / "model" / "config.json"):
+                return None
+            cfg = TrainConfig(method=method, data=str(data), init=str(init_dir), out=str(run), seed=seed,
+                              overwrite=True, **common(**kw))
+            return train(cfg, console=console)
+        return go
+
+    sft_kw = dict(lr=s.sft_lr, epochs=s.sft_epochs, batch_size=s.sft_batch, grad_accum=1,
+                  warmup_steps=s.sft_warmup, lr_schedule="linear")
+    sft_run = base / "sft"
+    plan.add("train sft", train_run(sft_run, "sft", sft_shards, init, 0, **sft_kw))
+    sft_model = sft_run / "model"
+    ygen = base / "ygen.parquet"
+    plan.add("generate y_gen", lambda: _done(ygen) or generate(
+        GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, max_new_tokens=s.max_new_tokens,
+                  batch_size=s.gen_batch, seed=0), show_progress=False))
+    prefs = out / "shards" / "prefs"
+    plan.add("prep prefs --ygen", lambda: _done(prefs / "meta.json") or prepare(
+        PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), show_progress=False))
+
+    pref_kw = dict(lr=s.pref_lr, epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1,
+                   warmup_steps=s.pref_warmup)
+    clip = {"minll": s.vote_clip, "unll": s.vote_clip, "conll": s.conll_vote_clip}
+    for seed in range(s.seeds):
+        sd = out / f"seed{seed}"
+        runs = sd / "runs"
+        for m in METHODS:
+            extra = {"vote_clip": clip[m]} if m in clip else {}
+            plan.add(f"seed {seed}: train {m}", train_run(runs / m, m, prefs, sft_model, seed, **pref_kw, **extra))
+        unll_model = runs / "unll" / "model"
+        plan.add(f"seed {seed}: train unll+dpo", train_run(runs / "unll+dpo", "dpo", prefs, unll_model, seed,
+                                                           ref=str(unll_model), **pref_kw))
+        for a in s.alphas:
+            if a != 0.1:  # 0.1 is the unll run above
+                plan.add(f"seed {seed}: train unll alpha={a:g}", train_run(
+                    runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed, alpha=a, vote_clip=s.vote_clip, **pref_kw))
+        for n in s.sample_sizes:
+            for m in ("dpo", "unll"):
+                extra = {"vote_clip": s.vote_clip} if m == "unll" else {}
+                plan.add(f"seed {seed}: train {m} on {n} pairs", train_run(
+                    runs / f"{m}-n{n}", m, prefs, sft_model, seed, max_samples=n, **pref_kw, **extra))
+
+        def run_eval(sd: Path = sd, runs: Path = runs) -> Any:
+            if _done(sd / "eval" / "results.json"):
+                return None
+            models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
+            return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
+                                       data=str(paths["prefs_test"]), out=sd / "eval", split=None, limit=None,
+                                       max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch,
+                                       cache_dir=out / "cache"), show_progress=False)
+
+        plan.add(f"seed {seed}: eval vs sft", run_eval)
+
+    columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not show_progress) as bar:
+        task = bar.add_task("", total=len(plan.stages))
+        for name, fn in plan.stages:
+            bar.update(task, description=name)
+            fn()
+            bar.advance(task)
+    results = _aggregate(out, s, time.perf_counter() - t0)
+    if show_progress:
+        console.print(_table(results))
+    return results
+
+
+# -- results ------------------------------------------------------------------------------------------
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    mean = statistics.fmean(vals)
+    se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+    return mean, se
+
+
+def _pairs_per_s(run: Path) -> float | None:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = rows[1:] or rows  # the first step pays for warm-up
+    rates = [r["examples_per_s"] for r in rows if r.get("examples_per_s")]
+    return statistics.fmean(rates) if rates else None
+
+
+def _aggregate(out: Path, s: DemoSettings, seconds: float) -> dict[str, Any]:
+    per_model: dict[str, dict[str, list[float]]] = {}
+    diffs: dict[str, list[float]] = {}
+    for seed in range(s.seeds):
+        res = json.loads((out / f"seed{seed}" / "eval" / "results.json").read_text())
+        for row in res["models"]:
+            d = per_model.setdefault(row["model"], {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": []})
+            d["win_rate"].append(row["win_rate"])
+            d["strict_win_rate"].append(row["strict_win_rate"])
+            d["mean_reward"].append(row["mean_reward"])
+            run_dir = out / f"seed{seed}" / "runs" / row["model"]
+            rate = _pairs_per_s(run_dir if run_dir.exists() else out / "base" / row["model"])
+            if rate is not None:
+                d["pairs_per_s"].append(rate)
+        scores = out / f"seed{seed}" / "eval" / "scores.jsonl"
+        if scores.exists():
+            for line in scores.read_text().splitlines():
+                r = json.loads(line)
+                if "diff" in r and r.get("diff") is not None:
+                    diffs.setdefault(r["model"], []).append(r["diff"])
+        base = res["baseline"]["mean_reward"]
+        per_model.setdefault("sft (baseline)", {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": []})
+        per_model["sft (baseline)"]["mean_reward"].append(base)
+    table = []
+    for name, d in per_model.items():
+        wr, wr_se = _mean_se(d["win_rate"])
+        st, st_se = _mean_se(d["strict_win_rate"])
+        mr, _ = _mean_se(d["mean_reward"])
+        pps, _ = _mean_se(d["pairs_per_s"])
+        table.append({"method": name, "win_rate": wr, "se": wr_se, "strict_win_rate": st, "strict_se": st_se,
+                      "mean_judge_score": mr, "train_pairs_per_s": pps, "paper_win_rate": PAPER.get(name),
+                      "per_seed_win_rates": d["win_rate"]})
+    results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table,
+               "paper": PAPER}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(_markdown(results))
+    _figures(out, results, diffs, s)
+    return results
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = ["# dppo demo results", "",
+             f"{r['seeds']} seed(s); win rate against the SFT model on the held-out prompts, judged by the "
+             "programmatic judge (mean over seeds; +- standard error over seeds).", "",
+             "| method | win rate | +- | strict | mean judge score | train pairs/s | paper |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in r["table"]:
+        lines.append(f"| {row['method']} | {_fmt(row['win_rate'])} | {_fmt(row['se'])} | {_fmt(row['strict_win_rate'])} | "
+                     f"{_fmt(row['mean_judge_score'], 2)} | {_fmt(row['train_pairs_per_s'], 1)} | {_fmt(row['paper_win_rate'])} |")
+    lines += ["", "## Settings", "", "```json", json.dumps(r["settings"], indent=2), "```", "",
+              f"Total time: {r['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _table(r: dict[str, Any]) -> Table:
+    t = Table(title="dppo demo: win rate vs the SFT model", title_justify="left")
+    for col in ("method", "win rate", "+-", "strict", "judge score", "pairs/s", "paper"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for row in r["table"]:
+        t.add_row(row["method"], _fmt(row["win_rate"]), _fmt(row["se"]), _fmt(row["strict_win_rate"]),
+                  _fmt(row["mean_judge_score"], 2), _fmt(row["train_pairs_per_s"], 1), _fmt(row["paper_win_rate"]))
+    return t
+
+
+def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: DemoSettings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dppo.plots import plot_reward_differences
+
+    rows = {row["method"]: row for row in r["table"]}
+
+    def series(names: list[str]) -> tuple[list[float], list[float]]:
+        ys = [rows[n]["win_rate"] if n in rows and rows[n]["win_rate"] is not None else float("nan") for n in names]
+        es = [rows[n]["se"] or 0.0 if n in rows else 0.0 for n in names]
+        return ys, es
+
+    # Fig. 2A: win rate vs alpha (unll)
+    names = ["unll" if a == 0.1 else f"unll-alpha{a:g}" for a in s.alphas]
+    ys, es = series(names)
+    fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
+    ax.errorbar(list(s.alphas), ys, yerr=es, marker="o", capsize=3, label="unll")
+    dpo, dpo_se = series(["dpo"])
+    ax.axhline(dpo[0], color="gray", ls="--", label="dpo")
+    ax.set_xscale("log")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("win rate vs SFT")
+    ax.set_title("Win rate vs penalty strength")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig_alpha.png")
+    plt.close(fig)
+
+    # Fig. 2C: win rate vs number of training pairs (dpo, unll)
+    n_full = _n_pairs(out)
+    fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
+    for m in ("dpo", "unll"):
+        sizes = [n for n in s.sample_sizes if n < n_full] + [n_full]
+        ys, es = series([f"{m}-n{n}" for n in s.sample_sizes if n < n_full] + [m])
+        ax.errorbar(sizes, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("training pairs")
+    ax.set_ylabel("win rate vs SFT")
+    ax.set_title("Data efficiency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig_data_efficiency.png")
+    plt.close(fig)
+
+    # Fig. 3B: distribution of reward differences (main methods, pooled over seeds)
+    main = {m: diffs[m] for m in (*METHODS, "unll+dpo") if m in diffs}
+    plot_reward_differences(main, out / "fig_reward_diff.png", baseline="sft")
+
+
+def _n_pairs(out: Path) -> int:
+    meta = json.loads((out / "shards" / "prefs" / "meta.json").read_text())
+    return int(meta["counts"]["rows_kept"])
