@@ -11,6 +11,7 @@ Variants, each in its own subprocess (the first ``--warmup`` steps are not timed
   ours_dpo           dppo DPO; its reference pass (cold cache) is timed and counted per pair
   ours_unll          dppo unll (y_gen, quadratic weight, policy vote: y_gen skipped where f(r) = 0)
   ours_unll_noskip   the same with --no-skip-ygen (every y_gen forwarded)
+  ours_step_ratio    dpo, unll and unll --no-skip-ygen steps alternating in one process: median ratios
   trl_no_ckpt        TRL, online reference model, no gradient checkpointing
   trl_precompute     TRL, reference log-probs precomputed before training (pass not counted)
   trl_default        TRL defaults (gradient checkpointing on)
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import OURS, TRL, cpu_name, drive, run_variant_from_argv, setup, summarize  # noqa: E402
 
-DEFAULT = ("ours_dpo", "ours_unll", "ours_unll_noskip", "trl_no_ckpt", "trl_precompute")
+DEFAULT = ("ours_dpo", "ours_unll", "ours_unll_noskip", "ours_step_ratio", "trl_no_ckpt", "trl_precompute")
 
 
 def model_config():

@@ -10,8 +10,10 @@ over DPO's (target: <= 1.35).
     python benchmarks/train_gpu.py [--steps 25] [--warmup 3] [--variants ours_dpo,ours_unll,...]
     SMALL=1 python benchmarks/train_gpu.py      # a tiny model on the CPU: checks the script itself
 
-Variants run in their own subprocesses (see ``bench_common.py``); TRL variants (``trl_no_ckpt``,
-``trl_precompute``, ``trl_default``) run too when TRL is installed and named in ``--variants``.
+Variants run in their own subprocesses (see ``bench_common.py``): ``ours_dpo`` (reference pass timed
+and counted per pair), ``ours_unll``, ``ours_unll_noskip``, ``ours_step_ratio`` (dpo / unll /
+unll --no-skip-ygen steps alternating in one process: the median step ratios); TRL variants
+(``trl_no_ckpt``, ``trl_precompute``, ``trl_default``) run too when TRL is installed and named.
 """
 
 from __future__ import annotations

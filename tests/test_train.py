@@ -8,6 +8,7 @@ eager-attention copy of the model, full log-softmax, no packing, no chunking, no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -134,6 +135,44 @@ def test_skipping_ygen_changes_nothing(tmp_path, vote, init_dir, ref_dir, pair_s
     for x, y in zip(ma, mb, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["penalized"] == y["penalized"]
+
+
+def test_predicted_ygen_rows_equal_forwarding_every_ygen(init_dir, ref_dir, pair_shards):
+    """Policy vote: the reference's vote picks the y_gen for the first row, a second row catches the
+    mispredicted examples; losses and gradients equal those with every y_gen forwarded."""
+    from dppo.losses import LOSSES
+    from dppo.refcache import reference_logps
+    from dppo.train import Work, _ygen_mode, forward_logps
+
+    shards, ids = open_shards(pair_shards), np.arange(24)
+    ref = reference_logps(ref_dir, shards, ids, load=lambda: load_model(ref_dir, dtype="fp32", device="cpu"),
+                          need_ygen=True, precision="fp32")
+    # swap the reference's chosen and rejected on every other example: its vote then mispredicts
+    # the policy's on many examples, both ways
+    swap = np.arange(len(ref.chosen)) % 2 == 0
+    ref = dataclasses.replace(ref, chosen=np.where(swap, ref.rejected, ref.chosen),
+                              rejected=np.where(swap, ref.chosen, ref.rejected))
+    policy = load_model(init_dir, dtype="fp32", device="cpu")
+    cfg = TrainConfig(method="conll", data="d", init="i", out="o", alpha=1.0, vote_clip=20.0)
+    spec, loss_cfg = LOSSES["conll"], cfg.loss_config()
+    assert _ygen_mode(cfg, spec) == "predicted"
+    got = {}
+    for mode in ("all", "predicted"):
+        policy.zero_grad(set_to_none=True)
+        work = Work()
+        logps = forward_logps(policy, shards, ids, cfg, loss_cfg, spec, ref, mode, torch.device("cpu"), work)
+        out = spec(loss_cfg, logps)
+        out.loss.sum().backward()
+        got[mode] = (out.loss.detach(), [p.grad.clone() for p in policy.parameters()], work.tokens, logps)
+    torch.testing.assert_close(got["predicted"][0], got["all"][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(got["predicted"][1], got["all"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert got["predicted"][2] < got["all"][2]  # some y_gen were not forwarded
+    lp = got["all"][3]
+    r_policy = (lp.policy_chosen - lp.policy_rejected).detach().numpy()
+    r_ref = ref.chosen[ids] - ref.rejected[ids]
+    assert ((r_policy < 0) & (r_ref >= 0)).any()  # the second row was needed
+    assert ((r_policy >= 0) & (r_ref < 0)).any()  # and some y_gen were forwarded for nothing
 
 
 def test_sft_lowers_the_loss(tmp_path, init_dir, sft_shards):

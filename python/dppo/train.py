@@ -20,9 +20,10 @@ The helpers below the loop do one thing each: :func:`forward_logps` turns a micr
 Where speed comes from: sequences are packed without padding and attend only within themselves
 (``dppo.modeling``); the vocabulary projection runs only on response positions, in chunks; the
 reference log-probs are cached; and y_gen's forward is skipped for examples whose penalty weight
-f(r) is exactly zero (``losses.can_skip_ygen``): with ``--vote ref`` r is known before the forward,
-with the default ``--vote policy`` the chosen/rejected row runs first and y_gen's row only for the
-examples that need it. Skipping changes no value: the losses zero those terms anyway.
+f(r) is exactly zero (``losses.can_skip_ygen``): with ``--vote ref`` r is known before the forward;
+with the default ``--vote policy`` the reference's vote predicts it and a second, small row catches
+the mispredicted examples (:func:`_ygen_mode`). Skipping changes no value: the losses zero those
+terms anyway.
 """
 
 from __future__ import annotations
@@ -299,9 +300,19 @@ class Work:
 
 
 def _ygen_mode(cfg: TrainConfig, spec: LossSpec) -> str:
-    """How y_gen's forward is organised: "none" (no y_gen term), "all" (every y_gen in the row),
-    "known" (skip decided before the forward: --vote ref, or alpha 0), "after" (policy vote: the
-    chosen/rejected row first, then a row with the y_gen that have a nonzero weight)."""
+    """How y_gen's forward is organised.
+
+    - "none": the method has no y_gen term;
+    - "all": every y_gen rides in the micro-batch's row (``--no-skip-ygen``, or a weight such as the
+      expectile that is nonzero almost everywhere);
+    - "known": the skip is decided before the forward (``--vote ref``: r is a constant of the data;
+      or alpha = 0);
+    - "predicted": the policy's vote decides, known only after the forward. The reference's vote
+      predicts it (the policy starts as, and stays close to, the reference): the y_gen of examples
+      predicted to be penalized ride in the row; after the forward, the few mispredicted examples
+      that do need theirs get a second, small row. A y_gen forwarded for an example that turns out
+      unpenalized costs time only: the loss zeroes its term.
+    """
     if not spec.needs_ygen:
         return "none"
     if not cfg.skip_ygen:
@@ -309,7 +320,7 @@ def _ygen_mode(cfg: TrainConfig, spec: LossSpec) -> str:
     if cfg.vote == "ref" or cfg.alpha == 0:
         return "known"
     gated = cfg.weight != "expectile" or cfg.zeta in (0.0, 1.0)  # f(r) = 0 on a whole half-line of r
-    return "after" if gated else "all"
+    return "predicted" if gated else "all"
 
 
 def _logps(model: torch.nn.Module, seqs: list, cfg: TrainConfig, device: torch.device, work: Work | None) -> SeqLogps:
@@ -351,7 +362,7 @@ def forward_logps(
     refs = ref.batch(ids, device) if ref is not None else {}
     if ygen_mode == "all":
         need = torch.ones(b, dtype=torch.bool)
-    elif ygen_mode == "known":  # --vote ref (r is a constant of the data) or alpha = 0
+    elif ygen_mode in ("known", "predicted"):  # the reference's vote: exact for "known", a guess for "predicted"
         probe = LogProbs(policy_chosen=refs["ref_chosen"], policy_rejected=refs["ref_rejected"], **refs)
         need = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
     else:
@@ -362,23 +373,23 @@ def forward_logps(
 
     out = _logps(model, seqs + ygen_seqs(need), cfg, device, work)
     chosen, rejected = out.sums[0 : 2 * b : 2], out.sums[1 : 2 * b : 2]
-    ygen = out.select(range(2 * b, 2 * b + int(need.sum()))) if need.any() else None
-    if ygen_mode == "after":
-        # Policy vote: r is known now. Only examples with f(r) != 0 need y_gen's forward (the same
-        # test the loss applies, on the same fp32 values, so the two always agree).
+    # y_gen token log-probs and the example each belongs to, from one or two rows
+    ygen: list[tuple[SeqLogps, torch.Tensor]] = []
+    if need.any():
+        ygen.append((out.select(range(2 * b, 2 * b + int(need.sum()))), need))
+    if ygen_mode == "predicted":
+        # The policy's vote is known now: the examples whose f(r) != 0 (the same test the loss
+        # applies, on the same fp32 values, so the two agree) and whose y_gen was not in the row.
         probe = LogProbs(policy_chosen=chosen.detach(), policy_rejected=rejected.detach(), **refs)
-        need = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
-        ygen = _logps(model, ygen_seqs(need), cfg, device, work) if need.any() else None
+        missing = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu() & ~need
+        if missing.any():
+            ygen.append((_logps(model, ygen_seqs(missing), cfg, device, work), missing))
 
     fields: dict[str, torch.Tensor] = {}
     if spec.needs_ygen:
-        if ygen is None:
-            fields["ygen_token_logps"] = chosen.new_zeros(0)
-            fields["ygen_index"] = torch.zeros(0, dtype=torch.long, device=chosen.device)
-        else:
-            owner = torch.nonzero(need)[:, 0].to(chosen.device)  # example of each y_gen sequence
-            fields["ygen_token_logps"] = ygen.token_logps
-            fields["ygen_index"] = owner[ygen.token_seq]
+        fields["ygen_token_logps"] = torch.cat([chosen.new_zeros(0)] + [s.token_logps for s, _ in ygen])
+        owners = [torch.nonzero(mask)[:, 0].to(chosen.device)[s.token_seq] for s, mask in ygen]  # example of each token
+        fields["ygen_index"] = torch.cat([torch.zeros(0, dtype=torch.long, device=chosen.device)] + owners)
     return LogProbs(
         policy_chosen=chosen,
         n_chosen=out.counts[0 : 2 * b : 2],
