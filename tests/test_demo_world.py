@@ -13,7 +13,8 @@ import pytest
 from dppo.demo import EXTERNAL, KINDS, DemoJudge, Task, demonstrator, judge, parse_prompt, random_task, split_of, write_world
 from dppo.demo.generators import FILLER, carries
 from dppo.demo.judge import score_task
-from dppo.demo.tasks import LIST_KINDS, TEMPLATES
+from dppo.demo.tasks import LIST_KINDS, TEMPLATES, WORDS
+from dppo.demo.world import SPLIT_PATTERN
 from dppo.prep import PrepConfig, prepare
 from dppo.testing import prompt_id
 
@@ -221,11 +222,12 @@ def test_prep_accepts_every_file_with_no_dropped_rows(world, tmp_path):
 
 def test_world_json_and_short_sequences(world):
     meta = json.loads(world["world"].read_text())
-    assert meta["settings"] == {**SIZES, "vocab_size": 1024, "test_fraction": 0.1}
+    assert meta["version"] == 2
+    assert meta["settings"] == {**SIZES, "split_pattern": SPLIT_PATTERN, "vocab_size": 2048, "test_fraction": 0.1}
     assert set(meta["external_generators"]) == set(EXTERNAL) and meta["kinds"] == list(KINDS)
     assert 0.6 <= meta["stats"]["demonstrator_sft"]["exact"] <= 0.85
     tokens = meta["stats"]["tokens"]
-    assert tokens["vocab_size"] == 1024
+    assert 600 <= tokens["vocab_size"] <= 2048  # merges run out before the bound
     assert 10 <= tokens["user_turn"]["mean"] <= 25 and tokens["user_turn"]["max"] <= 40
     assert tokens["response"]["mean"] <= 20 and tokens["sequence"]["max"] <= 128
 
@@ -238,3 +240,17 @@ def test_same_seed_same_files_other_seed_other_data(world, tmp_path):
         assert (again["tokenizer"] / name).read_bytes() == (world["tokenizer"] / name).read_bytes()
     other = write_world(tmp_path / "other", **{**SIZES, "seed": 8})
     assert read(other["sft"]) != read(world["sft"])
+
+
+def test_every_word_and_number_is_one_token_the_same_in_prompt_and_answer(world):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(world["tokenizer"] / "tokenizer.json"))
+    seen = {w for r in read(world["sft"]) for w in r["messages"][0]["content"].split()}
+    items = sorted(w for w in set(WORDS) | {str(n) for n in range(1, 100)} if w in seen)
+    assert len(items) > 100
+    for w in items:
+        assert len(tok.encode(w).ids) == 1, w
+    # the first word of an answer and the same word inside the prompt: one and the same token
+    ids = tok.encode("castle rocket: castle").ids
+    assert ids[0] == ids[-1]

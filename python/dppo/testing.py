@@ -95,9 +95,17 @@ def english_corpus(limit_chars: int = 2_000_000) -> list[str]:
     return texts
 
 
-def make_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 1000, template: str = QWEN_STYLE_TEMPLATE) -> Path:
-    """Train a byte-level BPE (Qwen2 split pattern, NFC, ChatML special tokens) on ``texts`` and save
-    ``tokenizer.json`` + ``tokenizer_config.json`` (with ``template``) into ``out_dir``."""
+def make_tokenizer(
+    out_dir: str | Path,
+    texts: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    template: str = QWEN_STYLE_TEMPLATE,
+    pattern: str = QWEN2_PATTERN,
+) -> Path:
+    """Train a byte-level BPE (NFC, ChatML special tokens, pre-split by ``pattern``: Qwen2's by
+    default) on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` (with
+    ``template``) into ``out_dir``. ``vocab_size`` is an upper bound: training stops early when no
+    pair is left to merge."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     out = Path(out_dir)
@@ -106,7 +114,7 @@ def make_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, voca
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -23,9 +23,14 @@ from dppo.demo.judge import MAX_SCORE, score_task
 from dppo.demo.tasks import KINDS, TEMPLATES, TEST_FRACTION, WORDS, Task, random_task, split_of
 from dppo.testing import make_tokenizer, prompt_id
 
-__all__ = ["World", "build_world", "write_world", "sample_tasks", "VOCAB_SIZE", "DEFAULT_SYSTEM"]
+__all__ = ["World", "build_world", "write_world", "sample_tasks", "VOCAB_SIZE", "DEFAULT_SYSTEM", "SPLIT_PATTERN"]
 
-VOCAB_SIZE = 1024  # 256 bytes + 3 specials + merges: nearly every " word" of the vocabulary is one token
+# The tokenizer's pre-split: runs of letters, runs of digits, runs of spaces, runs of anything else.
+# So every word and number of the world is one token, the same token in the prompt and in the
+# answer (Qwen2's pattern would glue the leading space to a word, " drum" in the prompt but "drum"
+# first in an answer, and split numbers into digits), and a tiny model can learn to copy them.
+SPLIT_PATTERN = r"\p{L}+|\p{N}+|\s+|[^\s\p{L}\p{N}]+"
+VOCAB_SIZE = 2048  # an upper bound: merges run out at about 1,200 (every word and number whole)
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what the Qwen-style template adds without a system turn
 _MAX_MISSES = 2000  # draws of a kind without a new prompt before the kind counts as exhausted
 
@@ -233,11 +238,11 @@ def write_world(out_dir: str | Path, *, n_sft: int = 2000, n_pairs: int = 2000, 
     _write_parquet(paths["sft"], world.sft, "sft")
     _write_parquet(paths["prefs_train"], world.prefs_train, "prefs")
     _write_parquet(paths["prefs_test"], world.prefs_test, "prefs")
-    make_tokenizer(paths["tokenizer"], _tokenizer_texts(world), vocab_size=vocab_size)
+    make_tokenizer(paths["tokenizer"], _tokenizer_texts(world), vocab_size=vocab_size, pattern=SPLIT_PATTERN)
     meta = {
         "format": "dppo-demo-world",
-        "version": 1,
-        "settings": {"n_sft": n_sft, "n_pairs": n_pairs, "n_test": n_test, "seed": seed, "vocab_size": vocab_size,
+        "version": 2,
+        "settings": {"split_pattern": SPLIT_PATTERN, "n_sft": n_sft, "n_pairs": n_pairs, "n_test": n_test, "seed": seed, "vocab_size": vocab_size,
                      "test_fraction": TEST_FRACTION},
         "files": {k: p.name for k, p in paths.items() if k != "world"},
         "judge": {"name": "demo", "scale": [0.0, MAX_SCORE], "doc": "docs/demo.md"},
