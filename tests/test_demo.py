@@ -30,3 +30,14 @@ def test_demo_quick_end_to_end(tmp_path):
     # the same world and settings give the same table
     meta = json.loads((out / "shards" / "prefs" / "meta.json").read_text())
     assert meta["counts"]["has_ygen"]
+    # one progress display: the stages' own messages go to demo.log, not the terminal
+    log = (out / "demo.log").read_text()
+    assert "done:" in log and "reference log-probs" in log
+    assert "step 1/" not in r.output and "done:" not in r.output
+    assert set(res["stage_seconds"]) >= {"make the world", "train sft", "generate y_gen", "seed 0: train dpo", "seed 0: eval vs sft"}
+    # run again into the same folder: every stage is reused, the table is the same
+    again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["table"] == res["table"]
+    assert sum(res2["stage_seconds"].values()) < sum(res["stage_seconds"].values()) / 3

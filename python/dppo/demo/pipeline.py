@@ -14,6 +14,7 @@ per-method tuning). They are written into ``results.json`` and ``results.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -38,43 +39,45 @@ class DemoSettings:
     """Everything that defines a demo run (recorded in the results)."""
 
     # the world
-    n_sft: int = 2000
+    n_sft: int = 48000
     n_pairs: int = 1000
     n_test: int = 150
     world_seed: int = 0
-    vocab_size: int = 1024
+    vocab_size: int = 2048
     # the model: a Qwen2-architecture transformer trained from random weights by the SFT stage
     layers: int = 2
     hidden: int = 128
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 384
-    # SFT
-    sft_epochs: int = 4
+    # SFT: sized by the SFT model's own judge score on held-out prompts (docs/demo.md, "Revisions");
+    # copying words in reverse order only starts to appear after about 60k examples at this size
+    sft_epochs: int = 2
     sft_lr: float = 3e-3
-    sft_batch: int = 16
+    sft_batch: int = 32
     sft_warmup: int = 20
     # every preference method: same optimizer, learning rate, batch and number of steps
     pref_epochs: int = 1
     pref_lr: float = 2e-4
     pref_batch: int = 16
     pref_warmup: int = 10
-    # the vote clip C, rescaled from the paper's (2000 for minll/unll, 700 for conll with responses
-    # of ~250 tokens) by the ratio of response lengths (~10 tokens here): C * 10 / 250
-    vote_clip: float = 80.0
-    conll_vote_clip: float = 28.0
+    # the vote clip C bounds r = logp(y_w) - logp(y_l), a difference of sums over response tokens:
+    # the paper's (2000 for minll/unll, 700 for conll, responses of ~250 tokens) rescaled by the
+    # ratio of mean response lengths, here 14.9 tokens over chosen and rejected: C * 14.9 / 250
+    vote_clip: float = 120.0
+    conll_vote_clip: float = 42.0
     # generation
     max_new_tokens: int = 48
     gen_batch: int = 64
     # the sweeps (Fig. 2A: alpha of unll; Fig. 2C: training pairs of dpo and unll)
     alphas: tuple[float, ...] = (0.01, 0.1, 1.0)
-    sample_sizes: tuple[int, ...] = (250,)
+    sample_sizes: tuple[int, ...] = (250, 500)
     seeds: int = 3
 
 
 FULL = DemoSettings()
 QUICK = DemoSettings(
-    n_sft=320, n_pairs=160, n_test=32, sft_epochs=2, alphas=(0.01, 0.1), sample_sizes=(48,), seeds=1,
+    n_sft=8000, n_pairs=320, n_test=48, sft_epochs=1, alphas=(0.01, 0.1), sample_sizes=(96,), seeds=1,
     max_new_tokens=24,
 )
 
@@ -93,6 +96,25 @@ class _Plan:
 
 def _done(path: Path) -> bool:
     return path.exists()
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Any:
+    """Silence transformers' and huggingface_hub's own progress bars while the demo shows its one."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_was_off = are_progress_bars_disabled()
+    tf_was_on = hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_off:
+            enable_progress_bars()
+        if tf_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = None, quick: bool = False,
@@ -117,6 +139,9 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console = console or Console(stderr=True)
+    # Every stage writes its own messages into OUT/demo.log; the terminal shows one progress bar.
+    log_file = open(out / "demo.log", "a", encoding="utf-8")  # noqa: SIM115 (closed after the stages)
+    log = Console(file=log_file, width=120, force_terminal=False, soft_wrap=True)
     register_judge("demo", demo_judge, overwrite=True)
     t0 = time.perf_counter()
 
@@ -128,7 +153,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, seed=s.world_seed, vocab_size=s.vocab_size))
     sft_shards = out / "shards" / "sft"
     plan.add("prep sft", lambda: _done(sft_shards / "meta.json") or prepare(
-        PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), show_progress=False))
+        PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), console=log, show_progress=False))
 
     def common(**kw: Any) -> dict[str, Any]:
         return {"progress": False, "save_every": 0, "dtype": "fp32", **kw}
@@ -158,7 +183,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
                 return None
             cfg = TrainConfig(method=method, data=str(data), init=str(init_dir), out=str(run), seed=seed,
                               overwrite=True, **common(**kw))
-            return train(cfg, console=console)
+            return train(cfg, console=log)
         return go
 
     sft_kw = dict(lr=s.sft_lr, epochs=s.sft_epochs, batch_size=s.sft_batch, grad_accum=1,
@@ -169,10 +194,10 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     ygen = base / "ygen.parquet"
     plan.add("generate y_gen", lambda: _done(ygen) or generate(
         GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, max_new_tokens=s.max_new_tokens,
-                  batch_size=s.gen_batch, seed=0), show_progress=False))
+                  batch_size=s.gen_batch, seed=0), console=log, show_progress=False))
     prefs = out / "shards" / "prefs"
     plan.add("prep prefs --ygen", lambda: _done(prefs / "meta.json") or prepare(
-        PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), show_progress=False))
+        PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), console=log, show_progress=False))
 
     pref_kw = dict(lr=s.pref_lr, epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1,
                    warmup_steps=s.pref_warmup)
@@ -203,19 +228,26 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
             return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
                                        data=str(paths["prefs_test"]), out=sd / "eval", split=None, limit=None,
                                        max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch,
-                                       cache_dir=out / "cache"), show_progress=False)
+                                       cache_dir=out / "cache"), console=log, show_progress=False)
 
         plan.add(f"seed {seed}: eval vs sft", run_eval)
 
     columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not show_progress) as bar:
-        task = bar.add_task("", total=len(plan.stages))
-        for name, fn in plan.stages:
-            bar.update(task, description=name)
-            fn()
-            bar.advance(task)
-    results = _aggregate(out, s, time.perf_counter() - t0)
+    stage_seconds: dict[str, float] = {}
+    try:
+        with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():
+            task = bar.add_task("", total=len(plan.stages))
+            for name, fn in plan.stages:
+                bar.update(task, description=name)
+                log.rule(name)
+                t = time.perf_counter()
+                fn()
+                stage_seconds[name] = round(time.perf_counter() - t, 2)
+                bar.advance(task)
+    finally:
+        log_file.close()
+    results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds)
     if show_progress:
         console.print(_table(results))
     return results
@@ -241,7 +273,7 @@ def _pairs_per_s(run: Path) -> float | None:
     return statistics.fmean(rates) if rates else None
 
 
-def _aggregate(out: Path, s: DemoSettings, seconds: float) -> dict[str, Any]:
+def _aggregate(out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     per_model: dict[str, dict[str, list[float]]] = {}
     diffs: dict[str, list[float]] = {}
     for seed in range(s.seeds):
@@ -273,12 +305,47 @@ def _aggregate(out: Path, s: DemoSettings, seconds: float) -> dict[str, Any]:
         table.append({"method": name, "win_rate": wr, "se": wr_se, "strict_win_rate": st, "strict_se": st_se,
                       "mean_judge_score": mr, "train_pairs_per_s": pps, "paper_win_rate": PAPER.get(name),
                       "per_seed_win_rates": d["win_rate"]})
+    table.sort(key=lambda row: _order(row["method"]))
     results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table,
-               "paper": PAPER}
+               "paper": PAPER, "diagnostics": _diagnostics(out), "stage_seconds": stage_seconds or {}}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(results))
     _figures(out, results, diffs, s)
     return results
+
+
+def _order(name: str) -> tuple[int, float, str]:
+    """sft, the paper's methods in its order, unll+dpo, then the alpha and data-size sweeps."""
+    main = ["sft", *METHODS, "unll+dpo"]
+    if name in main:
+        return (0, main.index(name), "")
+    if name.startswith("unll-alpha"):
+        return (1, float(name.removeprefix("unll-alpha")), "")
+    if "-n" in name:
+        method, n = name.rsplit("-n", 1)
+        return (2, float(n) if n.isdigit() else 0.0, method)
+    return (3, 0.0, name)
+
+
+def _diagnostics(out: Path) -> dict[str, Any]:
+    """What the SFT model (the reference) makes of the training pairs: how often it already prefers
+    the rejected response (r = logp(y_w) - logp(y_l) < 0, where the DPPO penalties can act), and the
+    mean summed log-probs. Read from the reference log-probs cached beside the pair shards."""
+    from dppo.refcache import model_fingerprint
+
+    cache = out / "shards" / "prefs" / "refcache" / f"{model_fingerprint(out / 'base' / 'sft' / 'model')}-fp32"
+    if not (cache / "chosen.npy").exists():
+        return {}
+    import numpy as np
+
+    chosen, rejected = np.load(cache / "chosen.npy"), np.load(cache / "rejected.npy")
+    ok = ~(np.isnan(chosen) | np.isnan(rejected))
+    return {
+        "pairs": int(ok.sum()),
+        "sft_prefers_rejected": round(float(np.mean(chosen[ok] < rejected[ok])), 4),
+        "sft_mean_logp_chosen": round(float(chosen[ok].mean()), 2),
+        "sft_mean_logp_rejected": round(float(rejected[ok].mean()), 2),
+    }
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -289,11 +356,18 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = ["# dppo demo results", "",
              f"{r['seeds']} seed(s); win rate against the SFT model on the held-out prompts, judged by the "
              "programmatic judge (mean over seeds; +- standard error over seeds).", "",
-             "| method | win rate | +- | strict | mean judge score | train pairs/s | paper |",
+             "| method | win rate | +- | strict | mean judge score | train pairs/s (sft: examples/s) | paper |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["table"]:
         lines.append(f"| {row['method']} | {_fmt(row['win_rate'])} | {_fmt(row['se'])} | {_fmt(row['strict_win_rate'])} | "
                      f"{_fmt(row['mean_judge_score'], 2)} | {_fmt(row['train_pairs_per_s'], 1)} | {_fmt(row['paper_win_rate'])} |")
+    diag = r.get("diagnostics") or {}
+    if diag:
+        lines += ["", f"The SFT model already prefers the rejected response (logp(y_w) < logp(y_l)) on "
+                      f"{diag['sft_prefers_rejected']:.1%} of the {diag['pairs']} training pairs: only there can "
+                      "unll's and conll's penalty weights (quadratic) be nonzero at the start; minll's expectile weight "
+                      "also acts where r > 0, where it rewards y_gen (mean logp of chosen "
+                      f"{diag['sft_mean_logp_chosen']}, of rejected {diag['sft_mean_logp_rejected']})."]
     lines += ["", "## Settings", "", "```json", json.dumps(r["settings"], indent=2), "```", "",
               f"Total time: {r['seconds']:.0f} s.", ""]
     return "\n".join(lines)
