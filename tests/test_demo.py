@@ -41,3 +41,10 @@ def test_demo_quick_end_to_end(tmp_path):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["table"] == res["table"]
     assert sum(res2["stage_seconds"].values()) < sum(res["stage_seconds"].values()) / 3
+    # and from scratch in another folder: the same world and settings give the same table
+    fresh = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "again")])
+    assert fresh.exit_code == 0, fresh.output
+    res3 = json.loads((tmp_path / "again" / "results.json").read_text())
+    judged = ("method", "win_rate", "se", "strict_win_rate", "mean_judge_score", "per_seed_win_rates")
+    assert [{k: row[k] for k in judged} for row in res3["table"]] == [{k: row[k] for k in judged} for row in res["table"]]
+    assert res3["diagnostics"] == res["diagnostics"] and res3["settings"] == res["settings"]
