@@ -652,6 +652,21 @@ def test_missing_inputs_raise_naming_the_field(method: str, missing: str) -> Non
         LOSSES[method](LossConfig.defaults(method), logps)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_registry_flags_say_what_each_loss_reads(method: str) -> None:
+    """The trainer decides what to compute from the flags alone: each flag must match the inputs."""
+    spec, full = LOSSES[method], make_batch(seed=31).logps()
+    cfg = LossConfig.defaults(method)
+    for field, needed in (("ref_ygen", spec.needs_ref_ygen), ("ygen_token_logps", spec.needs_ygen),
+                          ("ref_chosen", spec.needs_reference), ("policy_rejected", spec.needs_rejected)):
+        without = dataclasses.replace(full, **{field: None})
+        if needed:
+            with pytest.raises(ValueError, match=field):
+                spec(cfg, without)
+        else:
+            spec(cfg, without)  # runs without it
+
+
 def test_malformed_inputs_raise() -> None:
     logps = make_batch(seed=29).logps()
     cfg = LossConfig.defaults("unll")

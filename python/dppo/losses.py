@@ -714,12 +714,14 @@ class LossSpec:
             ``ref_ygen``): the trainer must run (or have precomputed) the reference model.
         needs_rejected: reads the rejected response (every method but sft).
         needs_ygen: has a y_gen term (``ygen_token_logps``, ``ygen_index``).
+        needs_ref_ygen: also reads the reference's log-prob of y_gen (``ref_ygen``; conll only).
     """
 
     fn: Callable[[LossConfig, LogProbs], LossOutput]
     needs_reference: bool
     needs_rejected: bool
     needs_ygen: bool
+    needs_ref_ygen: bool = False
 
     def __call__(self, cfg: LossConfig, logps: LogProbs) -> LossOutput:
         return self.fn(cfg, logps)
@@ -731,7 +733,7 @@ LOSSES: dict[str, LossSpec] = {
     "simpo": LossSpec(simpo_loss, needs_reference=False, needs_rejected=True, needs_ygen=False),
     "minll": LossSpec(minll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True),
     "unll": LossSpec(unll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True),
-    "conll": LossSpec(conll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True),
+    "conll": LossSpec(conll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, needs_ref_ygen=True),
 }
 assert tuple(LOSSES) == METHODS
 

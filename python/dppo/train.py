@@ -50,7 +50,7 @@ from dppo.checkpoint import latest_checkpoint, load_checkpoint, read_state, remo
 from dppo.config import RUNTIME_OPTIONS, TrainConfig
 from dppo.data import Shards, open_shards
 from dppo.errors import ConfigError
-from dppo.losses import LOSSES, LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, conll_loss, vote
+from dppo.losses import LOSSES, LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
 from dppo.modeling import PackedBatch, SeqLogps, load_model, sequence_logps
 from dppo.refcache import RefLogps, model_fingerprint, reference_logps, resolve_model_dir, shards_fingerprint
 
@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     spec = LOSSES[cfg.method]
     loss_cfg = cfg.loss_config()
-    need_ref_ygen = spec.needs_ygen and spec.fn is conll_loss  # only conll reads logp_ref(y_gen)
+    need_ref_ygen = spec.needs_ref_ygen
 
     shards = open_shards(cfg.data)
     _check_shards(cfg, spec, shards, "--data")
