@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,29 @@ def test_template_renders_like_transformers(tok_dir, hf_tokenizer):
             want = hf_tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
             got = _native.render_chat(str(tok_dir), [(m["role"], m["content"]) for m in conv], gen)
             assert got == want
+
+
+def test_batch_render_matches_one_by_one_and_names_the_bad_conversation(tok_dir):
+    convs = [[(m["role"], m["content"]) for m in row["messages"][:2]] for row in testing.sft_rows(40, seed=4)]
+    for gen in (False, True):
+        want = [_native.render_chat(str(tok_dir), c, gen) for c in convs]
+        assert _native.render_chats(str(tok_dir), convs, gen) == want
+    assert _native.render_chats(str(tok_dir), [], True) == []
+
+
+
+def test_batch_render_error_names_the_conversation(tmp_path, tok_dir):
+    strict = tmp_path / "tok"
+    shutil.copytree(tok_dir, strict)
+    cfg = json.loads((strict / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% for m in messages %}{% if m.role == 'narrator' %}{{ raise_exception('unknown role ' + m.role) }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    (strict / "tokenizer_config.json").write_text(json.dumps(cfg))
+    convs = [[("user", "a")], [("user", "b")], [("user", "c")], [("narrator", "hello")]]
+    with pytest.raises(_native.DppoError, match="conversation 3.*unknown role narrator"):
+        _native.render_chats(str(strict), convs, True)
 
 
 @pytest.mark.parametrize("fallback", [False, True])

@@ -352,7 +352,8 @@ def render_prompts(rows: Sequence[PromptRow], tok_dir: Path, max_prompt_len: int
     """Token ids of each prompt: the chat template with the generation prompt, tokenized (as prep)."""
     from dppo import _native
 
-    texts = [_native.render_chat(str(tok_dir), list(r.messages), True) for r in rows if r.ids is None]
+    convs = [list(r.messages) for r in rows if r.ids is None]
+    texts = _native.render_chats(str(tok_dir), convs, True) if convs else []
     encoded = iter(_native.Tokenizer(str(tok_dir)).encode_batch(texts) if texts else [])
     out = []
     for r in rows:

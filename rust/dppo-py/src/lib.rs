@@ -104,6 +104,31 @@ fn render_chat(tokenizer_dir: PathBuf, messages: Vec<(String, String)>, add_gene
     t.render(&msgs, add_generation_prompt).map_err(err)
 }
 
+/// Render many conversations with a tokenizer folder's chat template, loaded and compiled once.
+/// An error names the conversation (its index in `conversations`).
+#[pyfunction]
+#[pyo3(signature = (tokenizer_dir, conversations, add_generation_prompt=false))]
+fn render_chats(
+    py: Python<'_>,
+    tokenizer_dir: PathBuf,
+    conversations: Vec<Vec<(String, String)>>,
+    add_generation_prompt: bool,
+) -> PyResult<Vec<String>> {
+    let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
+    let t = ChatTemplate::new(&source, specials).map_err(err)?;
+    py.detach(move || {
+        conversations
+            .into_iter()
+            .enumerate()
+            .map(|(i, conv)| {
+                let msgs: Vec<_> = conv.into_iter().map(|(r, c)| dppo_core::template::Message::new(r, c)).collect();
+                t.render(&msgs, add_generation_prompt).map_err(|e| format!("conversation {i}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(DppoError::new_err)
+}
+
 /// One preparation run (`dppo prep sft|prefs`): feed Arrow batches, then finish.
 #[pyclass]
 struct Preparer {
@@ -257,6 +282,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add_class::<Preparer>()?;
     m.add_function(wrap_pyfunction!(render_chat, m)?)?;
+    m.add_function(wrap_pyfunction!(render_chats, m)?)?;
     m.add_function(wrap_pyfunction!(open_shard_index, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
