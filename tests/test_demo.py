@@ -34,6 +34,7 @@ def test_demo_quick_end_to_end(tmp_path):
     log = (out / "demo.log").read_text()
     assert "done:" in log and "reference log-probs" in log
     assert "step 1/" not in r.output and "done:" not in r.output
+    assert "results.md" in r.output and "demo.log" in r.output
     assert set(res["stage_seconds"]) >= {"make the world", "train sft", "generate y_gen", "seed 0: train dpo", "seed 0: eval vs sft"}
     # run again into the same folder: every stage is reused, the table is the same
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])

@@ -250,6 +250,13 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds)
     if show_progress:
         console.print(_table(results))
+        diag = results.get("diagnostics") or {}
+        if diag:
+            console.print(f"The SFT model already prefers the rejected answer on {diag['sft_prefers_rejected']:.1%} "
+                          "of the training pairs (where unll's and conll's penalties can act).", highlight=False)
+        console.print(f"{results['seconds']:.0f} s. Results: {out}/results.md, results.json, fig_alpha.png, "
+                      f"fig_data_efficiency.png, fig_reward_diff.png; every stage's messages: {out}/demo.log",
+                      highlight=False)
     return results
 
 
