@@ -1,0 +1,60 @@
+"""How the demo's comparison moves with the preference stage's learning rate, the same for every
+method. A sensitivity check beside `dppo demo`, not a tuning step: the demo's table keeps the
+learning rate fixed before any method ran (2e-4), and the rates here are judged on the same
+held-out prompts, so picking the best of them would be tuning on the test set.
+
+    dppo demo --out runs/demo                                  # once: the world, SFT and y_gen
+    python benchmarks/demo_lr_sensitivity.py --from runs/demo --lrs 2e-5 6e-5
+
+Each rate reuses the finished demo's world, shards, SFT model and y_gen (copied) and retrains every
+preference method for every seed; prints win rate vs SFT (mean over seeds) per method and rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="src", required=True, help="a finished `dppo demo` folder")
+    p.add_argument("--lrs", type=float, nargs="+", default=[2e-5, 6e-5])
+    p.add_argument("--out", default="bench-out/demo-lr")
+    a = p.parse_args()
+
+    from rich.console import Console
+
+    from dppo.demo.pipeline import FULL, run_demo
+
+    src = Path(a.src)
+    base = json.loads((src / "results.json").read_text())
+    settings = replace(FULL, **{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"].items()})
+    tables = {settings.pref_lr: base["table"]}
+    for lr in a.lrs:
+        out = Path(a.out) / f"lr{lr:g}"
+        if not (out / "results.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            for part in ("world", "shards", "base", "cache"):
+                if not (out / part).exists():
+                    shutil.copytree(src / part, out / part)
+        res = run_demo(out, settings=replace(settings, pref_lr=lr), console=Console(stderr=True), show_progress=False)
+        tables[lr] = res["table"]
+    methods = [row["method"] for row in base["table"] if row["win_rate"] is not None]
+    rates = sorted(tables)
+    print("| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |")
+    print("| --- |" + " --- |" * len(rates))
+    for m in methods:
+        cells = []
+        for lr in rates:
+            row = next((r for r in tables[lr] if r["method"] == m), None)
+            cells.append("-" if row is None or row["win_rate"] is None else
+                         f"{row['win_rate']:.3f} ± {row['se'] or 0:.3f} ({row['mean_judge_score']:.2f})")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
