@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
 from dppo.cli.main import app
+from typer.testing import CliRunner
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -27,6 +26,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert rows["sft"]["win_rate"] == 0.5  # the SFT model judged against itself: all ties
     assert set(rows) >= {"dpo", "simpo", "minll", "unll", "conll", "unll+dpo"}
     assert res["settings"]["seeds"] == 1
+    diag = res["diagnostics"]
+    assert 0 <= diag["sft_prefers_rejected"] <= 1 and diag["pairs"] == 320
+    assert diag["mean_tokens_rejected"] > diag["mean_tokens_chosen"] > 1  # the wordy answers are rejected
     # the same world and settings give the same table
     meta = json.loads((out / "shards" / "prefs" / "meta.json").read_text())
     assert meta["counts"]["has_ygen"]
@@ -42,6 +44,9 @@ def test_demo_quick_end_to_end(tmp_path):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["table"] == res["table"]
     assert sum(res2["stage_seconds"].values()) < sum(res["stage_seconds"].values()) / 3
+    # the default demo into the quick demo's folder would reuse stages made with other settings: refused
+    other = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert other.exit_code == 1 and "other settings" in other.output and "n_sft 8000 there, 48000 now" in other.output
     # and from scratch in another folder: the same world and settings give the same table
     fresh = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "again")])
     assert fresh.exit_code == 0, fresh.output

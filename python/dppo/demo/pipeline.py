@@ -20,15 +20,23 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-__all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "PAPER"]
+__all__ = ["FULL", "PAPER", "QUICK", "DemoSettings", "make_init_model", "run_demo", "sft_config"]
 
 # Win rates against the SFT model reported by the paper (Fig. 3A), for the side-by-side table.
 PAPER = {"dpo": 0.759, "minll": 0.893, "unll": 0.898, "conll": 0.890, "unll+dpo": 0.977}
@@ -63,7 +71,8 @@ class DemoSettings:
     pref_warmup: int = 10
     # the vote clip C bounds r = logp(y_w) - logp(y_l), a difference of sums over response tokens:
     # the paper's (2000 for minll/unll, 700 for conll, responses of ~250 tokens) rescaled by the
-    # ratio of mean response lengths, here 14.9 tokens over chosen and rejected: C * 14.9 / 250
+    # ratio of mean response lengths, here 14.9 tokens over chosen and rejected as written (14.6 after
+    # prep's truncation; results.json "diagnostics"): C * 14.9 / 250
     vote_clip: float = 120.0
     conll_vote_clip: float = 42.0
     # generation
@@ -98,10 +107,54 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
+def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
+    """Save the demo's randomly initialised Qwen2-architecture model, with the world's tokenizer, to ``init``."""
+    from transformers import AutoTokenizer
+
+    from dppo.testing import tiny_qwen2
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    model = tiny_qwen2(vocab, hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
+                       intermediate=s.intermediate, seed=1000)
+    model.save_pretrained(init)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, init / f.name)
+
+
+def sft_config(s: DemoSettings, data: Path, init: Path, run: Path) -> Any:
+    """The demo's SFT run as a ``TrainConfig``."""
+    from dppo.config import TrainConfig
+
+    return TrainConfig(method="sft", data=str(data), init=str(init), out=str(run), seed=0, overwrite=True,
+                       progress=False, save_every=0, dtype="fp32", lr=s.sft_lr, epochs=s.sft_epochs,
+                       batch_size=s.sft_batch, grad_accum=1, warmup_steps=s.sft_warmup, lr_schedule="linear")
+
+
+def _check_same_settings(out: Path, s: DemoSettings) -> None:
+    """Stages found in ``out`` are reused, so they must have been made with these settings (the
+    number of seeds aside: more seeds reuse the ones already run). Records them on first use."""
+    from dppo.errors import ConfigError
+
+    path = out / "settings.json"
+    want = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k != "seeds"}
+    if path.exists():
+        have = {k: v for k, v in json.loads(path.read_text()).items() if k != "seeds"}
+        if have != want:
+            diff = ", ".join(f"{k} {have.get(k)!r} there, {want.get(k)!r} now" for k in sorted(set(have) | set(want))
+                             if have.get(k) != want.get(k))
+            raise ConfigError(f"{out} holds a demo made with other settings ({diff}): give another --out, or delete it")
+    else:
+        path.write_text(json.dumps(asdict(s), indent=2) + "\n")
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Any:
     """Silence transformers' and huggingface_hub's own progress bars while the demo shows its one."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from transformers.utils import logging as hf_logging
 
     hub_was_off = are_progress_bars_disabled()
@@ -130,7 +183,6 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     from dppo.generate import GenConfig, generate
     from dppo.judges import register_judge
     from dppo.prep import PrepConfig, prepare
-    from dppo.testing import tiny_qwen2
     from dppo.train import train
 
     s = settings or (QUICK if quick else FULL)
@@ -138,6 +190,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         s = replace(s, seeds=seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_settings(out, s)
     console = console or Console(stderr=True)
     # Every stage writes its own messages into OUT/demo.log; the terminal shows one progress bar.
     log_file = open(out / "demo.log", "a", encoding="utf-8")  # noqa: SIM115 (closed after the stages)
@@ -163,19 +216,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     base = out / "base"
     init = base / "init"
 
-    def make_init() -> None:
-        if _done(init / "config.json"):
-            return
-        from transformers import AutoTokenizer
-
-        vocab = len(AutoTokenizer.from_pretrained(str(paths["tokenizer"])))
-        model = tiny_qwen2(vocab, hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
-                           intermediate=s.intermediate, seed=1000)
-        model.save_pretrained(init)
-        for f in paths["tokenizer"].iterdir():
-            shutil.copy(f, init / f.name)
-
-    plan.add("random init", make_init)
+    plan.add("random init", lambda: _done(init / "config.json") or make_init_model(init, paths["tokenizer"], s))
 
     def train_run(run: Path, method: str, data: Path, init_dir: Path, seed: int, **kw: Any) -> Callable[[], Any]:
         def go() -> Any:
@@ -186,10 +227,9 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
             return train(cfg, console=log)
         return go
 
-    sft_kw = dict(lr=s.sft_lr, epochs=s.sft_epochs, batch_size=s.sft_batch, grad_accum=1,
-                  warmup_steps=s.sft_warmup, lr_schedule="linear")
     sft_run = base / "sft"
-    plan.add("train sft", train_run(sft_run, "sft", sft_shards, init, 0, **sft_kw))
+    plan.add("train sft", lambda: _done(sft_run / "model" / "config.json") or train(
+        sft_config(s, sft_shards, init, sft_run), console=log))
     sft_model = sft_run / "model"
     ygen = base / "ygen.parquet"
     plan.add("generate y_gen", lambda: _done(ygen) or generate(
@@ -251,7 +291,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     if show_progress:
         console.print(_table(results))
         diag = results.get("diagnostics") or {}
-        if diag:
+        if "sft_prefers_rejected" in diag:
             console.print(f"The SFT model already prefers the rejected answer on {diag['sft_prefers_rejected']:.1%} "
                           "of the training pairs (where unll's and conll's penalties can act).", highlight=False)
         console.print(f"{results['seconds']:.0f} s. Results: {out}/results.md, results.json, fig_alpha.png, "
@@ -336,15 +376,21 @@ def _order(name: str) -> tuple[int, float, str]:
 
 def _diagnostics(out: Path) -> dict[str, Any]:
     """What the SFT model (the reference) makes of the training pairs: how often it already prefers
-    the rejected response (r = logp(y_w) - logp(y_l) < 0, where the DPPO penalties can act), and the
-    mean summed log-probs. Read from the reference log-probs cached beside the pair shards."""
-    from dppo.refcache import model_fingerprint
-
-    cache = out / "shards" / "prefs" / "refcache" / f"{model_fingerprint(out / 'base' / 'sft' / 'model')}-fp32"
-    if not (cache / "chosen.npy").exists():
-        return {}
+    the rejected response (r = logp(y_w) - logp(y_l) < 0, where the DPPO penalties can act), the
+    mean summed log-probs, and the mean response lengths in tokens (end of turn included) that
+    drive them. Read from the pair shards and the reference log-probs cached beside them."""
     import numpy as np
 
+    from dppo.data import open_shards
+    from dppo.refcache import model_fingerprint
+
+    prefs = out / "shards" / "prefs"
+    lengths = open_shards(prefs).lengths()
+    sizes = {"mean_tokens_chosen": round(float(lengths["chosen"].mean()), 2),
+             "mean_tokens_rejected": round(float(lengths["rejected"].mean()), 2)}
+    cache = prefs / "refcache" / f"{model_fingerprint(out / 'base' / 'sft' / 'model')}-fp32"
+    if not (cache / "chosen.npy").exists():
+        return sizes
     chosen, rejected = np.load(cache / "chosen.npy"), np.load(cache / "rejected.npy")
     ok = ~(np.isnan(chosen) | np.isnan(rejected))
     return {
@@ -352,6 +398,7 @@ def _diagnostics(out: Path) -> dict[str, Any]:
         "sft_prefers_rejected": round(float(np.mean(chosen[ok] < rejected[ok])), 4),
         "sft_mean_logp_chosen": round(float(chosen[ok].mean()), 2),
         "sft_mean_logp_rejected": round(float(rejected[ok].mean()), 2),
+        **sizes,
     }
 
 
@@ -369,7 +416,7 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {row['method']} | {_fmt(row['win_rate'])} | {_fmt(row['se'])} | {_fmt(row['strict_win_rate'])} | "
                      f"{_fmt(row['mean_judge_score'], 2)} | {_fmt(row['train_pairs_per_s'], 1)} | {_fmt(row['paper_win_rate'])} |")
     diag = r.get("diagnostics") or {}
-    if diag:
+    if "sft_prefers_rejected" in diag:
         lines += ["", f"The SFT model already prefers the rejected response (logp(y_w) < logp(y_l)) on "
                       f"{diag['sft_prefers_rejected']:.1%} of the {diag['pairs']} training pairs: only there can "
                       "unll's and conll's penalty weights (quadratic) be nonzero at the start; minll's expectile weight "
@@ -410,7 +457,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     ys, es = series(names)
     fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
     ax.errorbar(list(s.alphas), ys, yerr=es, marker="o", capsize=3, label="unll")
-    dpo, dpo_se = series(["dpo"])
+    dpo, _ = series(["dpo"])
     ax.axhline(dpo[0], color="gray", ls="--", label="dpo")
     ax.set_xscale("log")
     ax.set_xlabel("alpha")
