@@ -26,9 +26,8 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/demo-lr")
     a = p.parse_args()
 
-    from rich.console import Console
-
     from dppo.demo.pipeline import FULL, run_demo
+    from rich.console import Console
 
     src = Path(a.src)
     base = json.loads((src / "results.json").read_text())

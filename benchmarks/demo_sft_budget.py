@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -38,19 +39,21 @@ def main() -> None:
 
     import polars as pl
     import torch
-    from rich.console import Console
-
-    from dppo.config import TrainConfig
     from dppo.demo.judge import judge
+    from dppo.demo.pipeline import FULL, make_init_model, sft_config
     from dppo.demo.tasks import parse_prompt
     from dppo.demo.world import VOCAB_SIZE, _tokenizer_texts, build_world, write_world
     from dppo.generate import GenConfig, generate
     from dppo.prep import PrepConfig, prepare
-    from dppo.testing import QWEN2_PATTERN, make_tokenizer, tiny_qwen2
+    from dppo.testing import QWEN2_PATTERN, make_tokenizer
     from dppo.train import train
+    from rich.console import Console
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    # the demo's own settings with this budget: the same model construction and SFT run as `dppo demo`
+    s = replace(FULL, n_sft=a.n_sft, layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads,
+                intermediate=a.intermediate, sft_epochs=a.epochs, sft_batch=a.batch, sft_lr=a.lr)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -62,19 +65,9 @@ def main() -> None:
         make_tokenizer(paths["tokenizer"], _tokenizer_texts(world), vocab_size=vocab_bound, pattern=QWEN2_PATTERN)
     quiet = Console(quiet=True)
     prepare(PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), out / "shards"), console=quiet, show_progress=False)
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(paths["tokenizer"] / "tokenizer.json")).get_vocab_size()
-    model = tiny_qwen2(vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                       intermediate=a.intermediate, seed=1000)
-    model.save_pretrained(out / "init")
-    for f in paths["tokenizer"].iterdir():
-        shutil.copy(f, out / "init" / f.name)
+    make_init_model(out / "init", paths["tokenizer"], s)
     t1 = time.perf_counter()
-    cfg = TrainConfig(method="sft", data=str(out / "shards"), init=str(out / "init"), out=str(out / "sft"), seed=0,
-                      overwrite=True, progress=False, save_every=0, dtype="fp32", lr=a.lr, epochs=a.epochs,
-                      batch_size=a.batch, grad_accum=1, warmup_steps=20, lr_schedule="linear")
-    train(cfg, console=quiet)
+    train(sft_config(s, out / "shards", out / "init", out / "sft"), console=quiet)
     t2 = time.perf_counter()
     generate(GenConfig(model=str(out / "sft" / "model"), data=str(paths["prefs_test"]), out=out / "answers.parquet",
                        max_new_tokens=48, batch_size=64), console=quiet, show_progress=False)
