@@ -56,7 +56,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def hf_generate(model, data: list[list[int]], batch: int, new: int, stop: list[int]) -> list[list[int]]:
-    """``generate`` on consecutive left-padded batches; each row's ids up to and including its stop."""
+    """``generate`` on consecutive left-padded batches (on the model's device); each row's ids up to
+    and including its stop. Shared with ``gen_gpu.py``."""
+    dev = next(model.parameters()).device
     out = []
     for s in range(0, len(data), batch):
         chunk = data[s : s + batch]
@@ -67,7 +69,8 @@ def hf_generate(model, data: list[list[int]], batch: int, new: int, stop: list[i
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         gen = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=stop or None, pad_token_id=0
+            ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False, eos_token_id=stop or None,
+            pad_token_id=0,
         )[:, width:].tolist()
         for row in gen:
             for t, tok in enumerate(row):

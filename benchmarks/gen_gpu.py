@@ -35,6 +35,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from dppo.decoding import Decoder, SamplingConfig  # noqa: E402
+from gen_cpu import hf_generate  # noqa: E402  (benchmarks/, the script's own folder)
 
 SMALL = os.environ.get("SMALL") == "1"
 VOCAB = 151936
@@ -52,28 +53,6 @@ def config() -> transformers.Qwen2Config:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def hf_generate(model, data: list[list[int]], batch: int, new: int, stop: list[int]) -> list[list[int]]:
-    dev = next(model.parameters()).device
-    out = []
-    for s in range(0, len(data), batch):
-        chunk = data[s : s + batch]
-        width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        gen = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False,
-                             eos_token_id=stop or None, pad_token_id=0)[:, width:].tolist()
-        for row in gen:
-            for t, tok in enumerate(row):
-                if tok in stop:
-                    row = row[: t + 1]
-                    break
-            out.append(row)
-    return out
 
 
 def dppo_generate(decoder: Decoder, data: list[list[int]], batch: int, new: int) -> list[list[int]]:
