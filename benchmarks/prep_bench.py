@@ -652,8 +652,8 @@ def run_a(
                 "truncated",
                 "tokens",
                 "packed_tokens",
-                "pack_len",
-                "padding_fraction",
+                "prompt_tokens_removed",
+                "response_tokens_removed",
                 "rows_per_s",
                 "tokens_per_s",
             )

@@ -18,7 +18,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-prep_app = typer.Typer(help="Tokenize, template, truncate and pack data into memory-mapped shards.", invoke_without_command=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dppo import __version__
+
+        typer.echo(f"dppo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Align language models with preference data: DPO plus direct on-policy penalization (DPPO)."""
+prep_app = typer.Typer(help="Tokenize, apply the chat template, truncate and write data into memory-mapped shards.", invoke_without_command=True)
 app.add_typer(prep_app, name="prep")
 
 err_console = Console(stderr=True)
@@ -53,10 +68,16 @@ Config = Annotated[Optional[str], typer.Option("--config", help="Configuration (
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Revision (branch, tag or commit) of a hub data set.")]
 MaxLen = Annotated[str, typer.Option("--max-len", help="Maximum sequence length in tokens: 'auto' (the --percentile of full-sequence lengths) or an integer.")]
 Percentile = Annotated[float, typer.Option("--percentile", help="Percentile of full-sequence token lengths used by --max-len auto.")]
-MaxPromptLen = Annotated[Optional[int], typer.Option("--max-prompt-len", help="Prompt tokens kept (default: max_len - 21, at least max_len / 2).")]
-PackLen = Annotated[Optional[int], typer.Option("--pack-len", help="Tokens per packing row (default: a power of two >= 2048 that holds the longest example).")]
+MaxPromptLen = Annotated[Optional[int], typer.Option("--max-prompt-len", help="Longest prompt of an example that does not fit --max-len (default: max_len - 21, at least max_len / 2); an example that fits is never cut.")]
+TruncatePrompt = Annotated[str, typer.Option("--truncate-prompt", help="Which part of a too-long user turn a shortened prompt keeps: start or end. The template's tokens (system turn, headers, the generation header last) are always kept.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with an error naming it, instead of skipping and counting.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace shards already in the output folder.")]
+
+
+def _truncate(value: str) -> str:
+    if value not in ("start", "end"):
+        raise typer.BadParameter(f"expected start or end, got {value!r}", param_hint="--truncate-prompt")
+    return value
 
 
 def _max_len(value: str) -> int | None:
@@ -76,6 +97,7 @@ def _max_len(value: str) -> int | None:
 def prep_default(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Folder for the default data sets.")] = Path("data"),
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or local folder with tokenizer.json (default: Qwen/Qwen2.5-0.5B).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Without a subcommand: prepare the paper's data (SmolTalk SFT, UltraFeedback train_prefs and
@@ -84,7 +106,7 @@ def prep_default(
         return
     from dppo.prep import prepare_defaults
 
-    prepare_defaults(out, overwrite=overwrite)
+    prepare_defaults(out, tokenizer=tokenizer, overwrite=overwrite)
 
 
 @prep_app.command("sft")
@@ -99,7 +121,7 @@ def prep_sft(
     max_len: MaxLen = "auto",
     percentile: Percentile = 95.0,
     max_prompt_len: MaxPromptLen = None,
-    pack_len: PackLen = None,
+    truncate_prompt: TruncatePrompt = "start",
     strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -108,7 +130,7 @@ def prep_sft(
 
     prepare(PrepConfig("sft", data, tokenizer, out, split=split, config=config, revision=revision,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
-                       pack_len=pack_len, strict=strict, overwrite=overwrite))
+                       truncate_prompt=_truncate(truncate_prompt), strict=strict, overwrite=overwrite))
 
 
 @prep_app.command("prefs")
@@ -125,7 +147,7 @@ def prep_prefs(
     max_len: MaxLen = "auto",
     percentile: Percentile = 95.0,
     max_prompt_len: MaxPromptLen = None,
-    pack_len: PackLen = None,
+    truncate_prompt: TruncatePrompt = "start",
     strict: Strict = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -134,7 +156,8 @@ def prep_prefs(
 
     prepare(PrepConfig("prefs", data, tokenizer, out, split=split, config=config, revision=revision, ygen=ygen,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
-                       pack_len=pack_len, strict=strict, allow_missing_ygen=allow_missing_ygen, overwrite=overwrite))
+                       truncate_prompt=_truncate(truncate_prompt), strict=strict, allow_missing_ygen=allow_missing_ygen,
+                       overwrite=overwrite))
 
 
 # -- the other stages, each in its own module ----------------------------------------------------

@@ -292,17 +292,20 @@ def test_generate_then_prep_round_trip(tmp_path, model_dir, pairs_file, pairs_ro
     shards = open_shards(tmp_path / "s")
     assert shards.has_ygen and len(shards) == len(pairs_rows)
     by_id = {r["prompt_id"]: r for r in read_generations(ygen)}
-    end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = hf_tokenizer.encode("<|im_end|>\n", add_special_tokens=False)  # the template's end of turn
+    assert shards.meta["counts"]["ygen"]["from_ids"] == len(shards)
+    retokenized = 0
     for i in range(len(shards)):
         ex = shards[i]
         g = by_id[ex["prompt_id"]]
-        msgs = [{"role": "user", "content": g["prompt"]}, {"role": "assistant", "content": g["response"]}]
-        prompt = hf_tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
-        full = hf_tokenizer.apply_chat_template(msgs, tokenize=False)
-        want = hf_tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-        assert ex["ygen_ids"].tolist() == want
-        assert end in want  # the end-of-turn token(s) as the template renders them
+        # y_gen is what the model generated (the penalised sequence is the reference's own argmax),
+        # then the template's end-of-turn tokens; never the ids of its decoded text
+        assert ex["ygen_ids"].tolist() == g["response_ids"] + end
+        assert g["response_ids"] == list(map(int, g["response_ids"])) and len(g["response_ids"]) == g["response_tokens"]
         assert len(ex["prompt_ids"]) == g["prompt_tokens"]
+        retokenized += hf_tokenizer(g["response"], add_special_tokens=False)["input_ids"] != g["response_ids"]
+    # a random model emits non-canonical splits: re-tokenizing its text would change the ids
+    assert retokenized > 0
 
 
 def test_generate_from_prepared_shards(tmp_path, model_dir, pairs_file, tok_dir):
@@ -341,3 +344,18 @@ def test_cli_generate(tmp_path, model_dir, pairs_file):
 def test_completion_is_plain_data():
     c = Completion(3, [1, 2], "stop")
     assert (c.index, c.token_ids, c.finish_reason) == (3, [1, 2], "stop")
+
+
+def test_long_prompts_are_shortened_as_prep_does(tmp_path, tok_dir, hf_tokenizer):
+    """--max-prompt-len keeps the template: the prompt still ends with the generation header."""
+    from dppo.generate import PromptRow, render_prompts
+
+    long = "data model answers " * 80
+    rows = [PromptRow("a", long, (("user", long),)), PromptRow("b", "hi", (("user", "hi"),))]
+    ids = render_prompts(rows, tok_dir, max_prompt_len=40)
+    header = hf_tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    full = hf_tokenizer.apply_chat_template([{"role": "user", "content": long}], tokenize=True, add_generation_prompt=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    assert len(ids[0]) == 40 and ids[0][-len(header):] == header
+    assert ids[0][: 40 - len(header)] == full[: 40 - len(header)]
+    assert ids[1] == list(render_prompts(rows[1:], tok_dir)[0])

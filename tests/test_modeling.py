@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dppo import modeling
+from dppo.data import micro_batches
 from dppo.modeling import (
     PACKED_ATTN,
     PackedBatch,
     chunked_target_logps,
     load_model,
-    pack_indices,
     sequence_logps,
     sequence_logps_rows,
     sft_loss,
@@ -101,23 +101,6 @@ def test_packed_batch_rejects_bad_input():
         PackedBatch.from_token_masks([([1, 2], [True, True])])
     with pytest.raises(TypeError):
         PackedBatch.from_sequences([([1.5], [2])])
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    lengths=st.lists(st.integers(1, 120), min_size=0, max_size=40),
-    max_tokens=st.integers(1, 100),
-)
-def test_pack_indices_invariants(lengths, max_tokens):
-    rows = pack_indices(lengths, max_tokens)
-    flat = [i for row in rows for i in row]
-    assert sorted(flat) == list(range(len(lengths)))  # every sequence exactly once, none split
-    for row in rows:
-        assert row == sorted(row)
-        assert sum(lengths[i] for i in row) <= max_tokens or len(row) == 1
-    # best fit never opens a row that an earlier row could have taken whole
-    fitting = [sum(lengths[i] for i in row) for row in rows if sum(lengths[i] for i in row) <= max_tokens]
-    assert all(a + b > max_tokens for k, a in enumerate(fitting) for b in fitting[k + 1 :])
 
 
 @settings(max_examples=100, deadline=None)
@@ -333,7 +316,7 @@ def test_rows_return_results_in_original_order():
     with torch.no_grad():
         whole = sequence_logps(model, PackedBatch.from_sequences(seqs))
         rows = sequence_logps_rows(model, seqs, max_tokens=14)
-    assert len(pack_indices([len(p) + len(r) for p, r in seqs], 14)) > 2
+    assert len(micro_batches([len(p) + len(r) for p, r in seqs], 14)) > 2
     torch.testing.assert_close(rows.sums, whole.sums, atol=1e-5, rtol=0)
     assert rows.counts.tolist() == whole.counts.tolist()
     assert rows.token_seq.tolist() == whole.token_seq.tolist()

@@ -8,8 +8,9 @@ gives one example as numpy arrays (views into the mapped files wherever possible
 * pairs: ``prompt_id``, ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ygen_ids``
   (``None`` without y_gen), plus ``score_chosen`` / ``score_rejected``.
 
-The packing rows (lists of examples that fill ``pack_len`` tokens) and per-example lengths
-serve the trainer.
+Per-example lengths serve the trainer, and :func:`micro_batches` groups examples into micro-batches
+under a token budget: the one packing of dppo (best-fit decreasing, in the Rust engine), used by
+training, the reference pass and evaluation alike.
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ import numpy as np
 
 from dppo import _native
 
-__all__ = ["Shards", "ShardError", "open_shards", "SEG_PROMPT", "SEG_RESPONSE", "SEG_CHOSEN", "SEG_REJECTED", "SEG_YGEN"]
+__all__ = [
+    "Shards", "ShardError", "open_shards", "micro_batches",
+    "SEG_PROMPT", "SEG_RESPONSE", "SEG_CHOSEN", "SEG_REJECTED", "SEG_YGEN",
+]
 
 SEG_PROMPT, SEG_RESPONSE, SEG_CHOSEN, SEG_REJECTED, SEG_YGEN = 0, 1, 2, 3, 4
 FLAG_PROMPT_TRUNCATED, FLAG_RESPONSE_TRUNCATED, FLAG_BOUNDARY_RESPLIT = 1, 2, 4
+SHARD_VERSION = 2
 
 _DTYPES = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32, "u8": np.uint8}
 
 
-class ShardError(_native.DppoError):
-    """A shard folder that is missing, incomplete or corrupt (the message names the file)."""
+ShardError = _native.ShardError
+"""A shard folder that is missing, incomplete, corrupt or of an older format (the message names the file)."""
 
 
 @dataclass
@@ -42,7 +47,6 @@ class _Shard:
     tokens: np.ndarray
     arrays: dict[str, np.ndarray]
     n_examples: int
-    pack_len: int
 
     def segments(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = int(self.arrays["ex_seg_off"][i]), int(self.arrays["ex_seg_off"][i + 1])
@@ -55,10 +59,7 @@ class _Shard:
 
 def _map_shard(dir: Path, name: str, verify: bool) -> tuple[_Shard, dict[str, Any]]:
     idx_path = dir / f"{name}.idx"
-    try:
-        info = _native.open_shard_index(str(idx_path), verify)
-    except _native.DppoError as e:
-        raise ShardError(str(e)) from None
+    info = _native.open_shard_index(str(idx_path), verify)
     header = info["header"]
     idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
     arrays = {
@@ -68,7 +69,7 @@ def _map_shard(dir: Path, name: str, verify: bool) -> tuple[_Shard, dict[str, An
     n_tokens = header["n_tokens"]
     tok_path = dir / f"{name}.tok"
     tokens = np.memmap(tok_path, dtype=np.uint32, mode="r") if n_tokens else np.zeros(0, dtype=np.uint32)
-    return _Shard(name, tokens, arrays, header["n_examples"], header["pack_len"]), header
+    return _Shard(name, tokens, arrays, header["n_examples"]), header
 
 
 class Shards:
@@ -87,6 +88,11 @@ class Shards:
             raise ShardError(f"{meta_path}: unreadable ({e})") from None
         if self.meta.get("format") != "dppo-shards":
             raise ShardError(f"{meta_path}: not a dppo shard folder")
+        if self.meta.get("version") != SHARD_VERSION:
+            raise ShardError(
+                f"{self.path}: written by another dppo (shard format version {self.meta.get('version')}; this dppo "
+                f"reads version {SHARD_VERSION}): prepare the data again with `dppo prep ... --overwrite`"
+            )
         self.kind: str = self.meta["kind"]
         self._shards: list[_Shard] = []
         headers = []
@@ -97,7 +103,6 @@ class Shards:
             self._shards.append(shard)
             headers.append(header)
         self.has_ygen: bool = bool(self.meta["counts"].get("has_ygen")) if self.kind == "pairs" else False
-        self.pack_len: int = int(self.meta["counts"]["pack_len"])
         self._starts = np.cumsum([0] + [s.n_examples for s in self._shards])
 
     # -- examples -------------------------------------------------------------------------
@@ -157,20 +162,22 @@ class Shards:
                     out.setdefault(name, []).append(sel)
         return {k: np.concatenate(v) for k, v in out.items()}
 
-    # -- packing rows ------------------------------------------------------------------------
-    def packed_rows(self) -> Iterator[np.ndarray]:
-        """Each packing row as the global indices of its examples (together <= ``pack_len`` tokens)."""
-        for start, shard in zip(self._starts, self._shards):
-            off, items = shard.arrays["row_off"], shard.arrays["row_items"]
-            for r in range(len(off) - 1):
-                yield items[int(off[r]) : int(off[r + 1])].astype(np.int64) + int(start)
-
-    @property
-    def num_packed_rows(self) -> int:
-        return sum(len(s.arrays["row_off"]) - 1 for s in self._shards)
-
     def __repr__(self) -> str:
         return f"Shards({str(self.path)!r}, kind={self.kind!r}, examples={len(self)}, has_ygen={self.has_ygen})"
+
+
+def micro_batches(lengths: np.ndarray | list[int], max_tokens: int, max_items: int = 0) -> list[np.ndarray]:
+    """Group items into micro-batches of at most ``max_tokens`` tokens and ``max_items`` items (0: any).
+
+    ``lengths[i]`` is the number of tokens item i puts through the model. Best-fit decreasing
+    (longest first, each into the fullest micro-batch it still fits), never splitting an item; an
+    item longer than ``max_tokens`` gets a micro-batch of its own. Returns positions into
+    ``lengths`` (int64, ascending within a micro-batch), micro-batches in the order they were opened.
+    """
+    sizes = [int(n) for n in np.asarray(lengths, dtype=np.int64).reshape(-1)]
+    if not sizes:
+        return []
+    return [np.asarray(row, dtype=np.int64) for row in _native.pack_rows(sizes, int(max_tokens), int(max_items))]
 
 
 def open_shards(path: str | os.PathLike[str], *, verify: bool = True) -> Shards:

@@ -10,8 +10,12 @@ This produces y_gen (the reference model's greedy response to every training pro
   the prompt text, UltraFeedback's convention). A prepared pair-shard folder works too: its
   (possibly truncated) prompt ids are used as they are.
 * **Output**: one row per prompt with ``prompt_id``, ``prompt`` (the user turn), ``response``,
-  ``prompt_tokens``, ``response_tokens`` and ``finish_reason`` (``stop``, ``length``, ``context``);
-  the settings that made it (model and tokenizer fingerprints, sampling) go to ``OUT.meta.json``.
+  ``response_ids`` (the generated token ids, stop token excluded: what ``dppo prep --ygen`` stores
+  as y_gen, never a re-tokenization of the text), ``prompt_tokens``, ``response_tokens`` and
+  ``finish_reason`` (``stop``, ``length``, ``context``); the settings that made it (model and
+  tokenizer fingerprints, sampling) go to ``OUT.meta.json``.
+* **Long prompts** (``max_prompt_len``) are shortened as ``dppo prep`` shortens them: content of the
+  user turn goes, the template's tokens (the generation header last) stay.
 * **Resumable**: every finished batch is written at once as a part file in ``OUT.parts/``; a rerun
   skips the prompt_ids already in ``OUT`` or in a part, and the parts are merged into ``OUT``
   atomically at the end. A crash loses at most the batch in flight. Rerunning with other settings
@@ -67,9 +71,10 @@ __all__ = [
     "read_generations",
     "generation_settings",
     "resolve_dtype",
+    "generations_meta",
 ]
 
-OUTPUT_COLUMNS = ("prompt_id", "prompt", "response", "prompt_tokens", "response_tokens", "finish_reason")
+OUTPUT_COLUMNS = ("prompt_id", "prompt", "response", "response_ids", "prompt_tokens", "response_tokens", "finish_reason")
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<end_of_turn>", "<|end|>")
 """Special tokens that end a turn or a text in the common chat vocabularies; those present in a
@@ -83,7 +88,7 @@ class GenConfig:
     """One ``dppo generate`` run; saved (resolved) into ``OUT.meta.json``.
 
     ``batch_size=None``: 128 on CUDA, 32 on the CPU. ``tokenizer=None``: the model's folder.
-    ``max_prompt_len``: keep the first N prompt tokens (as prep truncates), None keeps all.
+    ``max_prompt_len``: shorten longer prompts as prep does (user-turn content goes, the template stays), None keeps all.
     """
 
     model: str
@@ -122,32 +127,7 @@ class PromptRow:
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_model(model: str | os.PathLike[str]) -> Path:
-    """The local folder of a model: ``RUN/model`` for a run folder, the folder itself for a model
-    folder, or a hub id's snapshot (downloaded into the Hugging Face cache)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if (path / "model" / "config.json").is_file():
-            return path / "model"
-        if (path / "config.json").is_file():
-            return path
-        raise ConfigError(f"{path}: neither a run folder (with model/) nor a model folder (with config.json)")
-    if str(model).startswith((".", "/", "~")):
-        raise ConfigError(f"{model}: no such model folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            str(model),
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
-        )
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"could not fetch model '{model}' from the Hugging Face hub ({type(e).__name__}: {first}); "
-            "check the name and your network, or pass a local folder"
-        ) from None
-    return Path(local)
+from dppo.artifacts import resolve_model  # noqa: E402  (re-exported)
 
 
 def resolve_model_tokenizer(model_dir: Path, tokenizer: str | None = None) -> Path:
@@ -348,17 +328,26 @@ def _shard_prompts(path: Path, limit: int | None) -> tuple[list[PromptRow], dict
     return prompts, {"description": desc, "rows_in": len(shards), "skipped": 0, "duplicates": len(shards) - len(seen)}
 
 
-def render_prompts(rows: Sequence[PromptRow], tok_dir: Path, max_prompt_len: int | None = None) -> list[list[int]]:
-    """Token ids of each prompt: the chat template with the generation prompt, tokenized (as prep)."""
+def render_prompts(
+    rows: Sequence[PromptRow], tok_dir: Path, max_prompt_len: int | None = None, truncate_prompt: str = "start"
+) -> list[list[int]]:
+    """Token ids of each prompt: the chat template with the generation prompt, tokenized (as prep).
+
+    With ``max_prompt_len``, a longer prompt loses content of its user turn (its end, or with
+    ``truncate_prompt="end"`` its start), never the template's tokens: the generation header stays
+    last. Prompts from shards are used as prep stored them.
+    """
     from dppo import _native
 
     convs = [list(r.messages) for r in rows if r.ids is None]
-    texts = _native.render_chats(str(tok_dir), convs, True) if convs else []
-    encoded = iter(_native.Tokenizer(str(tok_dir)).encode_batch(texts) if texts else [])
+    try:
+        encoded = iter(_native.encode_prompts(str(tok_dir), convs, max_prompt_len, truncate_prompt) if convs else [])
+    except _native.InputError as e:
+        raise ConfigError(f"--max-prompt-len {max_prompt_len}: {e}") from None
     out = []
     for r in rows:
         ids = list(r.ids) if r.ids is not None else next(encoded)
-        out.append(ids[:max_prompt_len] if max_prompt_len else ids)
+        out.append(ids)
     return out
 
 
@@ -383,6 +372,7 @@ def _schema() -> Any:
             ("prompt_id", pa.string()),
             ("prompt", pa.string()),
             ("response", pa.string()),
+            ("response_ids", pa.list_(pa.int32())),
             ("prompt_tokens", pa.int32()),
             ("response_tokens", pa.int32()),
             ("finish_reason", pa.string()),
@@ -402,10 +392,17 @@ def _read_table(path: Path) -> Any:
             table = pa.Table.from_pylist(rows, schema=_schema()) if rows else _schema().empty_table()
     except Exception as e:
         raise ConfigError(f"{path}: cannot read generations ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if "response_ids" not in table.column_names and table.num_rows:  # written before response_ids existed
+        table = table.append_column("response_ids", pa.nulls(table.num_rows, pa.list_(pa.int32())))
     missing = [c for c in OUTPUT_COLUMNS if c not in table.column_names]
     if missing:
         raise ConfigError(f"{path}: not a generations file (no {', '.join(missing)})")
     return table.select(list(OUTPUT_COLUMNS)).cast(_schema())
+
+
+def generations_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``OUT.meta.json`` of a generations file (settings, model, ``tokenizer``), {} if absent."""
+    return _json_file(_meta_path(Path(path)))
 
 
 def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -664,6 +661,7 @@ def generate_rows(
                             "prompt_id": pending[c.index].prompt_id,
                             "prompt": pending[c.index].prompt or detok.decode(ids[c.index], skip_special_tokens=False),
                             "response": detok.decode(c.token_ids, skip_special_tokens=False),
+                            "response_ids": c.token_ids,
                             "prompt_tokens": len(ids[c.index]),
                             "response_tokens": len(c.token_ids),
                             "finish_reason": c.finish_reason,
@@ -697,6 +695,7 @@ def generate_rows(
         "model": str(model),
         "model_dir": str(model_dir.resolve()),
         "tokenizer_dir": str(tok_dir.resolve()),
+        "tokenizer": {"fingerprint": _native_fingerprint(tok_dir)},
         "engine": summary.get("engine") or _json_file(meta_path).get("engine") or engine,
         "rows": merged.num_rows,
         **(extra_meta or {}),
@@ -719,6 +718,13 @@ def generate_rows(
             highlight=False,
         )
     return summary
+
+
+def _native_fingerprint(tok_dir: Path) -> str:
+    """The fingerprint ``dppo prep`` records for a tokenizer (xxh3 of tokenizer.json)."""
+    from dppo import _native
+
+    return _native.Tokenizer(str(tok_dir)).fingerprint
 
 
 def _load_quietly(model_dir: Path, dtype: str, device: str) -> Any:

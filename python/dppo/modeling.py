@@ -29,7 +29,6 @@ Typical use::
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import copy
 import functools
@@ -47,7 +46,6 @@ __all__ = [
     "KERNELS",
     "PackedBatch",
     "SeqLogps",
-    "pack_indices",
     "register_packed_attention",
     "use_packed_attention",
     "packed_attention_forward",
@@ -191,34 +189,6 @@ def _as_ids(tokens: Tokens) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"token ids must be integers, got {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def pack_indices(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group sequence indices into rows of at most ``max_tokens`` tokens (best-fit decreasing).
-
-    Sequences are never split: one longer than ``max_tokens`` gets a row of its own. Longest first,
-    each sequence goes to the open row whose free space it fills most tightly. Each row lists its
-    indices in ascending order; rows come in the order they were opened.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    if any(n < 1 for n in lengths):
-        raise ValueError("every sequence needs at least one token")
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row), sorted, only rows with room left
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
-        j = bisect.bisect_left(free, (n, -1)) if n <= max_tokens else len(free)
-        if j < len(free):
-            room, row = free.pop(j)
-            rows[row].append(i)
-            room -= n
-        else:
-            row, room = len(rows), max_tokens - n
-            rows.append([i])
-        if room > 0:
-            bisect.insort(free, (room, row))
-    return [sorted(row) for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -675,10 +645,13 @@ def sequence_logps_rows(
 
     Results come back in the order of ``seqs``. Rows run one after another, so activation memory is
     bounded by one row only without grad (e.g. reference log-probs); with grad, every row's graph
-    stays alive until backward — call ``backward`` per row (see ``pack_indices``) to bound it.
+    stays alive until backward — call ``backward`` per row to bound it. Rows are formed by
+    :func:`dppo.data.micro_batches`, the packing the trainer uses.
     """
+    from dppo.data import micro_batches
+
     device = next(model.parameters()).device
-    rows = pack_indices([len(_as_ids(p)) + len(_as_ids(r)) for p, r in seqs], max_tokens)
+    rows = [row.tolist() for row in micro_batches([len(_as_ids(p)) + len(_as_ids(r)) for p, r in seqs], max_tokens)]
     parts = [
         sequence_logps(model, PackedBatch.from_sequences([seqs[i] for i in row]).to(device), chunk_size, kernel)
         for row in rows

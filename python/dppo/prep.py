@@ -47,7 +47,7 @@ class PrepConfig:
     max_len: int | None = None  # None: the `percentile` of full-sequence lengths
     percentile: float = 95.0
     max_prompt_len: int | None = None
-    pack_len: int | None = None
+    truncate_prompt: Literal["start", "end"] = "start"  # which part of a too-long user turn is kept
     strict: bool = False
     allow_missing_ygen: bool = False
     overwrite: bool = False
@@ -56,7 +56,13 @@ class PrepConfig:
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_ygen(path: Path) -> Any:
+def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tuple[Any, str]:
+    """The y_gen rows (``prompt_id``, ``response`` and, where usable, ``response_ids``) and which
+    of the two the engine will use.
+
+    ``response_ids`` (the ids the model generated, as ``dppo generate`` writes them) are used when
+    the file's meta (``FILE.meta.json``) names the same tokenizer as the preparation's; otherwise
+    the responses are tokenized from their text, and a note says why."""
     import polars as pl
 
     if not path.is_file():
@@ -75,7 +81,21 @@ def _read_ygen(path: Path) -> Any:
     missing = [c for c in ("prompt_id", "response") if c not in df.columns]
     if missing:
         raise SourceError(f"{path}: y_gen file lacks column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-    return df.select("prompt_id", "response")
+    if "response_ids" not in df.columns:
+        console.print(f"[yellow]note:[/] {path} has no response_ids: y_gen is tokenized from its text", highlight=False)
+        return df.select("prompt_id", "response"), "text"
+    from dppo.generate import generations_meta
+
+    made_with = (generations_meta(path).get("tokenizer") or {}).get("fingerprint")
+    if made_with != tokenizer_fingerprint:
+        why = "its meta names no tokenizer" if made_with is None else f"it was generated with another tokenizer ({made_with})"
+        console.print(
+            f"[yellow]note:[/] {path}: response_ids not used ({why}; this preparation's tokenizer is "
+            f"{tokenizer_fingerprint}): y_gen is tokenized from its text",
+            highlight=False,
+        )
+        return df.select("prompt_id", "response"), "text"
+    return df.select("prompt_id", "response", "response_ids"), "ids"
 
 
 def _summary_table(title: str, s: dict[str, Any]) -> Table:
@@ -86,16 +106,24 @@ def _summary_table(title: str, s: dict[str, Any]) -> Table:
     t.add_row("rows kept", f"{s['rows_kept']:,}")
     dropped = {k: v for k, v in s["dropped"].items() if v}
     t.add_row("rows dropped", f"{s['rows_dropped']:,}" + (f"  ({', '.join(f'{k} {v:,}' for k, v in dropped.items())})" if dropped else ""))
-    t.add_row("truncated", f"{s['truncated']:,} (prompt {s['truncated_prompt']:,}, response {s['truncated_response']:,})")
+    t.add_row(
+        "truncated",
+        f"{s['truncated']:,} examples: {s['truncated_prompt']:,} prompts lost {s['prompt_tokens_removed']:,} tokens "
+        f"(at most {s['prompt_tokens_removed_max']:,}, user-turn {s['truncate_prompt']} kept), "
+        f"{s['truncated_responses']:,} responses lost {s['response_tokens_removed']:,}",
+    )
     src = s["max_len_from"]
     how = f"p{src['auto']['percentile']:g} of full-sequence lengths" if isinstance(src, dict) else "fixed"
     t.add_row("max_len", f"{s['max_len']:,} ({how}); prompt <= {s['max_prompt_len']:,}")
     if s.get("boundary_resplit"):
         t.add_row("boundary re-split", f"{s['boundary_resplit']:,}")
-    t.add_row("tokens", f"{s['tokens']:,} stored, {s['packed_tokens']:,} packed")
-    t.add_row("packing", f"{s['rows']:,} rows of {s['pack_len']:,}, padding {100 * s['padding_fraction']:.2f}%")
+    if s.get("template_frame_fallback"):
+        t.add_row("template", f"{s['template_frame_fallback']:,} prompts: user turn not found, only the generation header is protected")
+    t.add_row("tokens", f"{s['tokens']:,} stored, {s['packed_tokens']:,} through the model (prompt once per response)")
     if s.get("ygen"):
-        t.add_row("y_gen", f"{s['ygen']['responses']:,} responses")
+        y = s["ygen"]
+        t.add_row("y_gen", f"{y['responses']:,} responses: {y['from_ids']:,} as generated ids, {y['from_text']:,} tokenized from text"
+                  + (f", {y['bad_rows']:,} unusable rows" if y["bad_rows"] else ""))
     t.add_row("speed", f"{s['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s ({s['seconds']:.1f} s)")
     return t
 
@@ -112,7 +140,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         max_len=cfg.max_len,
         percentile=cfg.percentile,
         max_prompt_len=cfg.max_prompt_len,
-        pack_len=cfg.pack_len,
+        truncate_prompt=cfg.truncate_prompt,
         strict=cfg.strict,
         allow_missing_ygen=cfg.allow_missing_ygen,
         overwrite=cfg.overwrite,
@@ -123,8 +151,9 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         if cfg.ygen is not None:
             if cfg.kind != "prefs":
                 raise SourceError("--ygen applies to preference data (dppo prep prefs)")
-            prep.add_ygen(_read_ygen(Path(cfg.ygen)).to_arrow())
-            ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen))}
+            table, used = _read_ygen(Path(cfg.ygen), _native.Tokenizer(str(tok_dir)).fingerprint, console)
+            prep.add_ygen(table.to_arrow())
+            ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen)), "used": used}
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
@@ -155,11 +184,13 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
     return summary
 
 
-def prepare_defaults(out: Path | None = None, *, overwrite: bool = False, console: Console | None = None) -> list[dict[str, Any]]:
+def prepare_defaults(
+    out: Path | None = None, *, tokenizer: str | None = None, overwrite: bool = False, console: Console | None = None
+) -> list[dict[str, Any]]:
     """Bare ``dppo prep``: the paper's data (SmolTalk SFT, UltraFeedback train/test pairs) with the
-    Qwen2.5-0.5B tokenizer into ``out`` (default ``data/``)."""
+    Qwen2.5-0.5B tokenizer (or ``tokenizer``) into ``out`` (default ``data/``)."""
     out = Path(out or DEFAULTS["out"])
-    tok = DEFAULTS["tokenizer"]
+    tok = tokenizer or DEFAULTS["tokenizer"]
     runs = [PrepConfig("sft", DEFAULTS["sft"]["data"], tok, out / "sft", split=DEFAULTS["sft"]["split"], overwrite=overwrite)]
     for split in DEFAULTS["prefs"]["splits"]:
         runs.append(PrepConfig("prefs", DEFAULTS["prefs"]["data"], tok, out / f"prefs-{split}", split=split, overwrite=overwrite))

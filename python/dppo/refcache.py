@@ -40,24 +40,10 @@ __all__ = ["RefLogps", "reference_logps", "model_fingerprint", "shards_fingerpri
 
 COLUMNS = ("chosen", "rejected", "ygen")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 _FLUSH_SECONDS = 120.0
 
 
-def resolve_model_dir(name: str | os.PathLike[str]) -> Path:
-    """A local folder for a model: the folder itself, or a hub id fetched into the Hugging Face cache."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path}: not a model folder (no config.json)")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name), allow_patterns=_HUB_PATTERNS))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model '{name}': no such folder, and the hub did not provide it ({first})") from None
+from dppo.artifacts import resolve_model as resolve_model_dir  # noqa: E402  (re-exported)
 
 
 def _hash_file(h: Any, path: Path) -> None:
@@ -195,11 +181,12 @@ def reference_logps(
         need_ygen: also logp_ref(y_gen | x) (conll).
         precision: "fp32" or "bf16": part of the cache key (the values differ).
         autocast: context manager factory the forward runs under (bf16 autocast for "bf16").
-        batch_tokens: tokens per packed row of the no-grad pass.
+        batch_tokens: the token budget of a micro-batch of the no-grad pass (:func:`dppo.data.micro_batches`).
         fallback_dir: cache location when the shards folder is not writable.
         on_progress: called with (tokens done, tokens to do).
     """
-    from dppo.modeling import PackedBatch, pack_indices, sequence_logps
+    from dppo.data import micro_batches
+    from dppo.modeling import PackedBatch, sequence_logps
 
     n = len(shards)
     columns = ("chosen", "rejected", "ygen") if need_ygen else ("chosen", "rejected")
@@ -230,7 +217,7 @@ def reference_logps(
     examples = sorted(wanted)
     lengths = shards.lengths()
     cost = [sum(int(lengths["prompt"][i]) + int(lengths[c][i]) for c in wanted[i]) for i in examples]
-    rows = pack_indices(cost, batch_tokens)
+    rows = [row.tolist() for row in micro_batches(cost, batch_tokens)]
     total, done = sum(cost), 0
 
     model = load()

@@ -18,8 +18,7 @@ __all__ = ["SourceError", "Source", "open_source", "resolve_tokenizer", "file_fi
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".feather", ".ipc")
 
 
-class SourceError(RuntimeError):
-    """A data source or tokenizer that cannot be read (the message is one line)."""
+from dppo.errors import SourceError  # noqa: E402  (re-exported)
 
 
 @dataclass
@@ -134,10 +133,11 @@ def _count_rows(files: list[Path]) -> int | None:
 
 
 def _hub_error(src: str, e: Exception) -> SourceError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    from dppo.artifacts import first_line
+
     return SourceError(
-        f"could not load '{src}' from the Hugging Face hub ({type(e).__name__}: {first}); "
-        "check the name and your network, or pass a local parquet/jsonl file"
+        f"could not load data set '{src}' from the Hugging Face hub ({type(e).__name__}: {first_line(e)}); "
+        "check the name (and HF_HUB_OFFLINE: set it to use only the local cache), or pass a local parquet/jsonl file"
     )
 
 
@@ -169,6 +169,10 @@ def open_source(
 
     if str(src).startswith((".", "/", "~")) or str(src).endswith(DATA_SUFFIXES):
         raise SourceError(f"{src}: no such file or folder")
+    from dppo.artifacts import check_hub_access, hub_offline
+
+    if not hub_offline():  # offline, `datasets` reads its own cache (and fails at once without it)
+        check_hub_access("data set", str(src))
     try:
         import datasets
 
@@ -204,20 +208,12 @@ def resolve_tokenizer(tok: str | os.PathLike[str], revision: str | None = None) 
         if not (path / "tokenizer.json").is_file():
             raise SourceError(f"{path}: no tokenizer.json in this folder")
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    from dppo.artifacts import hub_snapshot
 
-        local = snapshot_download(
-            str(tok),
-            revision=revision,
-            allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"],
-        )
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(
-            f"could not fetch tokenizer '{tok}' from the Hugging Face hub ({type(e).__name__}: {first}); "
-            "check the name and your network, or pass a local folder with tokenizer.json"
-        ) from None
+    local = hub_snapshot(
+        str(tok), what="tokenizer", revision=revision,
+        allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"],
+    )
     if not (Path(local) / "tokenizer.json").is_file():
         raise SourceError(f"tokenizer '{tok}' has no tokenizer.json (only fast tokenizers are supported)")
     return Path(local)

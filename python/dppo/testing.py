@@ -13,6 +13,8 @@ from typing import Any, Iterable
 __all__ = [
     "QWEN2_PATTERN",
     "QWEN_STYLE_TEMPLATE",
+    "LLAMA3_TEMPLATE",
+    "LLAMA3_SPECIAL_TOKENS",
     "SPECIAL_TOKENS",
     "make_tokenizer",
     "tiny_qwen2",
@@ -65,6 +67,16 @@ QWEN_STYLE_TEMPLATE = (
 )
 
 
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+"""Meta-Llama-3-8B-Instruct's chat template (headers as special tokens, content trimmed, a BOS first)."""
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
 def english_corpus(limit_chars: int = 2_000_000) -> list[str]:
     """English prose available offline: the docstrings of Python's standard library."""
     import importlib
@@ -101,11 +113,17 @@ def make_tokenizer(
     vocab_size: int = 1000,
     template: str = QWEN_STYLE_TEMPLATE,
     pattern: str = QWEN2_PATTERN,
+    special_tokens: list[str] | None = None,
+    eos_token: str = "<|im_end|>",
+    pad_token: str | None = "<|endoftext|>",
+    bos_token: str | None = None,
 ) -> Path:
-    """Train a byte-level BPE (NFC, ChatML special tokens, pre-split by ``pattern``: Qwen2's by
-    default) on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` (with
-    ``template``) into ``out_dir``. ``vocab_size`` is an upper bound: training stops early when no
-    pair is left to merge."""
+    """Train a byte-level BPE (NFC, special tokens, pre-split by ``pattern``: Qwen2's by default)
+    on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` (with ``template``) into
+    ``out_dir``. The special tokens default to ChatML's; pass :data:`LLAMA3_SPECIAL_TOKENS` with
+    :data:`LLAMA3_TEMPLATE` (``eos_token="<|eot_id|>"``, ``bos_token="<|begin_of_text|>"``) for a
+    Llama-3-shaped tokenizer. ``vocab_size`` is an upper bound: training stops early when no pair is
+    left to merge."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     out = Path(out_dir)
@@ -121,7 +139,7 @@ def make_tokenizer(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens or SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -130,9 +148,9 @@ def make_tokenizer(
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "pad_token": pad_token,
         "unk_token": None,
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,

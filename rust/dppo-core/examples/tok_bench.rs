@@ -116,7 +116,7 @@ fn main() {
     let mut first_ours = None;
     for _ in 0..iters {
         let t = Instant::now();
-        let ids = ours.encode_batch(&refs);
+        let ids = ours.encode_batch(&refs).expect("encode");
         let seconds = t.elapsed().as_secs_f64();
         ours_passes.push(Pass {
             seconds,

@@ -12,6 +12,7 @@ use arrow_array::{
 use arrow_schema::DataType;
 
 use crate::error::{PrepError, Result};
+use crate::prep::YgenRow;
 use crate::record::{RawMessage, RawMessages, RawPairRow, RawSftRow, RawStr};
 
 /// A column read as strings, whatever its physical string type.
@@ -320,15 +321,71 @@ pub fn pair_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPairRow>>
 
 /// `(prompt_id, response)` rows of a y_gen file. Rows with a null id or response are returned
 /// as errors counted by the caller.
-pub fn ygen_rows(batch: &RecordBatch) -> Result<Vec<Option<(String, String)>>> {
+pub fn ygen_rows(batch: &RecordBatch) -> Result<Vec<Option<YgenRow>>> {
     let pid = StrCol::new(Some(require(batch, "prompt_id", "y_gen: prompt_id, response")?));
     let resp = StrCol::new(Some(require(batch, "response", "y_gen: prompt_id, response")?));
+    let ids = match batch.column_by_name("response_ids") {
+        Some(col) => Some(id_lists(col)?),
+        None => None,
+    };
     Ok((0..batch.num_rows())
         .map(|i| match (pid.get_id(i), resp.get(i)) {
-            (RawStr::Str(p), RawStr::Str(r)) => Some((p, r)),
+            (RawStr::Str(p), RawStr::Str(r)) => {
+                let ids = ids.as_ref().and_then(|col| col[i].clone());
+                Some(YgenRow { prompt_id: p, response: r, ids })
+            }
             _ => None,
         })
         .collect())
+}
+
+/// A column of token-id lists (`list` or `large_list` of any integer type), None where null.
+/// Negative ids become `u32::MAX`, which the vocabulary check rejects.
+fn id_lists(col: &ArrayRef) -> Result<Vec<Option<Vec<u32>>>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type, UInt32Type, UInt64Type};
+    fn values(a: &ArrayRef) -> Option<Vec<u32>> {
+        let to_u32 = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        if let Some(p) = a.as_primitive_opt::<Int32Type>() {
+            return Some(p.values().iter().map(|&v| to_u32(v as i64)).collect());
+        }
+        if let Some(p) = a.as_primitive_opt::<Int64Type>() {
+            return Some(p.values().iter().map(|&v| to_u32(v)).collect());
+        }
+        if let Some(p) = a.as_primitive_opt::<UInt32Type>() {
+            return Some(p.values().to_vec());
+        }
+        if let Some(p) = a.as_primitive_opt::<UInt64Type>() {
+            return Some(p.values().iter().map(|&v| u32::try_from(v).unwrap_or(u32::MAX)).collect());
+        }
+        None
+    }
+    let bad = || PrepError::Input(format!("y_gen: response_ids must be lists of integers, got {}", col.data_type()));
+    let n = col.len();
+    let mut out = Vec::with_capacity(n);
+    macro_rules! lists {
+        ($l:expr) => {
+            for i in 0..n {
+                if $l.is_null(i) {
+                    out.push(None);
+                } else {
+                    let v = $l.value(i);
+                    if v.null_count() > 0 {
+                        out.push(Some(vec![u32::MAX]));
+                    } else {
+                        out.push(Some(values(&v).ok_or_else(bad)?));
+                    }
+                }
+            }
+        };
+    }
+    match col.data_type() {
+        DataType::List(_) => lists!(col.as_list::<i32>()),
+        DataType::LargeList(_) => lists!(col.as_list::<i64>()),
+        DataType::Null => out.resize(n, None),
+        _ => return Err(bad()),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

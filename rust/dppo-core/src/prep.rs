@@ -1,11 +1,12 @@
 //! The preparation pipeline: rows in, shards out.
 //!
 //! Pass 1 (`feed_*`, once per source batch): validate rows, render the chat template, tokenize in
-//! parallel, append the untruncated ids to a spill file, and count full-sequence lengths in a
-//! histogram (constant memory, exact percentiles). Pass 2 (`finish`): choose `max_len`, read the
-//! spill back in order, truncate, write shards (packed by best-fit decreasing), write
-//! `meta.json`, and only then move the folder into place. Memory does not grow with the number of
-//! rows; a killed run leaves only a `*.partial-PID` folder that the next run removes.
+//! parallel, append the untruncated ids (and where the user turn's content lies in the prompt, see
+//! `truncate`) to a spill file, and count full-sequence lengths in a histogram (constant memory,
+//! exact percentiles). Pass 2 (`finish`): choose `max_len`, read the spill back in order, truncate
+//! what does not fit without breaking the template, write shards and `meta.json`, and only then
+//! move the folder into place. Memory does not grow with the number of rows; a killed run leaves
+//! only a `*.partial-PID` folder that the next run removes.
 //!
 //! Response ids are "the rendered full conversation's ids after the prompt's". The prompt is
 //! tokenized once per example, not once per response: special tokens always split the text, so
@@ -16,6 +17,10 @@
 //! newline), the prompt's ids are not a prefix of the conversation's ids either; the response's
 //! ids are then those of the response text on its own, the example is flagged and counted
 //! (`boundary_resplit`), and `prompt + response` stays a valid, decodable sequence.
+//!
+//! y_gen responses given as token ids (what the model generated, from `dppo generate`) are used as
+//! they are: the stored y_gen is the template's text before an assistant turn's content (usually
+//! nothing), the generated ids, and the template's end-of-turn text, never a re-tokenization.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -33,6 +38,7 @@ use crate::record::{first_exchange, pair, RawPairRow, RawSftRow, Skip};
 use crate::shard::{self, SegKind, ShardStats, ShardWriter};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
+use crate::truncate::{shorten_prompt, truncate_example, KeepPart, Limits, PromptLayout};
 
 /// What kind of data a run prepares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +60,10 @@ pub struct PrepOptions {
     pub kind: DataKind,
     pub max_len: MaxLen,
     /// Default: `max_len - 21`, at least `max_len / 2` (with the paper's 989 this is the 968
-    /// prompt tokens the author's runs kept).
+    /// prompt tokens the author's runs kept). Only examples that do not fit `max_len` are cut.
     pub max_prompt_len: Option<u32>,
-    /// Default: the smallest power of two, at least 2048, that holds the longest possible example.
-    pub pack_len: Option<u32>,
+    /// Which part of a too-long user turn a shortened prompt keeps.
+    pub truncate_prompt: KeepPart,
     /// Stop at the first bad row with an error naming it.
     pub strict: bool,
     /// Drop (and count) pairs whose prompt_id is not in the y_gen file, instead of failing.
@@ -72,7 +78,7 @@ impl Default for PrepOptions {
             kind: DataKind::Pairs,
             max_len: MaxLen::Auto { percentile: 95.0 },
             max_prompt_len: None,
-            pack_len: None,
+            truncate_prompt: KeepPart::Start,
             strict: false,
             allow_missing_ygen: false,
             shard_max_tokens: 256 << 20,
@@ -102,8 +108,24 @@ pub fn default_max_prompt_len(max_len: u32) -> u32 {
     max_len.saturating_sub(21).max(max_len / 2)
 }
 
-fn default_pack_len(longest_example: u32) -> u32 {
-    longest_example.max(2048).next_power_of_two()
+/// A y_gen response: its text, and (when known) the ids the model generated, stop token excluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YgenRow {
+    pub prompt_id: String,
+    pub response: String,
+    pub ids: Option<Vec<u32>>,
+}
+
+struct YgenEntry {
+    text: String,
+    ids: Option<Vec<u32>>,
+}
+
+/// A response to tokenize: text rendered by the template, or ids used as they are.
+#[derive(Clone, Copy)]
+enum Reply<'a> {
+    Text(&'a Message),
+    Ids(&'a [u32]),
 }
 
 /// One tokenized example before truncation.
@@ -111,9 +133,15 @@ struct Encoded {
     row: u64,
     id: String,
     prompt: Vec<u32>,
+    layout: PromptLayout,
     /// (kind, ids) per response, in shard order: Response | Chosen, Rejected[, Ygen]
     responses: Vec<(SegKind, Vec<u32>)>,
     resplit: bool,
+    /// The template did not place the user turn's content verbatim: only the generation header
+    /// is protected from truncation.
+    frame_fallback: bool,
+    /// y_gen came from generated ids (Some(true)) or was tokenized from text (Some(false)).
+    ygen_from_ids: Option<bool>,
     scores: [f32; 2],
 }
 
@@ -123,17 +151,175 @@ struct Counts {
     kept: u64,
     skipped: BTreeMap<Skip, u64>,
     boundary_resplit: u64,
+    frame_fallback: u64,
     untruncated_tokens: u64,
     ygen_missing_examples: Vec<String>,
     ygen_bad_rows: u64,
+    ygen_bad_ids: u64,
     ygen_duplicates: u64,
+    ygen_from_ids: u64,
+    ygen_from_text: u64,
+}
+
+/// Renders conversations with a chat template and tokenizes them: the prompt once, each response
+/// as the rendered conversation's ids after the prompt's (see the module docs). Shared by
+/// preparation and by [`encode_prompts`] (the prompts `dppo generate` answers).
+pub struct Encoder {
+    tok: Arc<Tokenizer>,
+    template: ChatTemplate,
+    specials: Option<AhoCorasick>,
+}
+
+impl Encoder {
+    pub fn new(tok: Arc<Tokenizer>, template: ChatTemplate) -> Result<Self> {
+        let added: Vec<String> = tok.added_tokens().into_iter().map(|(s, _, _)| s).collect();
+        let specials = if added.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&added)
+                    .map_err(|e| PrepError::Tokenizer(e.to_string()))?,
+            )
+        };
+        Ok(Self { tok, template, specials })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Byte offset just past the last added/special token in `text` (0 if none).
+    fn tail_start(&self, text: &str) -> usize {
+        self.specials.as_ref().and_then(|ac| ac.find_iter(text).last()).map(|m| m.end()).unwrap_or(0)
+    }
+
+    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, Skip> {
+        self.tok.encode(text).map_err(|_| Skip::TokenizerError)
+    }
+
+    /// Where the user turn's content lies in the prompt's ids (see `truncate`). The template's
+    /// pieces around it are tokenized on their own; when the canonical ids do not split at their
+    /// edges, the prompt is also kept tokenized piece by piece. `fallback`: the template does not
+    /// place the content verbatim, so only the generation header is protected.
+    fn layout(&self, msgs: &[Message], text: &str, prompt: &[u32]) -> std::result::Result<(PromptLayout, bool), Skip> {
+        let Some((start, end)) = self.template.content_span(msgs, text, true) else {
+            let header = self.template.generation_header(msgs).unwrap_or_default();
+            let tail = self.tokenize(&header)?;
+            let tail = if prompt.ends_with(&tail) { tail.len() as u32 } else { 0 };
+            return Ok((PromptLayout { head: 0, tail, pieces: None }, true));
+        };
+        let head = self.tokenize(&text[..start])?;
+        let tail = self.tokenize(&text[end..])?;
+        let aligned = head.len() + tail.len() <= prompt.len() && prompt.starts_with(&head) && prompt.ends_with(&tail);
+        let pieces = if aligned {
+            None
+        } else {
+            let mut p = head.clone();
+            p.extend(self.tokenize(&text[start..end])?);
+            p.extend_from_slice(&tail);
+            Some(p)
+        };
+        Ok((PromptLayout { head: head.len() as u32, tail: tail.len() as u32, pieces }, false))
+    }
+
+    /// Tokenize a prompt and its responses; see the module docs for the response rule.
+    fn encode(&self, prompt_msgs: &[Message], responses: &[(SegKind, Reply<'_>)]) -> std::result::Result<Encoded, Skip> {
+        let prompt_text = self.template.render(prompt_msgs, true).map_err(|_| Skip::TemplateError)?;
+        let cut = self.tail_start(&prompt_text);
+        let (head, tail) = prompt_text.split_at(cut);
+        let mut prompt = self.tokenize(head)?;
+        let tail_ids = self.tokenize(tail)?;
+        prompt.extend_from_slice(&tail_ids);
+        let (layout, frame_fallback) = self.layout(prompt_msgs, &prompt_text, &prompt)?;
+        let mut resplit = false;
+        let mut msgs = prompt_msgs.to_vec();
+        let mut out = Vec::with_capacity(responses.len());
+        let mut frame: Option<(Vec<u32>, Vec<u32>)> = None;
+        for &(kind, reply) in responses {
+            let ids = match reply {
+                Reply::Ids(generated) => {
+                    if frame.is_none() {
+                        let (before, after) =
+                            self.template.assistant_frame(prompt_msgs, &prompt_text).ok_or(Skip::TemplateNotPrefix)?;
+                        frame = Some((self.tokenize(&before)?, self.tokenize(&after)?));
+                    }
+                    let (before, after) = frame.as_ref().unwrap();
+                    let mut ids = Vec::with_capacity(before.len() + generated.len() + after.len());
+                    ids.extend_from_slice(before);
+                    ids.extend_from_slice(generated);
+                    ids.extend_from_slice(after);
+                    ids
+                }
+                Reply::Text(resp) => {
+                    msgs.push(resp.clone());
+                    let full = self.template.render(&msgs, false).map_err(|_| Skip::TemplateError)?;
+                    msgs.pop();
+                    let Some(suffix) = full.strip_prefix(prompt_text.as_str()) else {
+                        return Err(Skip::TemplateNotPrefix);
+                    };
+                    let joint = self.tokenize(&full[cut..])?;
+                    if joint.starts_with(&tail_ids) {
+                        joint[tail_ids.len()..].to_vec()
+                    } else {
+                        resplit = true;
+                        self.tokenize(suffix)?
+                    }
+                }
+            };
+            out.push((kind, ids));
+        }
+        Ok(Encoded {
+            row: 0,
+            id: String::new(),
+            prompt,
+            layout,
+            responses: out,
+            resplit,
+            frame_fallback,
+            ygen_from_ids: None,
+            scores: [f32::NAN; 2],
+        })
+    }
+
+    /// The prompt of `messages` (rendered with the generation header, tokenized), shortened to at
+    /// most `max_prompt_len` tokens by removing content of its user turn, never template tokens.
+    pub fn prompt_ids(&self, messages: &[Message], max_prompt_len: Option<u32>, keep: KeepPart) -> std::result::Result<Vec<u32>, Skip> {
+        let mut ex = self.encode(messages, &[])?;
+        if let Some(budget) = max_prompt_len {
+            shorten_prompt(&mut ex.prompt, &ex.layout, budget, keep)?;
+        }
+        Ok(ex.prompt)
+    }
+}
+
+/// The prompts of many conversations (in parallel), as [`Encoder::prompt_ids`]; an error names
+/// the conversation (its index).
+pub fn encode_prompts(
+    encoder: &Encoder,
+    conversations: &[Vec<Message>],
+    max_prompt_len: Option<u32>,
+    keep: KeepPart,
+) -> Result<Vec<Vec<u32>>> {
+    conversations
+        .par_iter()
+        .enumerate()
+        .map(|(i, msgs)| {
+            encoder.prompt_ids(msgs, max_prompt_len, keep).map_err(|skip| {
+                PrepError::Input(format!("conversation {i}: {} ({})", skip.explain(), skip.name()))
+            })
+        })
+        .collect()
 }
 
 /// Pass 1 and pass 2 of a preparation run. See the module docs.
 pub struct Preparer {
-    tok: Arc<Tokenizer>,
-    template: ChatTemplate,
-    specials: Option<AhoCorasick>,
+    enc: Encoder,
     opts: PrepOptions,
     out_dir: PathBuf,
     work_dir: PathBuf,
@@ -142,7 +328,7 @@ pub struct Preparer {
     spill: Option<BufWriter<File>>,
     hist: Vec<u64>,
     counts: Counts,
-    ygen: Option<HashMap<String, String>>,
+    ygen: Option<HashMap<String, YgenEntry>>,
     started: Instant,
 }
 
@@ -173,27 +359,13 @@ impl Preparer {
             return Err(PrepError::Config(format!("{} exists and is not a folder", out_dir.display())));
         }
         remove_stale_partials(out_dir);
+        let enc = Encoder::new(tok, template)?;
         let work_dir = partial_dir(out_dir);
         fs::create_dir_all(&work_dir).at(&work_dir)?;
         let spill_path = work_dir.join("spill.bin");
         let spill = BufWriter::with_capacity(4 << 20, File::create(&spill_path).at(&spill_path)?);
-        let specials = {
-            let added: Vec<String> = tok.added_tokens().into_iter().map(|(s, _, _)| s).collect();
-            if added.is_empty() {
-                None
-            } else {
-                Some(
-                    AhoCorasick::builder()
-                        .match_kind(MatchKind::LeftmostLongest)
-                        .build(&added)
-                        .map_err(|e| PrepError::Tokenizer(e.to_string()))?,
-                )
-            }
-        };
         Ok(Self {
-            tok,
-            template,
-            specials,
+            enc,
             opts,
             out_dir: out_dir.to_owned(),
             work_dir,
@@ -207,17 +379,23 @@ impl Preparer {
         })
     }
 
-    /// Register y_gen responses (`None` entries are unusable rows of the y_gen file).
-    pub fn add_ygen(&mut self, rows: Vec<Option<(String, String)>>) {
+    /// Register y_gen responses (`None` entries are unusable rows of the y_gen file). Ids outside
+    /// the tokenizer's vocabulary make the row unusable too (counted as `bad_ids`).
+    pub fn add_ygen(&mut self, rows: Vec<Option<YgenRow>>) {
+        let vocab = self.enc.tok.vocab_size() as u32;
         let map = self.ygen.get_or_insert_with(HashMap::new);
         for r in rows {
             match r {
                 None => self.counts.ygen_bad_rows += 1,
-                Some((id, resp)) => {
-                    if map.contains_key(&id) {
+                Some(r) if r.ids.as_ref().is_some_and(|ids| ids.iter().any(|&t| t >= vocab)) => {
+                    self.counts.ygen_bad_rows += 1;
+                    self.counts.ygen_bad_ids += 1;
+                }
+                Some(r) => {
+                    if map.contains_key(&r.prompt_id) {
                         self.counts.ygen_duplicates += 1;
                     } else {
-                        map.insert(id, resp);
+                        map.insert(r.prompt_id, YgenEntry { text: r.response, ids: r.ids });
                     }
                 }
             }
@@ -228,69 +406,39 @@ impl Preparer {
         self.ygen.is_some()
     }
 
-    /// Byte offset just past the last added/special token in `text` (0 if none).
-    fn tail_start(&self, text: &str) -> usize {
-        self.specials.as_ref().and_then(|ac| ac.find_iter(text).last()).map(|m| m.end()).unwrap_or(0)
-    }
-
-    /// Tokenize a prompt and its responses; see the module docs for the response rule.
-    fn encode(&self, prompt_msgs: &[Message], responses: &[(SegKind, &Message)]) -> std::result::Result<(Vec<u32>, Vec<(SegKind, Vec<u32>)>, bool), Skip> {
-        let prompt_text = self.template.render(prompt_msgs, true).map_err(|_| Skip::TemplateError)?;
-        let cut = self.tail_start(&prompt_text);
-        let (head, tail) = prompt_text.split_at(cut);
-        let mut prompt = self.tok.encode(head);
-        let tail_ids = self.tok.encode(tail);
-        prompt.extend_from_slice(&tail_ids);
-        let mut resplit = false;
-        let mut msgs = prompt_msgs.to_vec();
-        let mut out = Vec::with_capacity(responses.len());
-        for &(kind, resp) in responses {
-            msgs.push(resp.clone());
-            let full = self.template.render(&msgs, false).map_err(|_| Skip::TemplateError)?;
-            msgs.pop();
-            let Some(suffix) = full.strip_prefix(prompt_text.as_str()) else {
-                return Err(Skip::TemplateNotPrefix);
-            };
-            let joint = self.tok.encode(&full[cut..]);
-            let ids = if joint.starts_with(&tail_ids) {
-                joint[tail_ids.len()..].to_vec()
-            } else {
-                resplit = true;
-                self.tok.encode(suffix)
-            };
-            out.push((kind, ids));
-        }
-        Ok((prompt, out, resplit))
-    }
-
     fn encode_sft(&self, row: &RawSftRow) -> std::result::Result<Encoded, Skip> {
         if row.invalid {
             return Err(Skip::InvalidJson);
         }
         let (prompt, resp) = first_exchange(&row.messages)?;
-        let (p, r, resplit) = self.encode(&prompt, &[(SegKind::Response, &resp)])?;
-        Ok(Encoded { row: row.row, id: String::new(), prompt: p, responses: r, resplit, scores: [f32::NAN; 2] })
+        let mut ex = self.enc.encode(&prompt, &[(SegKind::Response, Reply::Text(&resp))])?;
+        ex.row = row.row;
+        Ok(ex)
     }
 
     fn encode_pair(&self, row: &RawPairRow) -> std::result::Result<Encoded, Skip> {
         let (id, prompt, chosen, rejected) = pair(row)?;
         let ygen_msg;
-        let mut responses = vec![(SegKind::Chosen, &chosen), (SegKind::Rejected, &rejected)];
+        let mut responses = vec![(SegKind::Chosen, Reply::Text(&chosen)), (SegKind::Rejected, Reply::Text(&rejected))];
+        let mut ygen_from_ids = None;
         if let Some(map) = &self.ygen {
             let y = map.get(&id).ok_or(Skip::MissingYgen)?;
-            ygen_msg = Message::new("assistant", y.as_str());
-            responses.push((SegKind::Ygen, &ygen_msg));
+            match &y.ids {
+                Some(ids) => responses.push((SegKind::Ygen, Reply::Ids(ids))),
+                None => {
+                    ygen_msg = Message::new("assistant", y.text.as_str());
+                    responses.push((SegKind::Ygen, Reply::Text(&ygen_msg)));
+                }
+            }
+            ygen_from_ids = Some(y.ids.is_some());
         }
-        let (p, r, resplit) = self.encode(&prompt, &responses)?;
+        let mut ex = self.enc.encode(&prompt, &responses)?;
         let score = |s: Option<f64>| s.map(|v| v as f32).unwrap_or(f32::NAN);
-        Ok(Encoded {
-            row: row.row,
-            id,
-            prompt: p,
-            responses: r,
-            resplit,
-            scores: [score(row.score_chosen), score(row.score_rejected)],
-        })
+        ex.row = row.row;
+        ex.id = id;
+        ex.ygen_from_ids = ygen_from_ids;
+        ex.scores = [score(row.score_chosen), score(row.score_rejected)];
+        Ok(ex)
     }
 
     pub fn feed_sft(&mut self, rows: &[RawSftRow]) -> Result<()> {
@@ -334,6 +482,12 @@ impl Preparer {
                 Ok(ex) => {
                     self.counts.kept += 1;
                     self.counts.boundary_resplit += ex.resplit as u64;
+                    self.counts.frame_fallback += ex.frame_fallback as u64;
+                    match ex.ygen_from_ids {
+                        Some(true) => self.counts.ygen_from_ids += 1,
+                        Some(false) => self.counts.ygen_from_text += 1,
+                        None => {}
+                    }
                     for (kind, ids) in &ex.responses {
                         let n = ex.prompt.len() + ids.len();
                         self.counts.untruncated_tokens += n as u64;
@@ -353,20 +507,26 @@ impl Preparer {
 
     fn spill_write(&mut self, ex: &Encoded) -> Result<()> {
         let w = self.spill.as_mut().expect("spill open until finish");
-        let mut buf = Vec::with_capacity(64 + 4 * (ex.prompt.len() + ex.responses.iter().map(|r| r.1.len()).sum::<usize>()));
+        let pieces = ex.layout.pieces.as_deref().unwrap_or(&[]);
+        let n_ids = ex.prompt.len() + pieces.len() + ex.responses.iter().map(|r| r.1.len()).sum::<usize>();
+        let mut buf = Vec::with_capacity(64 + ex.id.len() + 4 * n_ids);
         buf.extend_from_slice(&ex.row.to_le_bytes());
         buf.extend_from_slice(&(ex.resplit as u32).to_le_bytes());
         buf.extend_from_slice(&ex.scores[0].to_le_bytes());
         buf.extend_from_slice(&ex.scores[1].to_le_bytes());
         buf.extend_from_slice(&(ex.id.len() as u32).to_le_bytes());
         buf.extend_from_slice(ex.id.as_bytes());
+        buf.extend_from_slice(&ex.layout.head.to_le_bytes());
+        buf.extend_from_slice(&ex.layout.tail.to_le_bytes());
+        buf.extend_from_slice(&(ex.layout.pieces.as_ref().map_or(u32::MAX, |p| p.len() as u32)).to_le_bytes());
         buf.extend_from_slice(&(ex.responses.len() as u32).to_le_bytes());
         buf.extend_from_slice(&(ex.prompt.len() as u32).to_le_bytes());
         for (kind, ids) in &ex.responses {
             buf.extend_from_slice(&(*kind as u32).to_le_bytes());
             buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
         }
-        for &t in ex.prompt.iter().chain(ex.responses.iter().flat_map(|r| r.1.iter())) {
+        let ids = ex.prompt.iter().chain(pieces).chain(ex.responses.iter().flat_map(|r| r.1.iter()));
+        for &t in ids {
             buf.extend_from_slice(&t.to_le_bytes());
         }
         w.write_all(&buf).at(&self.spill_path)
@@ -421,12 +581,7 @@ impl Preparer {
         };
         let max_len = max_len.max(2);
         let max_prompt_len = self.opts.max_prompt_len.unwrap_or_else(|| default_max_prompt_len(max_len)).min(max_len - 1);
-        let n_resp: u32 = match (self.opts.kind, self.ygen.is_some()) {
-            (DataKind::Sft, _) => 1,
-            (DataKind::Pairs, false) => 2,
-            (DataKind::Pairs, true) => 3,
-        };
-        let pack_len = self.opts.pack_len.unwrap_or_else(|| default_pack_len(n_resp * max_len));
+        let limits = Limits { max_len, max_prompt_len, keep: self.opts.truncate_prompt };
         let kind = match self.opts.kind {
             DataKind::Sft => shard::KIND_SFT,
             DataKind::Pairs => shard::KIND_PAIRS,
@@ -436,58 +591,66 @@ impl Preparer {
         let mut reader = BufReader::with_capacity(4 << 20, File::open(&self.spill_path).at(&self.spill_path)?);
         let mut shards: Vec<ShardStats> = Vec::new();
         let mut writer: Option<ShardWriter> = None;
-        let (mut trunc_prompt, mut trunc_resp, mut truncated) = (0u64, 0u64, 0u64);
+        let mut t = Truncated::default();
+        let mut late_skips: BTreeMap<Skip, u64> = BTreeMap::new();
         let total = self.counts.kept;
         for done in 0..total {
-            let ex = read_spilled(&mut reader, &self.spill_path)?;
+            let mut ex = read_spilled(&mut reader, &self.spill_path)?;
             let mut flags = if ex.resplit { shard::FLAG_BOUNDARY_RESPLIT } else { 0 };
-            let mut prompt = ex.prompt;
-            if prompt.len() as u32 > max_prompt_len {
-                prompt.truncate(max_prompt_len as usize);
+            let cut = match truncate_example(&mut ex.prompt, &ex.layout, &mut ex.responses, limits) {
+                Ok(cut) => cut,
+                Err(skip) => {
+                    if self.opts.strict {
+                        return Err(PrepError::BadRow {
+                            row: ex.row,
+                            prompt_id: (!ex.id.is_empty()).then(|| ex.id.clone()),
+                            reason: format!("{} ({})", skip.explain(), skip.name()),
+                        });
+                    }
+                    *late_skips.entry(skip).or_default() += 1;
+                    continue;
+                }
+            };
+            if cut.prompt_truncated() {
                 flags |= shard::FLAG_PROMPT_TRUNCATED;
             }
-            let room = (max_len as usize).saturating_sub(prompt.len());
-            let mut responses = ex.responses;
-            for (_, ids) in responses.iter_mut() {
-                if ids.len() > room {
-                    ids.truncate(room);
-                    flags |= shard::FLAG_RESPONSE_TRUNCATED;
-                }
+            if cut.response_truncated() {
+                flags |= shard::FLAG_RESPONSE_TRUNCATED;
             }
-            trunc_prompt += (flags & shard::FLAG_PROMPT_TRUNCATED != 0) as u64;
-            trunc_resp += (flags & shard::FLAG_RESPONSE_TRUNCATED != 0) as u64;
-            truncated += (flags & (shard::FLAG_PROMPT_TRUNCATED | shard::FLAG_RESPONSE_TRUNCATED) != 0) as u64;
-            let unit: u32 = responses.iter().map(|r| (prompt.len() + r.1.len()) as u32).sum();
-            if unit > pack_len {
-                return Err(PrepError::Config(format!(
-                    "--pack-len {pack_len} is shorter than an example ({unit} tokens at row {}); use at least {}",
-                    ex.row,
-                    n_resp * max_len
-                )));
-            }
+            t.add(&cut);
             if writer.as_ref().is_some_and(|w| w.tokens() >= self.opts.shard_max_tokens) {
-                shards.push(writer.take().unwrap().finish(pack_len)?);
+                shards.push(writer.take().unwrap().finish()?);
             }
             if writer.is_none() {
                 let name = format!("shard-{:05}", shards.len());
                 writer = Some(ShardWriter::create(&self.work_dir, &name, kind, hflags)?);
             }
-            let mut segs: Vec<(SegKind, &[u32])> = vec![(SegKind::Prompt, &prompt)];
-            segs.extend(responses.iter().map(|(k, ids)| (*k, ids.as_slice())));
+            let mut segs: Vec<(SegKind, &[u32])> = vec![(SegKind::Prompt, &ex.prompt)];
+            segs.extend(ex.responses.iter().map(|(k, ids)| (*k, ids.as_slice())));
             writer.as_mut().unwrap().add(ex.row, &ex.id, &segs, flags, ex.scores)?;
             if done % 4096 == 4095 || done + 1 == total {
                 progress(done + 1, total);
             }
         }
         if let Some(w) = writer.take() {
-            shards.push(w.finish(pack_len)?);
+            shards.push(w.finish()?);
         }
         fs::remove_file(&self.spill_path).at(&self.spill_path)?;
+        for (skip, n) in late_skips {
+            *self.counts.skipped.entry(skip).or_default() += n;
+            self.counts.kept -= n;
+        }
+        if self.counts.kept == 0 {
+            let reasons: Vec<String> = self.counts.skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            return Err(PrepError::Input(format!(
+                "no usable rows: {} rows read, all skipped ({})",
+                self.counts.rows_in,
+                reasons.join(", ")
+            )));
+        }
 
         let tokens: u64 = shards.iter().map(|s| s.tokens).sum();
         let packed: u64 = shards.iter().map(|s| s.packed_tokens).sum();
-        let rows: u64 = shards.iter().map(|s| s.rows).sum();
-        let padding = if rows == 0 { 0.0 } else { 1.0 - packed as f64 / (rows as f64 * pack_len as f64) };
         let elapsed = self.started.elapsed().as_secs_f64();
         let c = &self.counts;
         let mut dropped = serde_json::Map::new();
@@ -500,22 +663,28 @@ impl Preparer {
             "rows_kept": c.kept,
             "rows_dropped": c.rows_in - c.kept,
             "dropped": dropped,
-            "truncated": truncated,
-            "truncated_prompt": trunc_prompt,
-            "truncated_response": trunc_resp,
+            "truncated": t.examples,
+            "truncated_prompt": t.prompts,
+            "truncated_response": t.responses_examples,
+            "truncated_responses": t.responses,
+            "prompt_tokens_removed": t.prompt_tokens,
+            "prompt_tokens_removed_max": t.prompt_tokens_max,
+            "response_tokens_removed": t.response_tokens,
+            "response_tokens_removed_max": t.response_tokens_max,
+            "ygen_tokens_removed": t.ygen_tokens,
+            "truncate_prompt": self.opts.truncate_prompt.name(),
+            "template_frame_fallback": c.frame_fallback,
             "boundary_resplit": c.boundary_resplit,
             "max_len": max_len,
             "max_len_from": max_len_from,
             "max_prompt_len": max_prompt_len,
-            "pack_len": pack_len,
             "tokens": tokens,
             "packed_tokens": packed,
             "tokens_before_truncation": c.untruncated_tokens,
-            "rows": rows,
-            "padding_fraction": padding,
             "has_ygen": self.ygen.is_some(),
             "ygen": self.ygen.as_ref().map(|m| json!({
-                "responses": m.len(), "bad_rows": c.ygen_bad_rows, "duplicates": c.ygen_duplicates,
+                "responses": m.len(), "bad_rows": c.ygen_bad_rows, "bad_ids": c.ygen_bad_ids,
+                "duplicates": c.ygen_duplicates, "from_ids": c.ygen_from_ids, "from_text": c.ygen_from_text,
             })),
             "seconds": elapsed,
             "rows_per_s": c.rows_in as f64 / elapsed.max(1e-9),
@@ -526,14 +695,14 @@ impl Preparer {
             "version": shard::VERSION,
             "kind": summary["kind"],
             "tokenizer": {
-                "fingerprint": self.tok.fingerprint(),
-                "backend": self.tok.backend_name(),
-                "vocab_size": self.tok.vocab_size(),
+                "fingerprint": self.enc.tok.fingerprint(),
+                "backend": self.enc.tok.backend_name(),
+                "vocab_size": self.enc.tok.vocab_size(),
             },
-            "chat_template": self.template.source(),
-            "chat_template_hash": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(self.template.source().as_bytes())),
+            "chat_template": self.enc.template.source(),
+            "chat_template_hash": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(self.enc.template.source().as_bytes())),
             "shards": shards.iter().map(|s| json!({
-                "name": s.name, "examples": s.examples, "tokens": s.tokens, "rows": s.rows,
+                "name": s.name, "examples": s.examples, "tokens": s.tokens, "packed_tokens": s.packed_tokens,
                 "tok_checksum": format!("{:016x}", s.tok_checksum),
             })).collect::<Vec<_>>(),
             "counts": summary,
@@ -623,12 +792,42 @@ fn remove_stale_partials(out: &Path) {
     }
 }
 
+/// What truncation removed over a whole run (the `truncated*` counts of meta.json).
+#[derive(Debug, Default)]
+struct Truncated {
+    examples: u64,
+    prompts: u64,
+    responses_examples: u64,
+    responses: u64,
+    prompt_tokens: u64,
+    prompt_tokens_max: u64,
+    response_tokens: u64,
+    response_tokens_max: u64,
+    ygen_tokens: u64,
+}
+
+impl Truncated {
+    fn add(&mut self, cut: &crate::truncate::Cut) {
+        let (p, r) = (cut.prompt_removed as u64, cut.response_removed as u64);
+        self.examples += (cut.prompt_truncated() || cut.response_truncated()) as u64;
+        self.prompts += cut.prompt_truncated() as u64;
+        self.responses_examples += cut.response_truncated() as u64;
+        self.responses += cut.responses_cut as u64;
+        self.prompt_tokens += p;
+        self.prompt_tokens_max = self.prompt_tokens_max.max(p);
+        self.response_tokens += r;
+        self.response_tokens_max = self.response_tokens_max.max(r);
+        self.ygen_tokens += cut.ygen_removed as u64;
+    }
+}
+
 struct Spilled {
     row: u64,
     id: String,
     resplit: bool,
     scores: [f32; 2],
     prompt: Vec<u32>,
+    layout: PromptLayout,
     responses: Vec<(SegKind, Vec<u32>)>,
 }
 
@@ -647,6 +846,7 @@ fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
     let id_len = u32_(r)? as usize;
     let mut id = vec![0u8; id_len];
     r.read_exact(&mut id).at(path)?;
+    let (head, tail, n_pieces) = (u32_(r)?, u32_(r)?, u32_(r)?);
     let n = u32_(r)? as usize;
     let plen = u32_(r)? as usize;
     let mut heads = Vec::with_capacity(n);
@@ -665,11 +865,20 @@ fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
     };
     let prompt = read_ids(plen)?;
+    let pieces = if n_pieces == u32::MAX { None } else { Some(read_ids(n_pieces as usize)?) };
     let mut responses = Vec::with_capacity(n);
     for (k, len) in heads {
         responses.push((k, read_ids(len)?));
     }
-    Ok(Spilled { row, id: String::from_utf8_lossy(&id).into_owned(), resplit, scores: [s0, s1], prompt, responses })
+    Ok(Spilled {
+        row,
+        id: String::from_utf8_lossy(&id).into_owned(),
+        resplit,
+        scores: [s0, s1],
+        prompt,
+        layout: PromptLayout { head, tail, pieces },
+        responses,
+    })
 }
 
 #[cfg(test)]
@@ -699,7 +908,5 @@ mod tests {
     fn defaults() {
         assert_eq!(default_max_prompt_len(989), 968);
         assert_eq!(default_max_prompt_len(30), 15);
-        assert_eq!(default_pack_len(3 * 989), 4096);
-        assert_eq!(default_pack_len(576), 2048);
     }
 }

@@ -65,10 +65,12 @@ pub enum Skip {
     TemplateNotPrefix,
     TemplateError,
     InvalidJson,
+    PromptTooLong,
+    TokenizerError,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 10] = [
+    pub const ALL: [Skip; 12] = [
         Skip::MissingField,
         Skip::EmptyContent,
         Skip::NonStringContent,
@@ -79,6 +81,8 @@ impl Skip {
         Skip::TemplateNotPrefix,
         Skip::TemplateError,
         Skip::InvalidJson,
+        Skip::PromptTooLong,
+        Skip::TokenizerError,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,8 @@ impl Skip {
             Skip::TemplateNotPrefix => "template_not_prefix",
             Skip::TemplateError => "template_error",
             Skip::InvalidJson => "invalid_json",
+            Skip::PromptTooLong => "prompt_too_long",
+            Skip::TokenizerError => "tokenizer_error",
         }
     }
 
@@ -111,6 +117,11 @@ impl Skip {
             }
             Skip::TemplateError => "the chat template raised an error for this conversation",
             Skip::InvalidJson => "the line is not a JSON object",
+            Skip::PromptTooLong => {
+                "the prompt must be shortened, but its template tokens alone (system turn, headers, generation \
+                 header) exceed --max-prompt-len"
+            }
+            Skip::TokenizerError => "the tokenizer failed on this row's text",
         }
     }
 }

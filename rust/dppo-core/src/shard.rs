@@ -3,8 +3,11 @@
 //! A shard is two files: `NAME.tok`, the token ids as a flat little-endian `u32` array (so
 //! `np.memmap(..., dtype=uint32)` reads it as is), and `NAME.idx`, a 128-byte header followed by
 //! typed, 8-byte-aligned arrays: the examples, their segments (prompt / response / chosen /
-//! rejected / y_gen), source rows, truncation flags, scores, prompt ids and the packing rows.
-//! The header carries a version and xxh3 checksums of the `.tok` file and of the index body.
+//! rejected / y_gen), source rows, truncation flags, scores and prompt ids. The header carries a
+//! version and xxh3 checksums of the `.tok` file and of the index body.
+//!
+//! Shards hold no packing: the trainer forms its micro-batches under a token budget when it runs
+//! (`pack::best_fit_decreasing`, the one packing implementation).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -13,10 +16,10 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{IoContext, PrepError, Result};
-use crate::pack::best_fit_decreasing;
 
 pub const MAGIC: &[u8; 8] = b"DPPOSHRD";
-pub const VERSION: u32 = 1;
+/// Version 2 dropped the packing rows of version 1.
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 128;
 
 pub const KIND_SFT: u32 = 1;
@@ -48,12 +51,9 @@ pub const HAS_YGEN: u32 = 1;
 pub struct Header {
     pub kind: u32,
     pub flags: u32,
-    pub pack_len: u32,
     pub n_examples: u64,
     pub n_segments: u64,
     pub n_tokens: u64,
-    pub n_rows: u64,
-    pub n_row_items: u64,
     pub n_id_bytes: u64,
     pub tok_checksum: u64,
     pub body_checksum: u64,
@@ -80,7 +80,7 @@ fn size_of(dtype: &str) -> u64 {
 impl Header {
     /// The index arrays in file order. Shared by the writer and every reader.
     pub fn sections(&self) -> Vec<Section> {
-        let spec: [(&'static str, &'static str, u64); 11] = [
+        let spec: [(&'static str, &'static str, u64); 9] = [
             ("ex_seg_off", "u64", self.n_examples + 1),
             ("seg_tok_off", "u64", self.n_segments),
             ("seg_len", "u32", self.n_segments),
@@ -89,8 +89,6 @@ impl Header {
             ("ex_flags", "u32", self.n_examples),
             ("ex_scores", "f32", 2 * self.n_examples),
             ("id_off", "u64", self.n_examples + 1),
-            ("row_off", "u64", self.n_rows + 1),
-            ("row_items", "u32", self.n_row_items),
             ("id_bytes", "u8", self.n_id_bytes),
         ];
         let mut offset = HEADER_LEN as u64;
@@ -115,12 +113,9 @@ impl Header {
         put(8, &VERSION.to_le_bytes());
         put(12, &self.kind.to_le_bytes());
         put(16, &self.flags.to_le_bytes());
-        put(20, &self.pack_len.to_le_bytes());
         put(24, &self.n_examples.to_le_bytes());
         put(32, &self.n_segments.to_le_bytes());
         put(40, &self.n_tokens.to_le_bytes());
-        put(48, &self.n_rows.to_le_bytes());
-        put(56, &self.n_row_items.to_le_bytes());
         put(64, &self.n_id_bytes.to_le_bytes());
         put(72, &self.tok_checksum.to_le_bytes());
         put(80, &self.body_checksum.to_le_bytes());
@@ -140,8 +135,14 @@ impl Header {
         let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
         let version = u32_at(8);
+        if version < VERSION {
+            return Err(bad(format!(
+                "written by an older dppo (shard format version {version}; this dppo reads version {VERSION}): \
+                 prepare the data again with `dppo prep ... --overwrite`"
+            )));
+        }
         if version != VERSION {
-            return Err(bad(format!("format version {version}, this dppo reads version {VERSION}")));
+            return Err(bad(format!("shard format version {version} is newer than this dppo reads ({VERSION}): upgrade dppo")));
         }
         if u64_at(88) != xxhash_rust::xxh3::xxh3_64(&h[0..88]) {
             return Err(bad("header checksum mismatch".into()));
@@ -149,12 +150,9 @@ impl Header {
         Ok(Header {
             kind: u32_at(12),
             flags: u32_at(16),
-            pack_len: u32_at(20),
             n_examples: u64_at(24),
             n_segments: u64_at(32),
             n_tokens: u64_at(40),
-            n_rows: u64_at(48),
-            n_row_items: u64_at(56),
             n_id_bytes: u64_at(64),
             tok_checksum: u64_at(72),
             body_checksum: u64_at(80),
@@ -168,7 +166,7 @@ pub fn shard_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Writes one shard: tokens stream to disk as examples arrive; the index is kept in memory
-/// (a few dozen bytes per example) and written by `finish`, after packing.
+/// (a few dozen bytes per example) and written by `finish`.
 pub struct ShardWriter {
     name: String,
     tok_path: PathBuf,
@@ -187,7 +185,7 @@ pub struct ShardWriter {
     ex_scores: Vec<f32>,
     id_off: Vec<u64>,
     id_bytes: Vec<u8>,
-    units: Vec<u32>,
+    packed_tokens: u64,
 }
 
 /// What `ShardWriter::finish` reports.
@@ -198,8 +196,6 @@ pub struct ShardStats {
     pub tokens: u64,
     /// Tokens the trainer sees: the prompt counted once per sequence.
     pub packed_tokens: u64,
-    pub rows: u64,
-    pub pack_len: u32,
     pub tok_checksum: u64,
 }
 
@@ -225,7 +221,7 @@ impl ShardWriter {
             ex_scores: Vec::new(),
             id_off: vec![0],
             id_bytes: Vec::new(),
-            units: Vec::new(),
+            packed_tokens: 0,
         })
     }
 
@@ -241,8 +237,8 @@ impl ShardWriter {
         self.n_tokens
     }
 
-    /// Append an example. The first segment must be the prompt; the packed length of the
-    /// example is the sum over its other segments of (prompt length + segment length).
+    /// Append an example. The first segment must be the prompt; the tokens the trainer sees of
+    /// it are the sum over its other segments of (prompt length + segment length).
     pub fn add(
         &mut self,
         row: u64,
@@ -258,7 +254,7 @@ impl ShardWriter {
             self.seg_tok_off.push(self.n_tokens);
             self.seg_len.push(ids.len() as u32);
             self.seg_kind.push(*kind as u32);
-            let bytes: &[u8] = bytemuck_u32(ids);
+            let bytes: &[u8] = bytemuck::cast_slice(ids);
             self.tok.write_all(bytes).at(&self.tok_path)?;
             self.hasher.update(bytes);
             self.n_tokens += ids.len() as u64;
@@ -272,47 +268,35 @@ impl ShardWriter {
         self.ex_scores.extend_from_slice(&scores);
         self.id_bytes.extend_from_slice(id.as_bytes());
         self.id_off.push(self.id_bytes.len() as u64);
-        self.units.push(unit);
+        self.packed_tokens += unit as u64;
         Ok(())
     }
 
-    /// Pack the examples into rows of `pack_len` tokens and write the index.
-    pub fn finish(mut self, pack_len: u32) -> Result<ShardStats> {
-        self.tok.flush().at(&self.tok_path)?;
-        self.tok.get_ref().sync_all().at(&self.tok_path)?;
-        let rows = best_fit_decreasing(&self.units, pack_len);
-        let mut row_off = Vec::with_capacity(rows.len() + 1);
-        let mut row_items = Vec::with_capacity(self.units.len());
-        row_off.push(0u64);
-        for r in &rows {
-            row_items.extend_from_slice(r);
-            row_off.push(row_items.len() as u64);
-        }
+    /// Write the index.
+    pub fn finish(self) -> Result<ShardStats> {
+        let mut tok = self.tok;
+        tok.flush().at(&self.tok_path)?;
+        tok.get_ref().sync_all().at(&self.tok_path)?;
         let mut header = Header {
             kind: self.kind,
             flags: self.flags,
-            pack_len,
             n_examples: self.ex_row.len() as u64,
             n_segments: self.seg_len.len() as u64,
             n_tokens: self.n_tokens,
-            n_rows: rows.len() as u64,
-            n_row_items: row_items.len() as u64,
             n_id_bytes: self.id_bytes.len() as u64,
             tok_checksum: self.hasher.digest(),
             body_checksum: 0,
         };
         let mut body: Vec<u8> = Vec::with_capacity((header.idx_len() as usize).saturating_sub(HEADER_LEN));
-        let arrays: [&[u8]; 11] = [
-            bytemuck_u64(&self.ex_seg_off),
-            bytemuck_u64(&self.seg_tok_off),
-            bytemuck_u32(&self.seg_len),
-            bytemuck_u32(&self.seg_kind),
-            bytemuck_u64(&self.ex_row),
-            bytemuck_u32(&self.ex_flags),
-            bytemuck_f32(&self.ex_scores),
-            bytemuck_u64(&self.id_off),
-            bytemuck_u64(&row_off),
-            bytemuck_u32(&row_items),
+        let arrays: [&[u8]; 9] = [
+            bytemuck::cast_slice(&self.ex_seg_off),
+            bytemuck::cast_slice(&self.seg_tok_off),
+            bytemuck::cast_slice(&self.seg_len),
+            bytemuck::cast_slice(&self.seg_kind),
+            bytemuck::cast_slice(&self.ex_row),
+            bytemuck::cast_slice(&self.ex_flags),
+            bytemuck::cast_slice(&self.ex_scores),
+            bytemuck::cast_slice(&self.id_off),
             &self.id_bytes,
         ];
         for (section, bytes) in header.sections().iter().zip(arrays) {
@@ -326,29 +310,17 @@ impl ShardWriter {
         f.write_all(&body).at(&self.idx_path)?;
         f.flush().at(&self.idx_path)?;
         f.get_ref().sync_all().at(&self.idx_path)?;
-        let packed_tokens = self.units.iter().map(|&u| u as u64).sum();
         Ok(ShardStats {
             name: self.name,
             examples: header.n_examples,
             tokens: header.n_tokens,
-            packed_tokens,
-            rows: header.n_rows,
-            pack_len,
+            packed_tokens: self.packed_tokens,
             tok_checksum: header.tok_checksum,
         })
     }
 }
 
-fn bytemuck_u32(v: &[u32]) -> &[u8] {
-    // Little-endian targets only (checked at compile time below); u32 has no padding.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-fn bytemuck_u64(v: &[u64]) -> &[u8] {
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-fn bytemuck_f32(v: &[f32]) -> &[u8] {
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
+// The arrays are written as their in-memory bytes (bytemuck's checked casts): little-endian only.
 #[cfg(not(target_endian = "little"))]
 compile_error!("the shard format is little-endian and is written by memory copy");
 
@@ -396,16 +368,16 @@ mod tests {
             .unwrap();
         w.add(7, "bb", &[(SegKind::Prompt, &[6]), (SegKind::Chosen, &[7, 8]), (SegKind::Rejected, &[9])], 2, [f32::NAN; 2])
             .unwrap();
-        w.finish(16).unwrap()
+        w.finish().unwrap()
     }
 
     #[test]
     fn round_trip_header_and_layout() {
         let dir = tempfile::tempdir().unwrap();
         let stats = write_two(dir.path());
-        assert_eq!((stats.examples, stats.tokens, stats.packed_tokens, stats.rows), (2, 9, 12, 1));
+        assert_eq!((stats.examples, stats.tokens, stats.packed_tokens), (2, 9, 12));
         let h = open_index(&dir.path().join("shard-00000.idx"), true).unwrap();
-        assert_eq!((h.n_examples, h.n_segments, h.n_tokens, h.n_rows, h.n_id_bytes), (2, 6, 9, 1, 3));
+        assert_eq!((h.n_examples, h.n_segments, h.n_tokens, h.n_id_bytes), (2, 6, 9, 3));
         let bytes = std::fs::read(dir.path().join("shard-00000.idx")).unwrap();
         let s = h.sections();
         let seg_len = &s[2];
@@ -434,5 +406,19 @@ mod tests {
         assert!(e.contains("shard-00000.idx") && e.contains("truncated"), "{e}");
         std::fs::write(&idx, b"garbage").unwrap();
         assert!(open_index(&idx, false).unwrap_err().to_string().contains("shorter than"));
+    }
+
+    #[test]
+    fn an_older_format_version_asks_to_prepare_again() {
+        let dir = tempfile::tempdir().unwrap();
+        write_two(dir.path());
+        let idx = dir.path().join("shard-00000.idx");
+        let mut b = std::fs::read(&idx).unwrap();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let hc = xxhash_rust::xxh3::xxh3_64(&b[0..88]);
+        b[88..96].copy_from_slice(&hc.to_le_bytes());
+        std::fs::write(&idx, &b).unwrap();
+        let e = open_index(&idx, false).unwrap_err().to_string();
+        assert!(e.contains("shard-00000.idx") && e.contains("version 1") && e.contains("dppo prep"), "{e}");
     }
 }

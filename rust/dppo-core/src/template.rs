@@ -90,6 +90,53 @@ impl ChatTemplate {
     }
 }
 
+/// Stands in for a message's content while finding where the template puts it.
+const CONTENT_MARKER: &str = "DPPOCONTENTMARKER7F3A";
+
+impl ChatTemplate {
+    /// Load and compile the chat template of a tokenizer folder (see [`load_from_dir`]).
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+        let (source, specials) = load_from_dir(dir)?;
+        Self::new(&source, specials)
+    }
+
+    /// The byte range of the last message's content inside `rendered`, which must be
+    /// `self.render(messages, add_generation_prompt)`: everything before it and after it is the
+    /// template's (system turn, headers, end-of-turn tokens, the generation header).
+    ///
+    /// Found by rendering the conversation again with that content replaced by a marker; `None`
+    /// when the template does not place the content verbatim between two fixed pieces of text.
+    pub fn content_span(&self, messages: &[Message], rendered: &str, add_generation_prompt: bool) -> Option<(usize, usize)> {
+        let mut probe = messages.to_vec();
+        probe.last_mut()?.content = CONTENT_MARKER.to_owned();
+        let framed = self.render(&probe, add_generation_prompt).ok()?;
+        let (head, tail) = framed.split_once(CONTENT_MARKER)?;
+        if tail.contains(CONTENT_MARKER) || head.len() + tail.len() > rendered.len() {
+            return None;
+        }
+        (rendered.starts_with(head) && rendered.ends_with(tail)).then(|| (head.len(), rendered.len() - tail.len()))
+    }
+
+    /// The text a conversation's last message ends with: what the template writes after the
+    /// generation header and before an assistant turn's content, and what it writes after that
+    /// content (the end-of-turn tokens), for an assistant turn appended to `prompt_messages`.
+    /// `prompt_text` is `self.render(prompt_messages, true)`.
+    pub fn assistant_frame(&self, prompt_messages: &[Message], prompt_text: &str) -> Option<(String, String)> {
+        let mut msgs = prompt_messages.to_vec();
+        msgs.push(Message::new("assistant", CONTENT_MARKER));
+        let full = self.render(&msgs, false).ok()?;
+        let (before, after) = full.strip_prefix(prompt_text)?.split_once(CONTENT_MARKER)?;
+        (!after.contains(CONTENT_MARKER)).then(|| (before.to_owned(), after.to_owned()))
+    }
+
+    /// The generation header: what `add_generation_prompt` appends (e.g. `<|im_start|>assistant\n`).
+    pub fn generation_header(&self, messages: &[Message]) -> Option<String> {
+        let with = self.render(messages, true).ok()?;
+        let without = self.render(messages, false).ok()?;
+        with.strip_prefix(without.as_str()).map(str::to_owned)
+    }
+}
+
 /// A Qwen2.5-style ChatML template (without the tool-calling branches), used by tests and the demo.
 pub const CHATML_TEMPLATE: &str = "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n";
 
@@ -124,6 +171,42 @@ mod tests {
             .unwrap();
         assert!(prompt.ends_with("<|im_start|>assistant\n"));
         assert_eq!(&full[prompt.len()..], "4<|im_end|>\n");
+    }
+
+    #[test]
+    fn content_span_and_frames_of_chatml() {
+        let t = qwen();
+        let msgs = [Message::new("system", "Be brief."), Message::new("user", "2+2?")];
+        let text = t.render(&msgs, true).unwrap();
+        let (a, b) = t.content_span(&msgs, &text, true).unwrap();
+        assert_eq!(&text[a..b], "2+2?");
+        assert_eq!(&text[b..], "<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(t.generation_header(&msgs).unwrap(), "<|im_start|>assistant\n");
+        let (before, after) = t.assistant_frame(&msgs, &text).unwrap();
+        assert_eq!((before.as_str(), after.as_str()), ("", "<|im_end|>\n"));
+    }
+
+    #[test]
+    fn content_span_of_a_trimming_header_template() {
+        // Llama-3's shape: headers as special tokens, content trimmed
+        let src = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+        let mut sp = BTreeMap::new();
+        sp.insert("bos_token".to_string(), "<|begin_of_text|>".to_string());
+        let t = ChatTemplate::new(src, sp).unwrap();
+        let msgs = [Message::new("user", "  hello there \n")];
+        let text = t.render(&msgs, true).unwrap();
+        let (a, b) = t.content_span(&msgs, &text, true).unwrap();
+        assert_eq!(&text[a..b], "hello there");
+        assert_eq!(&text[b..], "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+        assert_eq!(&text[..a], "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n");
+    }
+
+    #[test]
+    fn content_span_is_none_when_the_template_does_not_place_the_content_verbatim() {
+        let t = ChatTemplate::new("{% for m in messages %}{{ m.content | lower }}{% endfor %}", BTreeMap::new()).unwrap();
+        let msgs = [Message::new("user", "hi")];
+        let text = t.render(&msgs, true).unwrap();
+        assert_eq!(t.content_span(&msgs, &text, true), None);
     }
 
     #[test]

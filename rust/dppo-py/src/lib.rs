@@ -10,48 +10,68 @@ use std::sync::Arc;
 
 use arrow_array::ffi_stream::{RecordBatchStreamReader, FFI_ArrowArrayStream};
 use arrow_array::RecordBatch;
-use dppo_core::prep::{DataKind, MaxLen, PrepOptions, Preparer as CorePreparer};
-use dppo_core::template::ChatTemplate;
+use dppo_core::prep::{encode_prompts as core_encode_prompts, DataKind, Encoder, MaxLen, PrepOptions, Preparer as CorePreparer};
+use dppo_core::template::{ChatTemplate, Message};
 use dppo_core::tokenizer::Tokenizer as CoreTokenizer;
-use dppo_core::{arrow_input, shard, PrepError};
+use dppo_core::truncate::KeepPart;
+use dppo_core::{arrow_input, pack, shard, PrepError};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyDict};
 
 create_exception!(_native, DppoError, PyException, "An error of the dppo data engine (one line, names the file or row).");
+create_exception!(_native, InputError, DppoError, "Bad input: a row, file, option or data set the user can fix.");
+create_exception!(_native, ShardError, DppoError, "A shard folder that is missing, incomplete, corrupt or of another format version.");
+create_exception!(_native, TokenizerError, DppoError, "A tokenizer or chat template that cannot be loaded or applied.");
+create_exception!(_native, StorageError, DppoError, "A file that cannot be read or written.");
 
+/// The engine's error as the Python exception of its kind.
 fn err(e: PrepError) -> PyErr {
-    DppoError::new_err(e.to_string())
+    let msg = e.to_string();
+    match e {
+        PrepError::Io { .. } => StorageError::new_err(msg),
+        PrepError::Corrupt { .. } => ShardError::new_err(msg),
+        PrepError::Tokenizer(_) | PrepError::Template(_) => TokenizerError::new_err(msg),
+        PrepError::Input(_) | PrepError::BadRow { .. } | PrepError::Config(_) => InputError::new_err(msg),
+    }
+}
+
+fn keep_part(name: &str) -> PyResult<KeepPart> {
+    KeepPart::parse(name).ok_or_else(|| InputError::new_err(format!("--truncate-prompt must be start or end, got {name:?}")))
+}
+
+fn messages(conv: Vec<(String, String)>) -> Vec<Message> {
+    conv.into_iter().map(|(r, c)| Message::new(r, c)).collect()
 }
 
 /// Import every record batch of an object that implements `__arrow_c_stream__`.
 fn record_batches(obj: &Bound<'_, PyAny>) -> PyResult<Vec<RecordBatch>> {
     let capsule = obj.call_method0("__arrow_c_stream__").map_err(|_| {
-        DppoError::new_err("expected Arrow data (an object with __arrow_c_stream__, e.g. a pyarrow Table or polars DataFrame)")
+        InputError::new_err("expected Arrow data (an object with __arrow_c_stream__, e.g. a pyarrow Table or polars DataFrame)")
     })?;
     let capsule = capsule.cast::<PyCapsule>()?;
     let ptr = capsule.pointer_checked(Some(c"arrow_array_stream"))?.as_ptr() as *mut FFI_ArrowArrayStream;
     // SAFETY: the capsule holds a valid stream; from_raw moves it out and leaves a released
     // stream behind, so the capsule's destructor does not release it twice.
     let reader = unsafe { RecordBatchStreamReader::from_raw(ptr) }
-        .map_err(|e| DppoError::new_err(format!("cannot read Arrow stream: {e}")))?;
+        .map_err(|e| InputError::new_err(format!("cannot read Arrow stream: {e}")))?;
     reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| DppoError::new_err(format!("cannot read Arrow stream: {e}")))
+        .map_err(|e| InputError::new_err(format!("cannot read Arrow stream: {e}")))
 }
 
 fn load_tokenizer(dir: &Path, force_fallback: bool) -> PyResult<CoreTokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.is_file() {
-        return Err(DppoError::new_err(format!("{}: no tokenizer.json in this folder", dir.display())));
+        return Err(TokenizerError::new_err(format!("{}: no tokenizer.json in this folder", dir.display())));
     }
     let tok = if force_fallback {
         CoreTokenizer::from_file_fallback(&path)
     } else {
         CoreTokenizer::from_file(&path)
     };
-    tok.map_err(|e| DppoError::new_err(format!("{}: {e}", path.display())))
+    tok.map_err(|e| TokenizerError::new_err(format!("{}: {e}", path.display())))
 }
 
 /// The engine's tokenizer, exposed for tests and benchmarks.
@@ -69,18 +89,24 @@ impl Tokenizer {
         Ok(Self { inner: Arc::new(load_tokenizer(&dir, fallback)?) })
     }
 
-    fn encode(&self, py: Python<'_>, text: &str) -> Vec<u32> {
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         let text = text.to_owned();
         let tok = self.inner.clone();
-        py.detach(move || tok.encode(&text))
+        py.detach(move || tok.encode(&text)).map_err(|e| TokenizerError::new_err(e.to_string()))
     }
 
-    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> Vec<Vec<u32>> {
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
         let tok = self.inner.clone();
         py.detach(move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             tok.encode_batch(&refs)
         })
+        .map_err(|e| TokenizerError::new_err(e.to_string()))
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
     }
 
     #[getter]
@@ -98,10 +124,8 @@ impl Tokenizer {
 #[pyfunction]
 #[pyo3(signature = (tokenizer_dir, messages, add_generation_prompt=false))]
 fn render_chat(tokenizer_dir: PathBuf, messages: Vec<(String, String)>, add_generation_prompt: bool) -> PyResult<String> {
-    let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
-    let t = ChatTemplate::new(&source, specials).map_err(err)?;
-    let msgs: Vec<_> = messages.into_iter().map(|(r, c)| dppo_core::template::Message::new(r, c)).collect();
-    t.render(&msgs, add_generation_prompt).map_err(err)
+    let t = ChatTemplate::from_dir(&tokenizer_dir).map_err(err)?;
+    t.render(&self::messages(messages), add_generation_prompt).map_err(err)
 }
 
 /// Render many conversations with a tokenizer folder's chat template, loaded and compiled once.
@@ -114,19 +138,50 @@ fn render_chats(
     conversations: Vec<Vec<(String, String)>>,
     add_generation_prompt: bool,
 ) -> PyResult<Vec<String>> {
-    let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
-    let t = ChatTemplate::new(&source, specials).map_err(err)?;
+    let t = ChatTemplate::from_dir(&tokenizer_dir).map_err(err)?;
     py.detach(move || {
         conversations
             .into_iter()
             .enumerate()
-            .map(|(i, conv)| {
-                let msgs: Vec<_> = conv.into_iter().map(|(r, c)| dppo_core::template::Message::new(r, c)).collect();
-                t.render(&msgs, add_generation_prompt).map_err(|e| format!("conversation {i}: {e}"))
-            })
+            .map(|(i, conv)| t.render(&messages(conv), add_generation_prompt).map_err(|e| format!("conversation {i}: {e}")))
             .collect::<Result<Vec<_>, _>>()
     })
-    .map_err(DppoError::new_err)
+    .map_err(TokenizerError::new_err)
+}
+
+/// The token ids of many prompts (the chat template with the generation header, tokenized, as
+/// `dppo prep` stores them), each shortened to at most `max_prompt_len` tokens by removing content
+/// of its user turn, never the template's tokens. An error names the conversation.
+#[pyfunction]
+#[pyo3(signature = (tokenizer_dir, conversations, max_prompt_len=None, truncate_prompt="start", tokenizer_fallback=false))]
+fn encode_prompts(
+    py: Python<'_>,
+    tokenizer_dir: PathBuf,
+    conversations: Vec<Vec<(String, String)>>,
+    max_prompt_len: Option<u32>,
+    truncate_prompt: &str,
+    tokenizer_fallback: bool,
+) -> PyResult<Vec<Vec<u32>>> {
+    let keep = keep_part(truncate_prompt)?;
+    let tok = load_tokenizer(&tokenizer_dir, tokenizer_fallback)?;
+    let template = ChatTemplate::from_dir(&tokenizer_dir).map_err(err)?;
+    let enc = Encoder::new(Arc::new(tok), template).map_err(err)?;
+    let convs: Vec<Vec<Message>> = conversations.into_iter().map(messages).collect();
+    py.detach(|| core_encode_prompts(&enc, &convs, max_prompt_len, keep)).map_err(err)
+}
+
+/// Group items of the given lengths into rows (micro-batches) of at most `max_tokens` tokens and
+/// at most `max_items` items (0: any number), by best-fit decreasing: the one packing of dppo.
+/// Rows list item indices, ascending; an item longer than `max_tokens` gets a row of its own.
+#[pyfunction]
+#[pyo3(signature = (lengths, max_tokens, max_items=0))]
+fn pack_rows(py: Python<'_>, lengths: Vec<u64>, max_tokens: u64, max_items: usize) -> PyResult<Vec<Vec<u32>>> {
+    if max_tokens == 0 {
+        return Err(InputError::new_err("the token budget of a micro-batch must be positive"));
+    }
+    let clamp = |v: u64| v.min(u32::MAX as u64) as u32;
+    let lens: Vec<u32> = lengths.into_iter().map(clamp).collect();
+    Ok(py.detach(|| pack::best_fit_decreasing(&lens, clamp(max_tokens), max_items)))
 }
 
 /// One preparation run (`dppo prep sft|prefs`): feed Arrow batches, then finish.
@@ -138,7 +193,7 @@ struct Preparer {
 
 impl Preparer {
     fn live(&mut self) -> PyResult<&mut CorePreparer> {
-        self.inner.as_mut().ok_or_else(|| DppoError::new_err("this preparation run is already finished"))
+        self.inner.as_mut().ok_or_else(|| InputError::new_err("this preparation run is already finished"))
     }
 }
 
@@ -146,7 +201,7 @@ impl Preparer {
 impl Preparer {
     #[new]
     #[pyo3(signature = (kind, tokenizer_dir, out_dir, *, max_len=None, percentile=95.0, max_prompt_len=None,
-                        pack_len=None, strict=false, allow_missing_ygen=false, overwrite=false,
+                        truncate_prompt="start", strict=false, allow_missing_ygen=false, overwrite=false,
                         shard_max_tokens=256<<20, tokenizer_fallback=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -156,7 +211,7 @@ impl Preparer {
         max_len: Option<u32>,
         percentile: f64,
         max_prompt_len: Option<u32>,
-        pack_len: Option<u32>,
+        truncate_prompt: &str,
         strict: bool,
         allow_missing_ygen: bool,
         overwrite: bool,
@@ -166,11 +221,11 @@ impl Preparer {
         let kind = match kind {
             "sft" => DataKind::Sft,
             "pairs" | "prefs" => DataKind::Pairs,
-            other => return Err(DppoError::new_err(format!("unknown data kind {other:?} (sft or prefs)"))),
+            other => return Err(InputError::new_err(format!("unknown data kind {other:?} (sft or prefs)"))),
         };
+        let truncate_prompt = keep_part(truncate_prompt)?;
         let tok = load_tokenizer(&tokenizer_dir, tokenizer_fallback)?;
-        let (source, specials) = dppo_core::template::load_from_dir(&tokenizer_dir).map_err(err)?;
-        let template = ChatTemplate::new(&source, specials).map_err(err)?;
+        let template = ChatTemplate::from_dir(&tokenizer_dir).map_err(err)?;
         let opts = PrepOptions {
             kind,
             max_len: match max_len {
@@ -178,7 +233,7 @@ impl Preparer {
                 None => MaxLen::Auto { percentile },
             },
             max_prompt_len,
-            pack_len,
+            truncate_prompt,
             strict,
             allow_missing_ygen,
             shard_max_tokens,
@@ -207,7 +262,8 @@ impl Preparer {
         .map_err(err)
     }
 
-    /// Register y_gen responses from an Arrow table with `prompt_id` and `response`.
+    /// Register y_gen responses from an Arrow table with `prompt_id`, `response` and, optionally,
+    /// `response_ids` (the generated ids, used as they are where not null).
     fn add_ygen(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let batches = record_batches(data)?;
         let prep = self.live()?;
@@ -225,8 +281,8 @@ impl Preparer {
     #[pyo3(signature = (extra_meta_json="{}", progress=None))]
     fn finish(&mut self, py: Python<'_>, extra_meta_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
         let extra: serde_json::Value = serde_json::from_str(extra_meta_json)
-            .map_err(|e| DppoError::new_err(format!("extra metadata is not JSON: {e}")))?;
-        let prep = self.inner.take().ok_or_else(|| DppoError::new_err("already finished"))?;
+            .map_err(|e| InputError::new_err(format!("extra metadata is not JSON: {e}")))?;
+        let prep = self.inner.take().ok_or_else(|| InputError::new_err("this preparation run is already finished"))?;
         let summary = py.detach(move || {
             let mut cb = |done: u64, total: u64| {
                 if let Some(p) = &progress {
@@ -261,11 +317,9 @@ fn open_shard_index<'py>(py: Python<'py>, idx_path: PathBuf, verify: bool) -> Py
         _ => "unknown",
     })?;
     header.set_item("has_ygen", h.flags & shard::HAS_YGEN != 0)?;
-    header.set_item("pack_len", h.pack_len)?;
     header.set_item("n_examples", h.n_examples)?;
     header.set_item("n_segments", h.n_segments)?;
     header.set_item("n_tokens", h.n_tokens)?;
-    header.set_item("n_rows", h.n_rows)?;
     let sections = PyDict::new(py);
     for s in h.sections() {
         sections.set_item(s.name, (s.offset, s.dtype, s.count))?;
@@ -279,11 +333,17 @@ fn open_shard_index<'py>(py: Python<'py>, idx_path: PathBuf, verify: bool) -> Py
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DppoError", m.py().get_type::<DppoError>())?;
+    m.add("InputError", m.py().get_type::<InputError>())?;
+    m.add("ShardError", m.py().get_type::<ShardError>())?;
+    m.add("TokenizerError", m.py().get_type::<TokenizerError>())?;
+    m.add("StorageError", m.py().get_type::<StorageError>())?;
     m.add_class::<Tokenizer>()?;
     m.add_class::<Preparer>()?;
     m.add_function(wrap_pyfunction!(render_chat, m)?)?;
     m.add_function(wrap_pyfunction!(render_chats, m)?)?;
     m.add_function(wrap_pyfunction!(open_shard_index, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_prompts, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_rows, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

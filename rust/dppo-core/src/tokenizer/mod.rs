@@ -166,19 +166,9 @@ impl Tokenizer {
     /// Token ids of `text`, as HF `encode(text, add_special_tokens=False).ids`:
     /// no BOS/EOS are added, added/special tokens written in the text are recognised.
     ///
-    /// Panics if the `tokenizers` crate fails on the fallback path, which only
-    /// happens with inconsistent files (see [`try_encode`](Self::try_encode)).
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        match &self.fast {
-            Some(f) => f.encode(text),
-            None => self.try_encode(text).unwrap_or_else(|e| panic!("{e}")),
-        }
-    }
-
-    /// [`encode`](Self::encode) that returns the errors the `tokenizers` crate
-    /// can raise on the fallback path (for instance an `unk_token` missing
-    /// from the vocabulary). The fast path never fails.
-    pub fn try_encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+    /// The fast path never fails; the `tokenizers` crate's fallback path fails only with
+    /// inconsistent files (for instance an `unk_token` missing from the vocabulary).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match &self.fast {
             Some(f) => Ok(f.encode(text)),
             None => self
@@ -190,7 +180,7 @@ impl Tokenizer {
     }
 
     /// [`encode`](Self::encode) over many texts, in parallel on the rayon pool.
-    pub fn encode_batch(&self, texts: &[&str]) -> Vec<Vec<u32>> {
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, TokenizerError> {
         texts.par_iter().map(|t| self.encode(t)).collect()
     }
 

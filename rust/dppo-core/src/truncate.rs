@@ -1,0 +1,252 @@
+//! Truncation that keeps the chat template intact.
+//!
+//! An example whose sequences (prompt + each response) all fit `max_len` is stored as it is. An
+//! example that does not fit loses, first, content of its prompt's last turn (the user turn) when
+//! the prompt is longer than `max_prompt_len`, and then, keep-start, the part of each response that
+//! does not fit the room left. The template's tokens around the user turn's content (the system
+//! turn and headers before it; the end-of-turn tokens and the generation header after it) are never
+//! removed, so a truncated prompt still ends exactly as it does at inference.
+//!
+//! Where the content lies in the prompt's ids is the prompt's [`PromptLayout`], found once per
+//! example while tokenizing (see `prep`).
+
+use crate::record::Skip;
+use crate::shard::SegKind;
+
+/// Which part of a too-long user turn is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepPart {
+    /// Its first tokens (the paper's keep-start reading; the default).
+    #[default]
+    Start,
+    /// Its last tokens.
+    End,
+}
+
+impl KeepPart {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "start" => Some(Self::Start),
+            "end" => Some(Self::End),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::End => "end",
+        }
+    }
+}
+
+/// Where the user turn's content lies in a prompt's ids.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PromptLayout {
+    /// Template tokens before the content (system turn, user header).
+    pub head: u32,
+    /// Template tokens after it (end-of-turn tokens, generation header).
+    pub tail: u32,
+    /// When the canonical ids cannot be cut at the content's edges (the tokenizer merged a token
+    /// across one of them), the prompt tokenized piece by piece, `head ++ content ++ tail`, with
+    /// `head` and `tail` counted in it. A truncated prompt is built from these pieces.
+    pub pieces: Option<Vec<u32>>,
+}
+
+/// The limits an example is truncated to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_len: u32,
+    pub max_prompt_len: u32,
+    pub keep: KeepPart,
+}
+
+/// What truncating one example removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cut {
+    /// Prompt tokens removed (0: the prompt is untouched).
+    pub prompt_removed: u32,
+    /// Response tokens removed, over all of the example's responses.
+    pub response_removed: u32,
+    /// Responses that lost tokens.
+    pub responses_cut: u32,
+    /// y_gen tokens removed (included in `response_removed`).
+    pub ygen_removed: u32,
+}
+
+impl Cut {
+    pub fn prompt_truncated(&self) -> bool {
+        self.prompt_removed > 0
+    }
+
+    pub fn response_truncated(&self) -> bool {
+        self.responses_cut > 0
+    }
+}
+
+/// Truncate one example in place (see the module docs).
+///
+/// Fails with [`Skip::PromptTooLong`] when the prompt must be shortened but its template tokens
+/// alone (head and tail of its layout) leave no room for a single content token.
+pub fn truncate_example(
+    prompt: &mut Vec<u32>,
+    layout: &PromptLayout,
+    responses: &mut [(SegKind, Vec<u32>)],
+    lim: Limits,
+) -> Result<Cut, Skip> {
+    let max_len = lim.max_len as usize;
+    let mut cut = Cut::default();
+    if responses.iter().all(|(_, r)| prompt.len() + r.len() <= max_len) {
+        return Ok(cut);
+    }
+    let budget = lim.max_prompt_len.min(lim.max_len.saturating_sub(1));
+    cut.prompt_removed = shorten_prompt(prompt, layout, budget, lim.keep)?;
+    let room = max_len.saturating_sub(prompt.len());
+    for (kind, ids) in responses.iter_mut() {
+        if ids.len() > room {
+            let removed = (ids.len() - room) as u32;
+            ids.truncate(room);
+            cut.response_removed += removed;
+            cut.responses_cut += 1;
+            if *kind == SegKind::Ygen {
+                cut.ygen_removed += removed;
+            }
+        }
+    }
+    Ok(cut)
+}
+
+/// Shorten a prompt longer than `budget` tokens to `budget` by removing content of its user turn
+/// (the template's head and tail stay); returns the number of tokens removed (0 if it fits).
+pub fn shorten_prompt(prompt: &mut Vec<u32>, layout: &PromptLayout, budget: u32, keep: KeepPart) -> Result<u32, Skip> {
+    let budget = budget as usize;
+    if prompt.len() <= budget {
+        return Ok(0);
+    }
+    let src: &[u32] = layout.pieces.as_deref().unwrap_or(prompt);
+    let (head, tail) = (layout.head as usize, layout.tail as usize);
+    if head + tail + 1 > budget || head + tail > src.len() {
+        return Err(Skip::PromptTooLong);
+    }
+    let content = &src[head..src.len() - tail];
+    let n = (budget - head - tail).min(content.len());
+    let kept = match keep {
+        KeepPart::Start => &content[..n],
+        KeepPart::End => &content[content.len() - n..],
+    };
+    let mut shorter = Vec::with_capacity(head + n + tail);
+    shorter.extend_from_slice(&src[..head]);
+    shorter.extend_from_slice(kept);
+    shorter.extend_from_slice(&src[src.len() - tail..]);
+    let removed = prompt.len().saturating_sub(shorter.len()) as u32;
+    *prompt = shorter;
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    // A prompt [H H | c1 .. cn | T T T]: head 2, tail 3.
+    fn prompt(n: u32) -> (Vec<u32>, PromptLayout) {
+        let mut p = vec![900, 901];
+        p.extend(1..=n);
+        p.extend([902, 903, 904]);
+        (p, PromptLayout { head: 2, tail: 3, pieces: None })
+    }
+
+    fn lim(max_len: u32, max_prompt_len: u32, keep: KeepPart) -> Limits {
+        Limits { max_len, max_prompt_len, keep }
+    }
+
+    #[test]
+    fn an_example_that_fits_is_untouched_even_with_a_long_prompt() {
+        let (mut p, layout) = prompt(20); // 25 tokens, over max_prompt_len 10
+        let orig = p.clone();
+        let mut r = vec![(SegKind::Chosen, vec![7; 5]), (SegKind::Rejected, vec![8; 4])];
+        let cut = truncate_example(&mut p, &layout, &mut r, lim(30, 10, KeepPart::Start)).unwrap();
+        assert_eq!(cut, Cut::default());
+        assert_eq!(p, orig);
+        assert_eq!(r[0].1.len(), 5);
+    }
+
+    #[test]
+    fn a_long_prompt_keeps_head_and_tail_and_the_content_start() {
+        let (mut p, layout) = prompt(20);
+        let mut r = vec![(SegKind::Response, vec![7; 20])];
+        let cut = truncate_example(&mut p, &layout, &mut r, lim(30, 10, KeepPart::Start)).unwrap();
+        assert_eq!(p, vec![900, 901, 1, 2, 3, 4, 5, 902, 903, 904]);
+        assert_eq!(cut.prompt_removed, 15);
+        assert_eq!(r[0].1.len(), 20, "room 20 holds the response");
+        assert_eq!(cut.responses_cut, 0);
+    }
+
+    #[test]
+    fn keep_end_keeps_the_content_end() {
+        let (mut p, layout) = prompt(20);
+        let mut r = vec![(SegKind::Response, vec![7; 40])];
+        let cut = truncate_example(&mut p, &layout, &mut r, lim(30, 10, KeepPart::End)).unwrap();
+        assert_eq!(p, vec![900, 901, 16, 17, 18, 19, 20, 902, 903, 904]);
+        assert_eq!((cut.prompt_removed, cut.response_removed, cut.responses_cut), (15, 20, 1));
+        assert_eq!(r[0].1, vec![7; 20]);
+    }
+
+    #[test]
+    fn a_short_prompt_is_kept_and_only_responses_lose_their_end() {
+        let (mut p, layout) = prompt(3); // 8 tokens
+        let mut r = vec![(SegKind::Chosen, vec![1, 2, 3, 4, 5, 6]), (SegKind::Rejected, vec![9; 2]), (SegKind::Ygen, vec![5; 9])];
+        let cut = truncate_example(&mut p, &layout, &mut r, lim(12, 10, KeepPart::Start)).unwrap();
+        assert_eq!(p.len(), 8);
+        assert_eq!(r[0].1, vec![1, 2, 3, 4]);
+        assert_eq!(r[1].1, vec![9; 2]);
+        assert_eq!(r[2].1.len(), 4);
+        assert_eq!((cut.response_removed, cut.responses_cut, cut.ygen_removed), (2 + 5, 2, 5));
+    }
+
+    #[test]
+    fn pieces_are_used_when_the_canonical_ids_do_not_split() {
+        let canonical = vec![900, 50, 51, 52, 53, 54, 902];
+        let layout = PromptLayout { head: 2, tail: 1, pieces: Some(vec![900, 10, 1, 2, 3, 4, 5, 902]) };
+        let mut p = canonical;
+        let mut r = vec![(SegKind::Response, vec![7; 10])];
+        truncate_example(&mut p, &layout, &mut r, lim(10, 5, KeepPart::Start)).unwrap();
+        assert_eq!(p, vec![900, 10, 1, 2, 902]);
+    }
+
+    #[test]
+    fn a_template_longer_than_the_budget_is_a_skip() {
+        let (mut p, layout) = prompt(20);
+        let mut r = vec![(SegKind::Response, vec![7; 40])];
+        let e = truncate_example(&mut p, &layout, &mut r, lim(30, 5, KeepPart::Start)).unwrap_err();
+        assert_eq!(e, Skip::PromptTooLong);
+    }
+
+    proptest! {
+        #[test]
+        fn invariants(n in 1u32..60, resp in prop::collection::vec(0usize..80, 1..4), max_len in 8u32..120,
+                      max_prompt_len in 6u32..100, end in any::<bool>()) {
+            let (mut p, layout) = prompt(n);
+            let orig = p.clone();
+            let mut r: Vec<(SegKind, Vec<u32>)> = resp.iter().map(|&k| (SegKind::Response, vec![1; k])).collect();
+            let fits = r.iter().all(|(_, x)| orig.len() + x.len() <= max_len as usize);
+            let keep = if end { KeepPart::End } else { KeepPart::Start };
+            match truncate_example(&mut p, &layout, &mut r, lim(max_len, max_prompt_len, keep)) {
+                Err(_) => prop_assert!(5 + 1 > max_prompt_len.min(max_len - 1) as usize),
+                Ok(cut) => {
+                    if fits {
+                        prop_assert_eq!(&p, &orig);
+                        prop_assert_eq!(cut, Cut::default());
+                    }
+                    // the template's tokens survive: head first, tail last
+                    prop_assert_eq!(&p[..2], &orig[..2]);
+                    prop_assert_eq!(&p[p.len() - 3..], &orig[orig.len() - 3..]);
+                    prop_assert_eq!(cut.prompt_removed as usize, orig.len() - p.len());
+                    for (_, x) in &r {
+                        prop_assert!(p.len() + x.len() <= max_len as usize || fits);
+                    }
+                }
+            }
+        }
+    }
+}
