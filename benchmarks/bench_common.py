@@ -127,7 +127,7 @@ def run_ours(variant: str, env: dict[str, Any], batch: int, steps: int, warmup: 
     from dppo.data import open_shards
     from dppo.modeling import load_model
     from dppo.refcache import model_fingerprint, reference_logps
-    from dppo.train import train
+    from dppo.train import token_budget, train
 
     cuda = torch.cuda.is_available()
     method = "dpo" if variant == "ours_dpo" else "unll"
@@ -148,7 +148,8 @@ def run_ours(variant: str, env: dict[str, Any], batch: int, steps: int, warmup: 
     _sync()
     t, cpu = time.perf_counter(), time.process_time()
     reference_logps(cfg.ref, shards, np.arange(n), load=lambda: model, need_ygen=False, precision=precision,
-                    autocast=autocast, chunk_size=cfg.chunk_size, batch_tokens=cfg.ref_batch_tokens)
+                    autocast=autocast, chunk_size=cfg.chunk_size,
+                    batch_tokens=cfg.max_tokens_per_batch or token_budget(model, model.device, precision))
     _sync()
     ref_s = time.perf_counter() - t - fingerprint_s  # the forward pass itself
     ref_cpu_s = time.process_time() - cpu - fingerprint_s

@@ -68,7 +68,7 @@ def train_cmd(
     chunk_size: Annotated[Optional[int], _o("--chunk-size", name="chunk_size")] = None,
     kernel: Annotated[Optional[str], _o("--kernel", name="kernel")] = None,
     skip_ygen: Annotated[Optional[bool], _o("--skip-ygen/--no-skip-ygen", name="skip_ygen")] = None,
-    ref_batch_tokens: Annotated[Optional[int], _o("--ref-batch-tokens", name="ref_batch_tokens")] = None,
+    max_tokens_per_batch: Annotated[Optional[int], _o("--max-tokens-per-batch", name="max_tokens_per_batch")] = None,
     keep_probs_mb: Annotated[Optional[int], _o("--keep-probs-mb", name="keep_probs_mb")] = None,
     peak_tflops: Annotated[Optional[float], _o("--peak-tflops", name="peak_tflops")] = None,
     progress: Annotated[Optional[bool], _o("--progress/--no-progress", name="progress")] = None,

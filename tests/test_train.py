@@ -453,3 +453,72 @@ def test_schedule_and_data_order():
     epoch1 = np.concatenate([order.step_examples(s) for s in range(3, 6)])
     assert sorted(epoch0) == sorted(epoch1) == list(range(10)) and not np.array_equal(epoch0, epoch1)
     assert np.array_equal(order.step_examples(4), DataOrder(10, 4, 2, None, 3).step_examples(4))
+
+
+# -- micro-batches, first contact ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sft", "unll"])
+def test_a_step_split_into_1_2_or_5_micro_batches_gives_the_same_update(tmp_path, method, init_dir, ref_dir, pair_shards, sft_shards):
+    """The loss is the mean over the step's examples (SFT: over its assistant tokens) however the
+    step's 10 examples are grouped: by --batch-size, or by the token budget."""
+    data = sft_shards if method == "sft" else pair_shards
+    extra = {} if method == "sft" else {"ref": str(ref_dir), "alpha": 1.0, "vote_clip": 20.0}
+    common = dict(method=method, data=str(data), init=str(init_dir), optimizer="sgd", lr=1.0, max_samples=10,
+                  max_steps=1, **extra)
+    splits = {1: dict(batch_size=10, grad_accum=1), 2: dict(batch_size=5, grad_accum=2), 5: dict(batch_size=2, grad_accum=5)}
+    weights = {}
+    for k, opts in splits.items():
+        run = run_train(tmp_path / f"split{k}", **common, **opts)
+        weights[k] = load_file(run / "model" / "model.safetensors")
+    # a token budget that forces one example per micro-batch
+    run = run_train(tmp_path / "budget", **common, batch_size=10, grad_accum=1, max_tokens_per_batch=1)
+    weights["budget"] = load_file(run / "model" / "model.safetensors")
+    assert json.loads((run / "config.json").read_text())["max_tokens_per_batch"] == 1
+    init = load_file(init_dir / "model.safetensors")
+    for k in (2, 5, "budget"):
+        for name, w in weights[1].items():
+            update, other = w - init[name], weights[k][name] - init[name]
+            torch.testing.assert_close(other, update, rtol=1e-5, atol=1e-7, msg=f"{k}: {name}")
+    assert any((weights[1][n] - init[n]).abs().max() > 1e-4 for n in init)  # the step moved the weights
+
+
+def test_resume_into_a_folder_that_does_not_exist_starts_from_step_0(tmp_path, init_dir, pair_shards):
+    run = tmp_path / "not" / "yet" / "run"
+    run_train(run, method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4, max_steps=2, resume=True)
+    assert [m["step"] for m in read_metrics(run)] == [1, 2] and (run / "model" / "config.json").is_file()
+
+
+def test_options_a_method_does_not_use_are_refused():
+    base = dict(data="d", init="i", out="o")
+    cases = [
+        (dict(method="dpo", alpha=0.5), "--alpha is not used by --method dpo (it applies to conll, minll, unll)"),
+        (dict(method="unll", gamma=1.0), "--gamma is not used by --method unll (it applies to simpo)"),
+        (dict(method="sft", beta=0.1), "--beta is not used by --method sft"),
+        (dict(method="unll", penalty_norm="sum"), "--penalty-norm is not used by --method unll (it applies to minll)"),
+        (dict(method="unll", zeta=0.3), "--zeta is used by --weight expectile only"),
+        (dict(method="simpo", ref="r"), "--ref is not used by --method simpo"),
+        (dict(method="dpo", eval_every=5), "--eval-every needs --eval-data"),
+    ]
+    for opts, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(**base, **opts)
+        assert msg in str(e.value), (opts, str(e.value))
+    # the options the method does not read are recorded as None, never as if used
+    dpo = TrainConfig(method="dpo", **base)
+    assert dpo.alpha is None and dpo.gamma is None and dpo.vote_clip is None and dpo.beta == 0.01
+    assert TrainConfig(method="unll", weight="expectile", zeta=0.3, **base).zeta == 0.3
+    assert TrainConfig(method="unll", **base).zeta is None
+
+
+def test_saved_files_are_readable_by_others(tmp_path, init_dir, pair_shards):
+    run = run_train(tmp_path / "run", method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4,
+                    max_steps=1, save_every=1)
+    for f in [*(run / "model").iterdir(), *(run / "checkpoints" / "step_1").iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~_umask(), f
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

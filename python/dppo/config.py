@@ -83,8 +83,12 @@ class TrainConfig:
     warmup_steps: int = _opt(150, "Linear warm-up: update t (0-based) uses lr * min(1, (t + 1) / warmup_steps).")
     lr_schedule: str = _opt("constant", "After warm-up: constant|linear|cosine (decay to 0 at the last step).")
     max_grad_norm: float = _opt(1.0, "Clip the gradient's global 2-norm to this value; 0 disables clipping.")
-    batch_size: int = _opt(4, "Examples per forward/backward pass (one packed row, no padding).")
-    grad_accum: int = _opt(8, "Passes per optimizer step: a step averages batch_size * grad_accum examples.")
+    batch_size: int = _opt(4, "Examples per micro-batch at most (one packed row, no padding; see --max-tokens-per-batch).")
+    grad_accum: int = _opt(8, "A step averages batch_size * grad_accum examples (the mean over them, however they are split).")
+    max_tokens_per_batch: int | None = _opt(
+        None, "Token budget of a micro-batch (its examples' sequences in one packed row; the reference pass and "
+        "evaluation use it too). Default: from the memory left after the model (docs/training.md)."
+    )
     epochs: int = _opt(1, "Passes over the data (reshuffled each epoch).")
     max_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     max_samples: int | None = _opt(None, "Use only the first N examples of --data (the data-efficiency study).")
@@ -105,7 +109,6 @@ class TrainConfig:
     chunk_size: int = _opt(1024, "Tokens whose vocabulary logits are formed at once (never the full [T, V] logits).")
     kernel: str = _opt("auto", "Packed attention kernel: auto|varlen|sdpa_loop|dense.")
     skip_ygen: bool = _opt(True, "Skip the y_gen forward of examples whose penalty weight is exactly zero.")
-    ref_batch_tokens: int = _opt(16384, "Tokens per packed row in the reference pass.")
     keep_probs_mb: int = _opt(
         1024, "Keep a micro-batch's [tokens x vocab] softmax for backward when it fits in this many MiB "
         "(saves a third of the output projection's work); 0: always recompute it."
@@ -120,25 +123,37 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"{_flag('method')} must be one of {'|'.join(METHODS)}, got {self.method!r}")
         self._check_types()
-        # The loss options: the method's defaults for the ones not given, validated by LossConfig.
-        given = {k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None}
-        try:
-            from dppo.losses import LossConfig
+        # The loss options: the method's defaults for the ones not given, validated by LossConfig;
+        # an option the method does not read is refused (and recorded as None, never as if used).
+        from dppo.losses import LOSSES, LossConfig
 
+        given = {k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None}
+        used = set(LOSSES[self.method].options)
+        unused = [k for k in given if k not in used]
+        if unused:
+            users = sorted(m for m, spec in LOSSES.items() if unused[0] in spec.options)
+            raise ConfigError(
+                f"{_flag(unused[0])} is not used by --method {self.method}"
+                + (f" (it applies to {', '.join(users)})" if users else "")
+            )
+        try:
             loss = LossConfig.defaults(self.method, **given)
         except ValueError as e:
             name = str(e).split(" ")[0]
             raise ConfigError(f"{_flag(name)}: {e}" if name in _LOSS_FIELDS else str(e)) from None
+        if "zeta" in given and loss.weight != "expectile":
+            raise ConfigError(f"--zeta is used by --weight expectile only (this run's weight is {loss.weight})")
         for k in _LOSS_FIELDS:
-            object.__setattr__(self, k, getattr(loss, k))
+            keep = k in used and not (k == "zeta" and loss.weight != "expectile")
+            object.__setattr__(self, k, getattr(loss, k) if keep else None)
         for name in ("data", "init", "out", "ref", "tokenizer", "eval_data"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, os.fspath(value))
-        # The reference defaults to the initial policy; methods without one record none.
-        from dppo.losses import needs_reference
-
-        object.__setattr__(self, "ref", (self.ref or self.init) if needs_reference(self.method) else None)
+        # The reference defaults to the initial policy; methods without one refuse --ref.
+        if not LOSSES[self.method].needs_reference and self.ref is not None:
+            raise ConfigError(f"--ref is not used by --method {self.method} (it has no reference model)")
+        object.__setattr__(self, "ref", (self.ref or self.init) if LOSSES[self.method].needs_reference else None)
         self._check_values()
 
     def _check_types(self) -> None:
@@ -167,7 +182,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
-        positive = ("batch_size", "grad_accum", "epochs", "max_steps", "max_samples", "chunk_size", "ref_batch_tokens", "eval_samples")
+        positive = ("batch_size", "grad_accum", "epochs", "max_steps", "max_samples", "chunk_size", "max_tokens_per_batch", "eval_samples")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -183,13 +198,17 @@ class TrainConfig:
             raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.eval_data is None:
+            for name in ("eval_every", "eval_samples"):
+                if getattr(self, name) not in (None, 0):
+                    raise ConfigError(f"{_flag(name)} needs --eval-data")
 
     # -- derived values ------------------------------------------------------------------------------
     def loss_config(self) -> LossConfig:
         """The :class:`LossConfig` of this run (already validated)."""
         from dppo.losses import LossConfig
 
-        return LossConfig.defaults(self.method, **{k: getattr(self, k) for k in _LOSS_FIELDS})
+        return LossConfig.defaults(self.method, **{k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None})
 
     @property
     def step_examples(self) -> int:

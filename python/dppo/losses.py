@@ -715,6 +715,8 @@ class LossSpec:
         needs_rejected: reads the rejected response (every method but sft).
         needs_ygen: has a y_gen term (``ygen_token_logps``, ``ygen_index``).
         needs_ref_ygen: also reads the reference's log-prob of y_gen (``ref_ygen``; conll only).
+        options: the :class:`LossConfig` fields the loss reads (``zeta`` only with the expectile
+            weight); a trainer rejects the others when a user sets them.
     """
 
     fn: Callable[[LossConfig, LogProbs], LossOutput]
@@ -722,18 +724,23 @@ class LossSpec:
     needs_rejected: bool
     needs_ygen: bool
     needs_ref_ygen: bool = False
+    options: tuple[str, ...] = ()
 
     def __call__(self, cfg: LossConfig, logps: LogProbs) -> LossOutput:
         return self.fn(cfg, logps)
 
 
+_PENALTY_OPTIONS = ("beta", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight")
+
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(sft_loss, needs_reference=False, needs_rejected=False, needs_ygen=False),
-    "dpo": LossSpec(dpo_loss, needs_reference=True, needs_rejected=True, needs_ygen=False),
-    "simpo": LossSpec(simpo_loss, needs_reference=False, needs_rejected=True, needs_ygen=False),
-    "minll": LossSpec(minll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True),
-    "unll": LossSpec(unll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True),
-    "conll": LossSpec(conll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, needs_ref_ygen=True),
+    "dpo": LossSpec(dpo_loss, needs_reference=True, needs_rejected=True, needs_ygen=False, options=("beta",)),
+    "simpo": LossSpec(simpo_loss, needs_reference=False, needs_rejected=True, needs_ygen=False, options=("beta", "gamma")),
+    "minll": LossSpec(minll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True,
+                      options=(*_PENALTY_OPTIONS, "penalty_norm")),
+    "unll": LossSpec(unll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, options=_PENALTY_OPTIONS),
+    "conll": LossSpec(conll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, needs_ref_ygen=True,
+                      options=_PENALTY_OPTIONS),
 }
 assert tuple(LOSSES) == METHODS
 

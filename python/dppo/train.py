@@ -7,8 +7,9 @@
    shards (:mod:`dppo.refcache`), so no reference model is held in memory while training;
 3. **model and optimizer**, restored from the latest checkpoint with ``--resume``;
 4. **the loop**, one optimizer step at a time: *data* (the step's ``batch_size x grad_accum``
-   examples), *forward* (each micro-batch's sequences packed into one row, log-probabilities only
-   where labels exist), *loss* (``LOSSES[method]``, a pure function of log-probabilities), *backward*
+   examples, grouped into micro-batches of at most ``batch_size`` examples and
+   ``max_tokens_per_batch`` tokens by :func:`dppo.data.micro_batches`), *forward* (each
+   micro-batch's sequences packed into one row, log-probabilities only where labels exist), *loss* (``LOSSES[method]``, a pure function of log-probabilities), *backward*
    per micro-batch, *step* (clip, schedule, update), *log* (``RUN/metrics.jsonl``), *eval*,
    *checkpoint*;
 5. **the final model** in Hugging Face format with its tokenizer (``RUN/model``).
@@ -46,9 +47,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dppo.artifacts import normal_permissions
 from dppo.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
 from dppo.config import RUNTIME_OPTIONS, TrainConfig
-from dppo.data import Shards, open_shards
+from dppo.data import Shards, micro_batches, open_shards
 from dppo.errors import ConfigError
 from dppo.losses import LOSSES, LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
 from dppo.modeling import PackedBatch, SeqLogps, load_model, sequence_logps
@@ -116,6 +118,8 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     # The policy, and the reference log-probs (one no-grad pass, cached beside the shards)
     # ---------------------------------------------------------------------------------------------
     policy = load_model(init_dir, dtype="fp32", device=device)  # eval mode: no dropout, as TRL does
+    budget = cfg.max_tokens_per_batch or token_budget(policy, device, precision)
+    _record_budget(run, budget)
     ref = eval_ref = None
     t_ref = time.perf_counter()
     if spec.needs_reference or eval_spec.needs_reference:
@@ -124,7 +128,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
         load_ref = (lambda: policy) if same else (lambda: load_model(ref_dir, dtype="fp32", device=device))
         ref_pass = partial(
             _reference_pass, cfg=cfg, ref_dir=ref_dir, load=load_ref, precision=precision, autocast=autocast,
-            run=run, console=console,
+            run=run, console=console, budget=budget,
         )
         if spec.needs_reference:
             ref = ref_pass(shards, np.arange(n_examples), need_ygen=need_ref_ygen, what="train")
@@ -167,9 +171,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             outputs: list[LossOutput] = []
             work = Work()
             step_loss = torch.zeros((), device=device)
-            for start in range(0, len(ids), cfg.batch_size):
-                micro = ids[start : start + cfg.batch_size]
-                w = torch.as_tensor(shares[start : start + cfg.batch_size], dtype=torch.float32, device=device)
+            for pos in micro_batches(example_tokens(lengths, ids, spec), budget, cfg.batch_size):
+                micro = ids[pos]
+                w = torch.as_tensor(shares[pos], dtype=torch.float32, device=device)
                 # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) ----
                 with autocast():
                     logps = forward_logps(policy, shards, micro, cfg, loss_cfg, spec, ref, ygen_mode, device, work)
@@ -213,7 +217,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- eval -------------------------------------------------------------------------------------
             if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 with autocast():
-                    record.update(evaluate(policy, eval_shards, n_eval, cfg, eval_cfg, eval_spec, eval_ref, device))
+                    record.update(evaluate(policy, eval_shards, n_eval, cfg, eval_cfg, eval_spec, eval_ref, device, budget))
                 console.print(_eval_line(step, record), highlight=False)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -277,6 +281,68 @@ class DataOrder:
     def examples_seen(self, step: int) -> int:
         epoch, k = divmod(step, self.steps_per_epoch)
         return epoch * self.n + min(k * self.per_step, self.n)
+
+
+# -------------------------------------------------------------------------------------------------
+# Micro-batches: which examples share a forward pass
+# -------------------------------------------------------------------------------------------------
+
+
+def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, spec: LossSpec) -> np.ndarray:
+    """Tokens each example of ``ids`` puts through the policy: its sequences, the prompt once per
+    sequence (prompt + response for SFT; prompt + chosen and prompt + rejected for pairs, plus
+    prompt + y_gen where the method has a y_gen term, counted even where it may be skipped)."""
+    prompt = lengths["prompt"][ids]
+    if "response" in lengths:
+        return prompt + lengths["response"][ids]
+    total = 2 * prompt + lengths["chosen"][ids] + lengths["rejected"][ids]
+    if spec.needs_ygen and "ygen" in lengths:
+        total = total + prompt + lengths["ygen"][ids]
+    return total
+
+
+# Bytes of saved activations per token and decoder layer, over (hidden, intermediate) sizes, in
+# 16-bit compute (doubled in fp32): residual stream and norm inputs in fp32, attention inputs and
+# outputs, the MLP's gate/up/activation outputs. A deliberate overestimate of what autograd keeps.
+_ACT_HIDDEN, _ACT_INTERMEDIATE = 20, 8
+_BUDGET_MIN, _BUDGET_MAX, _BUDGET_CPU_FRACTION, _BUDGET_GPU_FRACTION = 2048, 65536, 0.25, 0.6
+
+
+def activation_bytes_per_token(model: torch.nn.Module, precision: str) -> int:
+    """Estimated activation memory per token of a forward + backward pass (see ``_ACT_*``)."""
+    c = model.config
+    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    per_layer = _ACT_HIDDEN * c.hidden_size + _ACT_INTERMEDIATE * inter
+    return int(c.num_hidden_layers * per_layer * (1 if precision == "bf16" else 2))
+
+
+def token_budget(model: torch.nn.Module, device: torch.device, precision: str) -> int:
+    """The default ``--max-tokens-per-batch``: the tokens whose activations fit in the memory left.
+
+    On CUDA: 60% of the free memory after the weights, less the gradients and AdamW's two moments
+    still to come (3 fp32 copies of the parameters); on the CPU: 25% of the available RAM. Divided
+    by :func:`activation_bytes_per_token`, clamped to [2048, 65536], rounded down to a multiple of 256.
+    """
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        spare = _BUDGET_GPU_FRACTION * (free - 3 * params)
+    else:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+        spare = _BUDGET_CPU_FRACTION * (available - 3 * params)
+    tokens = int(spare // max(1, activation_bytes_per_token(model, precision)))
+    return max(_BUDGET_MIN, min(_BUDGET_MAX, tokens)) // 256 * 256
+
+
+def _record_budget(run: Path, budget: int) -> None:
+    """Add the resolved token budget to RUN/config.json."""
+    path = run / "config.json"
+    record = json.loads(path.read_text())
+    record["max_tokens_per_batch"] = budget
+    _write_json_atomic(path, record)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -443,12 +509,14 @@ def evaluate(
     spec: LossSpec,
     ref: RefLogps | None,
     device: torch.device,
+    budget: int,
 ) -> dict[str, float]:
     """Mean loss and statistics of the first ``n`` examples of ``shards`` (no gradients), as ``eval/*``."""
     mode = _ygen_mode(cfg, spec) if spec.needs_ygen else "none"
     outputs, losses, weights = [], [], []
-    for start in range(0, n, cfg.batch_size):
-        ids = np.arange(start, min(n, start + cfg.batch_size))
+    everything = np.arange(n)
+    for pos in micro_batches(example_tokens(shards.lengths(), everything, spec), budget, cfg.batch_size):
+        ids = everything[pos]
         logps = forward_logps(model, shards, ids, cfg, loss_cfg, spec, ref, mode, device)
         out = spec(loss_cfg, logps)
         outputs.append(out)
@@ -621,6 +689,8 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
     """Check the run folder; with --resume return the checkpoint to continue from (None: start over)."""
     markers = [run / "config.json", run / "metrics.jsonl", run / "checkpoints", run / "model"]
     if cfg.resume:
+        # job scripts on preemptible machines always pass --resume: a run not started yet starts here
+        run.mkdir(parents=True, exist_ok=True)
         remove_stale(run)
         saved_path = run / "config.json"
         if saved_path.is_file():
@@ -679,8 +749,12 @@ def _write_run_config(
         "versions": {"dppo": getattr(dppo, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    tmp = run / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2))
+    _write_json_atomic(path, record)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
@@ -704,13 +778,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _reference_pass(
     shards: Shards, ids: np.ndarray, *, need_ygen: bool, what: str, cfg: TrainConfig, ref_dir: Path,
     load: Callable[[], torch.nn.Module], precision: str, autocast: Callable[[], Any], run: Path, console: Console,
+    budget: int,
 ) -> RefLogps:
     progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal, rate=False)
     with progress:
         task = progress.add_task(f"reference log-probs ({what})", total=None, loss="", speed="")
         result = reference_logps(
             ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=precision, autocast=autocast,
-            chunk_size=cfg.chunk_size, kernel=cfg.kernel, batch_tokens=cfg.ref_batch_tokens,
+            chunk_size=cfg.chunk_size, kernel=cfg.kernel, batch_tokens=budget,
             fallback_dir=run / "refcache", on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     status = "reused" if result.hit else "computed"
@@ -729,6 +804,7 @@ def _save_model(model: torch.nn.Module, tok_dir: Path, out: Path, precision: str
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, work / name)
+    normal_permissions(work)
     if out.exists():
         shutil.rmtree(out)
     os.rename(work, out)
