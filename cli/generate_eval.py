@@ -42,7 +42,7 @@ def generate_cmd(
     engine: Engine = "auto",
     dtype: Dtype = "auto",
     tokenizer: TokenizerOpt = None,
-    max_prompt_len: Annotated[Optional[int], typer.Option("--max-prompt-len", min=1, help="Keep only the first N prompt tokens (as prep truncates).")] = None,
+    max_prompt_len: Annotated[Optional[int], typer.Option("--max-prompt-len", min=1, help="Shorten longer prompts to N tokens as prep does: the user turn loses its end, the template (generation header last) stays.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming OUT (needed when settings changed).")] = False,
 ) -> None:
     """Generate a response to every prompt (y_gen for `dppo prep prefs --ygen`): greedy by default, resumable."""
@@ -60,7 +60,7 @@ def generate_cmd(
 def eval_cmd(
     models: Annotated[list[str], typer.Argument(help="Run folders, model folders or hub ids to evaluate.", show_default=False)],
     baseline: Annotated[str, typer.Option("--baseline", help="The model every other one is compared with (e.g. the SFT model).")],
-    judge: Annotated[str, typer.Option("--judge", help="nemotron, nemotron-api, hf:ID_OR_PATH, or a registered judge name.")],
+    judge: Annotated[str, typer.Option("--judge", help="nemotron (Llama-3.1-Nemotron-70B-Reward through transformers), nemotron-api (NVIDIA's endpoint; the key is read from $NVIDIA_API_KEY), hf:ID_OR_PATH (a sequence-classification reward model), or a registered judge name.")],
     data: Annotated[str, typer.Option("--data", help="Hub data set id or local parquet/jsonl/json/arrow file or folder with the evaluation prompts.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: results.md/json, scores.jsonl, winrate.png, reward_diff.png.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub data set.")] = "test_prefs",
@@ -81,7 +81,11 @@ def eval_cmd(
     tie_tolerance: Annotated[float, typer.Option("--tie-tolerance", min=0.0, help="Reward differences within this are ties.")] = 0.0,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Generation and judge-score cache (default: OUT/cache); share it across evaluations.")] = None,
 ) -> None:
-    """Win rates of models against a baseline, judged by a reward model (responses and scores cached)."""
+    """Win rates of models against a baseline, judged by a reward model (responses and scores cached).
+
+    The nemotron-api judge reads its key from the NVIDIA_API_KEY environment variable. Exits with
+    code 1 when a model has no scored comparison (every judge call failed).
+    """
     from dppo.evaluate import EvalConfig, evaluate
 
     evaluate(

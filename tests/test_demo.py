@@ -43,7 +43,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert again.exit_code == 0, again.output
     res2 = json.loads((out / "results.json").read_text())
     assert res2["table"] == res["table"]
-    assert sum(res2["stage_seconds"].values()) < sum(res["stage_seconds"].values()) / 3
+    assert res2["seconds"] < res["seconds"] / 3 and len(res2["stages_reused"]) == len(res["stage_seconds"])
+    # the stages' own times are kept from when they ran, and results.md says the run reused them
+    assert res2["stage_seconds"] == res["stage_seconds"]
+    md = (out / "results.md").read_text()
+    assert f"reused {len(res2['stages_reused'])} of" in md and f"took {res['stage_seconds_total']:.0f} s" in md
     # the default demo into the quick demo's folder would reuse stages made with other settings: refused
     other = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert other.exit_code == 1 and "other settings" in other.output and "n_sft 8000 there, 48000 now" in other.output

@@ -11,7 +11,7 @@ import pytest
 import torch
 import tiny_models as tm
 from dppo.decoding import Decoder
-from dppo.errors import ConfigError
+from dppo.errors import ConfigError, EvaluationError, SourceError
 from dppo.evaluate import EvalConfig, compare, evaluate
 from dppo.judges import register_judge
 from test_judges import KEY, ChatServer
@@ -194,3 +194,49 @@ def test_model_labels_are_short_and_distinct():
 
     assert _labels("runs/sft/model", ["runs/dpo/model", "runs/unll", "Qwen/Qwen2.5-0.5B"]) == ["sft", "dpo", "unll", "Qwen2.5-0.5B"]
     assert _labels("runs/sft/model", ["runs/sft/model", "a/dpo", "b/dpo"]) == ["sft (baseline)", "sft", "dpo#1", "dpo#2"]
+
+
+def _no_generation(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("nothing may be generated before the judge is known to work")
+
+    monkeypatch.setattr(Decoder, "run", refuse)
+
+
+def test_an_evaluation_whose_judge_always_fails_exits_nonzero(tmp_path, models, pairs_file):
+    def broken(prompt: str, response: str) -> float:
+        raise ConnectionError("judge down")
+
+    register_judge("test-broken", broken, overwrite=True)
+    with pytest.raises(EvaluationError, match="no scored comparison for twin-run, other.*judge down"):
+        evaluate(config(tmp_path / "e", models, pairs_file, judge="test-broken"), show_progress=False)
+    res = json.loads((tmp_path / "e" / "results.json").read_text())  # the files are still written
+    assert [m["n"] for m in res["models"]] == [0, 0] and res["judge"]["failures"] == 30
+    import typer
+    from dppo.cli.generate_eval import eval_cmd
+    from dppo.cli.main import user_errors
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command("eval")(user_errors(eval_cmd))
+    app.command("other")(lambda: None)
+    args = ["eval", str(models["other"]), "--baseline", str(models["base"]), "--judge", "test-broken", "--data",
+            str(pairs_file), "--split", "", "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "e2")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and "no scored comparison" in r.output and "Traceback" not in r.output
+
+
+def test_an_unreachable_judge_fails_before_any_generation(tmp_path, models, pairs_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_generation(monkeypatch)
+    with pytest.raises(SourceError) as e:
+        evaluate(config(tmp_path / "e", models, pairs_file, judge="nemotron:someorg/not-cached-reward"), show_progress=False)
+    assert "HF_HUB_OFFLINE" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="no such folder"):
+        evaluate(config(tmp_path / "e", models, pairs_file, judge="hf:/no/such/reward-model"), show_progress=False)
+
+
+def test_a_causal_lm_is_refused_as_a_sequence_classification_judge(tmp_path, models, pairs_file, monkeypatch):
+    _no_generation(monkeypatch)
+    with pytest.raises(ConfigError, match="no trained score head.*score.weight"):
+        evaluate(config(tmp_path / "e", models, pairs_file, judge=f"hf:{models['base']}"), show_progress=False)

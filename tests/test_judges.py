@@ -242,6 +242,7 @@ def test_api_judge_retries_and_reports(server, monkeypatch, capsys, caplog):
     assert server.attempts == {"plain": 1, "slow one": 2, "busy one": 3, "flaky one": 2, "garbled one": 3,
                                "down one": 4, "bad one": 1, "plain two": 1}
     assert 1 < server.max_in_flight <= 4
+    assert judge.retries == sum(server.attempts.values()) - len(items) == 9
     assert server.auth_seen == {f"Bearer {KEY}"}
     out = capsys.readouterr()
     seen = " ".join([repr(judge), str(vars(judge)), out.out, out.err, caplog.text, *(s.error or "" for s in scores)])

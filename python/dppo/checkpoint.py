@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dppo.artifacts import normal_permissions
 from dppo.errors import ConfigError
 
 __all__ = [
@@ -152,6 +153,7 @@ def save_checkpoint(
     save_model(model, str(work / "model.safetensors"))
     torch.save(optimizer.state_dict(), work / "optimizer.pt")
     torch.save(_rng_state(), work / "rng.pt")
+    normal_permissions(work)
     files = {}
     for name in ("model.safetensors", "optimizer.pt", "rng.pt"):
         path = work / name

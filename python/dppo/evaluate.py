@@ -15,7 +15,11 @@ exist, a prompt is a win if ``d_i > tol``, a loss if ``d_i < -tol`` and a tie ot
     strict   = wins / n  (ties count as losses, as the author's script did), se sqrt(s (1 - s) / n)
 
 A judge failure that survives the judge's retries removes that prompt from the model's ``n``; the
-count and the prompt_ids are reported, never dropped silently.
+count and the prompt_ids are reported, never dropped silently, and a model left with no scored
+comparison at all makes the evaluation fail (after its files are written). Everything that can be
+checked before the (long) generation is: the judge loads its config and tokenizer (an offline hub
+or a classifier without a trained score head fails in one line), every model and tokenizer
+resolves, the prompts load.
 
 Outputs in ``OUT``: ``results.json`` and ``results.md`` (one table, all models), ``scores.jsonl``
 (per model and prompt: rewards, difference, outcome), ``winrate.png``, ``reward_diff.png`` and
@@ -44,7 +48,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dppo.errors import ConfigError
+from dppo.errors import ConfigError, EvaluationError
 
 __all__ = ["EvalConfig", "Comparison", "compare", "evaluate", "results_markdown"]
 
@@ -198,7 +202,8 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    # The judge is built first: a missing API key or unknown judge fails before any generation.
+    # Everything that can fail is checked before generating: the judge (an unknown judge, a missing
+    # API key, an offline hub, a classifier without a score head), every model and the prompts.
     judge = make_judge(
         cfg.judge,
         JudgeOptions(
@@ -207,20 +212,20 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
             concurrency=cfg.concurrency,
         ),
     )
+    judge.check()
+    specs = [cfg.baseline, *cfg.models]
+    names = _labels(cfg.baseline, cfg.models)
+    dirs = [(d, resolve_model_tokenizer(d, cfg.tokenizer)) for d in map(resolve_model, specs)]
     rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
     if any(r.ids is not None for r in rows):
         raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
     prompt_of = {r.prompt_id: r.prompt for r in rows}
 
     # -- generation (cached by model fingerprint, tokenizer and settings) -----------------------------
-    specs = [cfg.baseline, *cfg.models]
-    names = _labels(cfg.baseline, cfg.models)
     dtype_name, _ = resolve_dtype(cfg.dtype, None)
     responses: dict[str, dict[str, dict[str, Any]]] = {}
     gen_files: dict[str, str] = {}
-    for spec, name in zip(specs, names, strict=True):
-        model_dir = resolve_model(spec)
-        tok_dir = resolve_model_tokenizer(model_dir, cfg.tokenizer)
+    for spec, name, (model_dir, tok_dir) in zip(specs, names, dirs, strict=True):
         settings = generation_settings(
             model_dir, tok_dir, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             seed=cfg.seed, max_prompt_len=None, dtype=dtype_name,
@@ -304,7 +309,8 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
             "mean_response_tokens": sum(base_lengths) / len(base_lengths) if base_lengths else None,
             "judge_failures": len(errors[base]),
         },
-        "judge": {"spec": cfg.judge, "key": judge.key},
+        "judge": {"spec": cfg.judge, "key": judge.key, "retries": judge.retries,
+                  "failures": sum(len(errs) for errs in errors.values())},
         "prompts": len(rows),
         "models": table,
         "judge_errors": {name: errs for name, errs in errors.items() if errs},
@@ -336,7 +342,16 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
                 f"[yellow]{name}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {ids}; e.g. {first})",
                 highlight=False,
             )
+        j = results["judge"]
+        console.print(f"judge {cfg.judge}: {len(items):,} answers, {j['retries']:,} retries, {j['failures']:,} failures", highlight=False)
         console.print(f"results in {out}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
+    unscored = [row["model"] for row in table if row["n"] == 0]
+    if unscored:
+        first = next((e for errs in errors.values() for e in errs.values()), "no answer to judge")
+        raise EvaluationError(
+            f"no scored comparison for {', '.join(unscored)}: the judge failed on every prompt "
+            f"({results['judge']['failures']} failures after {results['judge']['retries']} retries; e.g. {first}); see {out}/results.json"
+        )
     return results
 
 
@@ -377,7 +392,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     lines = [
         f"# Win rates against {b['model']}",
         "",
-        f"Judge `{results['judge']['spec']}`; {results['prompts']} prompts; win rate = (wins + ties/2) / n, "
+        f"Judge `{results['judge']['spec']}` ({results['judge'].get('retries', 0)} retries, "
+        f"{results['judge'].get('failures', 0)} failures); {results['prompts']} prompts; win rate = (wins + ties/2) / n, "
         "n = prompts where the judge scored both answers; strict counts ties as losses.",
         "",
         "| " + " | ".join(h for h, _ in COLUMNS) + " |",

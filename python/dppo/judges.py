@@ -93,10 +93,15 @@ class JudgeOptions:
 
 class Judge(ABC):
     """Scores (prompt, response) items. ``key`` identifies the scoring function in the cache:
-    two judges with the same key must give the same scores."""
+    two judges with the same key must give the same scores. ``retries`` counts the attempts the
+    judge repeated (failed requests or batches tried again)."""
 
     name: str
     key: str
+    retries: int = 0
+
+    def check(self) -> None:  # noqa: B027 - a judge with nothing to load has nothing to check
+        """Fail now, with one line, if the judge cannot be loaded or used (run before any generation)."""
 
     @abstractmethod
     def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
@@ -203,6 +208,34 @@ class _LocalModelJudge(Judge):
         self.model_id, self.options = model, options
         self._model: Any = None
         self._tokenizer: Any = None
+        self.retries = 0
+
+    def _files(self) -> Path:
+        """The judge's config and tokenizer files: its folder, or the hub snapshot of its small files
+        (the weights come with loading). Offline or unreachable hubs fail here, in one line."""
+        from dppo.artifacts import hub_snapshot
+
+        path = Path(self.model_id).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"judge {self.name}: {path} is not a model folder (no config.json)")
+            return path
+        if str(self.model_id).startswith((".", "/", "~")):
+            raise ConfigError(f"judge {self.name}: {self.model_id}: no such folder")
+        return hub_snapshot(self.model_id, what=f"judge model ({self.name})",
+                            allow_patterns=["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"])
+
+    def check(self) -> None:
+        """The config and tokenizer resolve and the tokenizer renders a chat (before any generation)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = self._files()
+        try:
+            AutoConfig.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            _chat_ids(tokenizer, "Is this a check?", "Yes.")
+        except Exception as e:
+            raise ConfigError(f"judge {self.name}: {folder} cannot be used ({type(e).__name__}: {_first(e)})") from None
 
     @abstractmethod
     def _load(self) -> tuple[Any, Any]:
@@ -248,8 +281,9 @@ class _LocalModelJudge(Judge):
                         out[i] = Score(v) if v == v else Score(None, "the model gave NaN")
                 except Exception as e:
                     if len(batch) == 1:
-                        out[batch[0]] = Score(None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                        out[batch[0]] = Score(None, f"{type(e).__name__}: {_first(e)}")
                     else:  # isolate the failing item(s)
+                        self.retries += len(batch)
                         for i in batch:
                             out[i] = self.score([items[i]])[0]
                 if progress is not None:
@@ -338,11 +372,25 @@ class SequenceClassifierJudge(_LocalModelJudge):
         self.name = f"hf:{model}"
         self.key = _model_key("seq-cls-logit0", model)
 
+    def check(self) -> None:
+        """Also: the checkpoint has a trained score head (a causal LM loaded as a classifier would
+        score with random weights)."""
+        super().check()
+        missing = _missing_head(self._files(), self.model_id)
+        if missing:
+            raise ConfigError(_no_head_message(self.model_id, missing))
+
     def _load(self) -> tuple[Any, Any]:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-        model = AutoModelForSequenceClassification.from_pretrained(self.model_id, dtype=self._dtype())
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            self.model_id, dtype=self._dtype(), output_loading_info=True
+        )
+        head = _head_names(model)
+        missing = [k for k in info.get("missing_keys", []) if k in head or any(k.endswith("." + h) for h in head)]
+        if missing:
+            raise ConfigError(_no_head_message(self.model_id, missing))
         if model.config.pad_token_id is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             model.config.pad_token_id = pad
@@ -363,6 +411,64 @@ class SequenceClassifierJudge(_LocalModelJudge):
             for i, v in zip(group, logits[:, 0].float().tolist(), strict=True):
                 out[i] = v
         return out
+
+
+def _first(e: BaseException) -> str:
+    from dppo.artifacts import first_line
+
+    return first_line(e)
+
+
+def _head_names(model: Any) -> list[str]:
+    """Parameter names of a sequence classifier outside its base model (the score head)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+
+
+def _checkpoint_keys(folder: Path, model_id: str) -> set[str] | None:
+    """Tensor names of a checkpoint, from its safetensors index or headers (local folder, else the
+    hub's metadata); None when they cannot be read without loading the weights."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        keys: set[str] = set()
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                keys.update(handle.keys())
+        return keys
+    if Path(model_id).expanduser().is_dir():
+        return None  # .bin weights: checked when loading
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(model_id)
+        return {k for f in meta.files_metadata.values() for k in f.tensors}
+    except Exception:
+        return None
+
+
+def _missing_head(folder: Path, model_id: str) -> list[str]:
+    """Score-head parameters the checkpoint lacks ([] when it has them or they cannot be checked)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    keys = _checkpoint_keys(folder, model_id)
+    if keys is None:
+        return []
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(folder)))
+    return [h for h in _head_names(skeleton) if not any(k == h or k.endswith("." + h) for k in keys)]
+
+
+def _no_head_message(model_id: str, missing: Sequence[str]) -> str:
+    return (
+        f"judge hf:{model_id} has no trained score head ({', '.join(missing)} missing from its weights): it is not a "
+        "reward model, and its scores would come from random weights; use a sequence-classification reward model"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,6 +524,8 @@ class ApiJudge(Judge):
         # another endpoint may serve something else under the same model name
         self.key = f"api:{model}" if base == NVIDIA_API_BASE else f"api:{model}@{base}"
         self._sleep = time.sleep
+        self.retries = 0
+        self._retry_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ApiJudge(model={self.model!r}, url={self.url!r})"
@@ -494,6 +602,8 @@ class ApiJudge(Judge):
             except ValueError as e:  # a reply the endpoint will not change its mind about
                 return Score(None, str(e))
             if attempt < self.options.max_retries:
+                with self._retry_lock:
+                    self.retries += 1
                 base = min(self.options.max_backoff, self.options.backoff * 2**attempt)
                 self._sleep(wait if wait is not None else base * (0.5 + 0.5 * random.random()))
         return Score(None, f"{error} (after {self.options.max_retries + 1} attempts)")

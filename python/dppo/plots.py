@@ -60,9 +60,12 @@ def plot_reward_differences(diffs: Mapping[str, Sequence[float]], path: str | Pa
         if lo == hi:
             lo, hi = lo - 1, hi + 1
         bins = np.linspace(lo, hi, 41)
-        for name, v in diffs.items():
-            if len(v):
-                ax.hist(np.asarray(v, dtype=float), bins=bins, histtype="step", linewidth=1.5, label=f"{name} (n={len(v)})")
+        # line styles and widths differ, so a series equal to another stays visible under it
+        styles = ["-", "--", ":", "-."]
+        shown = [(name, v) for name, v in diffs.items() if len(v)]
+        for k, (name, v) in enumerate(shown):
+            ax.hist(np.asarray(v, dtype=float), bins=bins, histtype="step", linestyle=styles[k % len(styles)],
+                    linewidth=2.6 - 1.6 * k / max(1, len(shown) - 1), label=f"{name} (n={len(v)})")
         ax.legend(fontsize=8)
     ax.axvline(0, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel(f"reward(model) - reward({baseline})")

@@ -95,16 +95,13 @@ METHODS = ("dpo", "simpo", "minll", "unll", "conll")
 
 @dataclass
 class _Plan:
-    """The ordered stages of one run, for the single progress display."""
+    """The ordered stages of one run, for the single progress display: each stage's name, the file
+    whose existence says it is done (then it is reused), and the function that makes it."""
 
-    stages: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
+    stages: list[tuple[str, Path, Callable[[], Any]]] = field(default_factory=list)
 
-    def add(self, name: str, fn: Callable[[], Any]) -> None:
-        self.stages.append((name, fn))
-
-
-def _done(path: Path) -> bool:
-    return path.exists()
+    def add(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
+        self.stages.append((name, done, fn))
 
 
 def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
@@ -202,10 +199,10 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     paths = {"sft": world_dir / "sft.parquet", "prefs_train": world_dir / "prefs_train.parquet",
              "prefs_test": world_dir / "prefs_test.parquet", "tokenizer": world_dir / "tokenizer"}
     plan = _Plan()
-    plan.add("make the world", lambda: _done(world_dir / "world.json") or write_world(
+    plan.add("make the world", world_dir / "world.json", lambda: write_world(
         world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, seed=s.world_seed, vocab_size=s.vocab_size))
     sft_shards = out / "shards" / "sft"
-    plan.add("prep sft", lambda: _done(sft_shards / "meta.json") or prepare(
+    plan.add("prep sft", sft_shards / "meta.json", lambda: prepare(
         PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), console=log, show_progress=False))
 
     def common(**kw: Any) -> dict[str, Any]:
@@ -216,27 +213,25 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     base = out / "base"
     init = base / "init"
 
-    plan.add("random init", lambda: _done(init / "config.json") or make_init_model(init, paths["tokenizer"], s))
+    plan.add("random init", init / "config.json", lambda: make_init_model(init, paths["tokenizer"], s))
 
-    def train_run(run: Path, method: str, data: Path, init_dir: Path, seed: int, **kw: Any) -> Callable[[], Any]:
+    def train_run(name: str, run: Path, method: str, data: Path, init_dir: Path, seed: int, **kw: Any) -> None:
         def go() -> Any:
-            if _done(run / "model" / "config.json"):
-                return None
             cfg = TrainConfig(method=method, data=str(data), init=str(init_dir), out=str(run), seed=seed,
                               overwrite=True, **common(**kw))
             return train(cfg, console=log)
-        return go
+
+        plan.add(name, run / "model" / "config.json", go)
 
     sft_run = base / "sft"
-    plan.add("train sft", lambda: _done(sft_run / "model" / "config.json") or train(
-        sft_config(s, sft_shards, init, sft_run), console=log))
+    plan.add("train sft", sft_run / "model" / "config.json", lambda: train(sft_config(s, sft_shards, init, sft_run), console=log))
     sft_model = sft_run / "model"
     ygen = base / "ygen.parquet"
-    plan.add("generate y_gen", lambda: _done(ygen) or generate(
+    plan.add("generate y_gen", ygen, lambda: generate(
         GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, max_new_tokens=s.max_new_tokens,
                   batch_size=s.gen_batch, seed=0), console=log, show_progress=False))
     prefs = out / "shards" / "prefs"
-    plan.add("prep prefs --ygen", lambda: _done(prefs / "meta.json") or prepare(
+    plan.add("prep prefs --ygen", prefs / "meta.json", lambda: prepare(
         PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), console=log, show_progress=False))
 
     pref_kw = dict(lr=s.pref_lr, epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1,
@@ -247,47 +242,52 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         runs = sd / "runs"
         for m in METHODS:
             extra = {"vote_clip": clip[m]} if m in clip else {}
-            plan.add(f"seed {seed}: train {m}", train_run(runs / m, m, prefs, sft_model, seed, **pref_kw, **extra))
+            train_run(f"seed {seed}: train {m}", runs / m, m, prefs, sft_model, seed, **pref_kw, **extra)
         unll_model = runs / "unll" / "model"
-        plan.add(f"seed {seed}: train unll+dpo", train_run(runs / "unll+dpo", "dpo", prefs, unll_model, seed,
-                                                           ref=str(unll_model), **pref_kw))
+        train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", prefs, unll_model, seed, ref=str(unll_model), **pref_kw)
         for a in s.alphas:
             if a != 0.1:  # 0.1 is the unll run above
-                plan.add(f"seed {seed}: train unll alpha={a:g}", train_run(
-                    runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed, alpha=a, vote_clip=s.vote_clip, **pref_kw))
+                train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed,
+                          alpha=a, vote_clip=s.vote_clip, **pref_kw)
         for n in s.sample_sizes:
             for m in ("dpo", "unll"):
                 extra = {"vote_clip": s.vote_clip} if m == "unll" else {}
-                plan.add(f"seed {seed}: train {m} on {n} pairs", train_run(
-                    runs / f"{m}-n{n}", m, prefs, sft_model, seed, max_samples=n, **pref_kw, **extra))
+                train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs, sft_model, seed,
+                          max_samples=n, **pref_kw, **extra)
 
         def run_eval(sd: Path = sd, runs: Path = runs) -> Any:
-            if _done(sd / "eval" / "results.json"):
-                return None
             models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
             return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
                                        data=str(paths["prefs_test"]), out=sd / "eval", split=None, limit=None,
                                        max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch,
                                        cache_dir=out / "cache"), console=log, show_progress=False)
 
-        plan.add(f"seed {seed}: eval vs sft", run_eval)
+        plan.add(f"seed {seed}: eval vs sft", sd / "eval" / "results.json", run_eval)
 
     columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    stage_seconds: dict[str, float] = {}
+    # Each stage's time when it ran, kept across runs into the same folder (a reused stage keeps it).
+    times_path = out / "stage_seconds.json"
+    stage_seconds: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
+    reused: list[str] = []
     try:
         with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():
             task = bar.add_task("", total=len(plan.stages))
-            for name, fn in plan.stages:
+            for name, done, fn in plan.stages:
                 bar.update(task, description=name)
-                log.rule(name)
-                t = time.perf_counter()
-                fn()
-                stage_seconds[name] = round(time.perf_counter() - t, 2)
+                if done.exists():
+                    reused.append(name)
+                else:
+                    log.rule(name)
+                    t = time.perf_counter()
+                    fn()
+                    stage_seconds[name] = round(time.perf_counter() - t, 2)
+                    times_path.write_text(json.dumps(stage_seconds, indent=2) + "\n")
                 bar.advance(task)
     finally:
         log_file.close()
-    results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds)
+    stage_seconds = {name: stage_seconds[name] for name, _, _ in plan.stages if name in stage_seconds}
+    results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds, reused)
     if show_progress:
         console.print(_table(results))
         diag = results.get("diagnostics") or {}
@@ -320,7 +320,9 @@ def _pairs_per_s(run: Path) -> float | None:
     return statistics.fmean(rates) if rates else None
 
 
-def _aggregate(out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+def _aggregate(
+    out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[str, float] | None = None, reused: list[str] | None = None
+) -> dict[str, Any]:
     per_model: dict[str, dict[str, list[float]]] = {}
     diffs: dict[str, list[float]] = {}
     for seed in range(s.seeds):
@@ -354,7 +356,8 @@ def _aggregate(out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[s
                       "per_seed_win_rates": d["win_rate"]})
     table.sort(key=lambda row: _order(row["method"]))
     results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table,
-               "paper": PAPER, "diagnostics": _diagnostics(out), "stage_seconds": stage_seconds or {}}
+               "paper": PAPER, "diagnostics": _diagnostics(out), "stage_seconds": stage_seconds or {},
+               "stages_reused": reused or [], "stage_seconds_total": round(sum((stage_seconds or {}).values()), 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(results))
     _figures(out, results, diffs, s)
@@ -422,8 +425,12 @@ def _markdown(r: dict[str, Any]) -> str:
                       "unll's and conll's penalty weights (quadratic) be nonzero at the start; minll's expectile weight "
                       "also acts where r > 0, where it rewards y_gen (mean logp of chosen "
                       f"{diag['sft_mean_logp_chosen']}, of rejected {diag['sft_mean_logp_rejected']})."]
-    lines += ["", "## Settings", "", "```json", json.dumps(r["settings"], indent=2), "```", "",
-              f"Total time: {r['seconds']:.0f} s.", ""]
+    reused = r.get("stages_reused") or []
+    total = f"Total time: {r['seconds']:.0f} s"
+    if reused:
+        total += (f" for this run, which reused {len(reused)} of {len(r['stage_seconds']) or len(reused)} stages from an "
+                  f"earlier run in this folder; the stages took {r.get('stage_seconds_total', 0):.0f} s when they ran")
+    lines += ["", "## Settings", "", "```json", json.dumps(r["settings"], indent=2), "```", "", total + ".", ""]
     return "\n".join(lines)
 
 
@@ -456,7 +463,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     names = ["unll" if a == 0.1 else f"unll-alpha{a:g}" for a in s.alphas]
     ys, es = series(names)
     fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
-    ax.errorbar(list(s.alphas), ys, yerr=es, marker="o", capsize=3, label="unll")
+    ax.errorbar(list(s.alphas), ys, yerr=es, marker="s", capsize=3, label="unll", zorder=3)
     dpo, _ = series(["dpo"])
     ax.axhline(dpo[0], color="gray", ls="--", label="dpo")
     ax.set_xscale("log")
@@ -471,10 +478,12 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     # Fig. 2C: win rate vs number of training pairs (dpo, unll)
     n_full = _n_pairs(out)
     fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
-    for m in ("dpo", "unll"):
+    for k, (m, marker, style) in enumerate((("dpo", "o", "-"), ("unll", "s", "--"))):
         sizes = [n for n in s.sample_sizes if n < n_full] + [n_full]
         ys, es = series([f"{m}-n{n}" for n in s.sample_sizes if n < n_full] + [m])
-        ax.errorbar(sizes, ys, yerr=es, marker="o", capsize=3, label=m)
+        # a small horizontal offset keeps a series visible where it equals the other
+        ax.errorbar([x * (1.04 ** k) for x in sizes], ys, yerr=es, marker=marker, ls=style, capsize=3, label=m,
+                    fillstyle="full" if k == 0 else "none")
     ax.set_xscale("log")
     ax.set_xlabel("training pairs")
     ax.set_ylabel("win rate vs SFT")
