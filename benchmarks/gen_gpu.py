@@ -4,13 +4,17 @@ Run it in the same device call as ``../shared/bench/gen_anchor.py`` (the anchor:
 greedy, batch 128, 128-token prompts, 256 new tokens, bf16, Qwen2.5-0.5B shape, random weights:
 1,660 generated tokens/s on an H200 when measured there); the target is 10x that.
 
-    python benchmarks/gen_gpu.py [--workloads anchor,eos] [--no-hf]
+    python benchmarks/gen_gpu.py [--workloads anchor,max_batch,eos] [--no-hf]
     SMALL=1 python benchmarks/gen_gpu.py      # a tiny model on the CPU: checks the script only
 
 Workloads (same model, bf16, random weights, so ``generate`` runs on identical inputs):
 * ``anchor``: the anchor's shape exactly: 128 prompts of 128 random ids, 256 new tokens, no stop
   token, one batch of 128. ``dppo`` runs it twice in one process: the first run includes capturing
   the CUDA graph, the second reuses it (both printed).
+* ``max_batch``: the anchor's prompts and budget at batch 256, 512, ... as long as it fits in memory
+  and a run stays under ~25 s: the best tokens/s and its batch (target: 30x the anchor's batch-128
+  figure), and the fraction of the memory-bandwidth limit reached (reading every weight once per
+  decode step plus each row's KV cache, at the device's peak bandwidth).
 * ``eos``: 512 prompts with UltraFeedback-like lognormal lengths (median ~100), 256 new tokens,
   a stop set covering 3/256 of the vocabulary (responses end after ~85 tokens on average, ~5%
   reach 256), batch 128: continuous batching against ``generate`` on consecutive batches.
@@ -63,6 +67,32 @@ def dppo_generate(decoder: Decoder, data: list[list[int]], batch: int, new: int)
     return out
 
 
+# Peak memory bandwidth, bytes/s, of GPUs by name (the decode step is bandwidth-bound).
+_BANDWIDTH = {"H200": 4.8e12, "GH200": 4.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H800": 3.35e12, "B200": 8.0e12,
+              "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12, "A100": 1.555e12, "L40S": 0.864e12, "L40": 0.864e12,
+              "L4": 0.3e12, "A10G": 0.6e12, "A10": 0.6e12}
+
+
+def bandwidth() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in _BANDWIDTH.items() if key in name), None)
+
+
+def bandwidth_limit(model, batch: int, prompt_len: int, new: int) -> dict:
+    """Tokens/s if every decode step only read the weights once and each row's KV cache (mean context
+    prompt + new/2), at the device's peak bandwidth: the ceiling of batched greedy decoding."""
+    c = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied tensors once
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 2  # bf16 K and V
+    step_bytes = weight_bytes + batch * (prompt_len + new / 2) * kv_per_token
+    bw = bandwidth()
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "step_bytes": round(step_bytes),
+            "peak_bandwidth": bw, "limit_tokens_per_s": round(bw / step_bytes * batch) if bw else None}
+
+
 def timed(fn, *args):
     sync()
     t = time.perf_counter()
@@ -87,6 +117,9 @@ def main() -> None:
     with torch.inference_mode():
         model.generate(torch.zeros(1, 16, dtype=torch.long, device=dev), max_new_tokens=4, do_sample=False, pad_token_id=0)
         for workload in args.workloads.split(","):
+            if workload == "max_batch":
+                max_batch(model, info, new)
+                continue
             if workload == "anchor":
                 data = [row.tolist() for row in torch.randint(0, 150000, (batch, 128), generator=torch.Generator().manual_seed(0))]
                 stop: list[int] = []
@@ -113,12 +146,48 @@ def main() -> None:
                        "gen_tokens_per_s": round(tps), "wall_s": round(wall, 2),
                        "vs_hf_same_process": round(tps / hf_tps, 2) if hf_tps else None,
                        "vs_anchor_1660": round(tps / 1660, 1)}
+                if workload == "anchor":
+                    lim = bandwidth_limit(model, batch, 128, new)
+                    row["bandwidth_limit"] = lim
+                    row["fraction_of_bandwidth_limit"] = round(tps / lim["limit_tokens_per_s"], 3) if lim["limit_tokens_per_s"] else None
                 if not args.no_hf:
                     row["rows_identical_to_hf_bf16"] = round(same, 3)
                 print(json.dumps({**row, **info}), flush=True)
             decoder = None  # frees its caches and graphs
             if dev == "cuda":
                 torch.cuda.empty_cache()
+
+
+def max_batch(model, info: dict, new: int) -> None:
+    """The anchor's prompts at growing batches while they fit and stay quick; one line per batch."""
+    sizes = [2, 4] if SMALL else [256, 512, 1024, 2048, 4096, 8192]
+    best = None
+    for batch in sizes:
+        data = [row.tolist() for row in torch.randint(0, 150000, (batch, 128), generator=torch.Generator().manual_seed(1))]
+        decoder = Decoder(model, [], engine="dppo")
+        try:
+            dppo_generate(decoder, data[: min(batch, 8)], batch, 4)  # capture the graphs outside the timing
+            out, wall = timed(dppo_generate, decoder, data, batch, new)
+        except torch.cuda.OutOfMemoryError:
+            print(json.dumps({"workload": "max_batch", "batch": batch, "error": "out of memory", **info}), flush=True)
+            break
+        finally:
+            decoder = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        tps = sum(map(len, out)) / wall
+        lim = bandwidth_limit(model, batch, 128, new)
+        row = {"workload": "max_batch", "side": "dppo", "batch": batch, "new_tokens": new, "gen_tokens_per_s": round(tps),
+               "wall_s": round(wall, 2), "vs_anchor_1660": round(tps / 1660, 1),
+               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+               "fraction_of_bandwidth_limit": round(tps / lim["limit_tokens_per_s"], 3) if lim["limit_tokens_per_s"] else None,
+               **info}
+        print(json.dumps(row), flush=True)
+        best = row if best is None or tps > best["gen_tokens_per_s"] else best
+        if wall > 25:
+            break
+    if best is not None:
+        print(json.dumps({**best, "workload": "max_batch_best"}), flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def train_cmd(
     max_samples: Annotated[Optional[int], _o("--max-samples", name="max_samples")] = None,
     seed: Annotated[Optional[int], _o("--seed", name="seed")] = None,
     dtype: Annotated[Optional[str], _o("--dtype", name="dtype")] = None,
+    device: Annotated[Optional[str], _o("--device", name="device")] = None,
+    deterministic: Annotated[Optional[bool], _o("--deterministic/--no-deterministic", name="deterministic")] = None,
     # evaluation
     eval_data: Annotated[Optional[Path], _o("--eval-data", name="eval_data")] = None,
     eval_every: Annotated[Optional[int], _o("--eval-every", name="eval_every")] = None,

@@ -96,6 +96,11 @@ class TrainConfig:
     dtype: str = _opt(
         "auto", "auto|bf16|fp32. bf16: fp32 master weights, bf16 autocast compute (auto: bf16 on CUDA, fp32 elsewhere)."
     )
+    device: str = _opt("auto", "auto|cpu|cuda|cuda:N (auto: CUDA when available).")
+    deterministic: bool = _opt(
+        False, "Use deterministic kernels where they exist (torch.use_deterministic_algorithms): a resumed CUDA run "
+        "then repeats an uninterrupted one bit for bit, at some speed."
+    )
     # -- evaluation ----------------------------------------------------------------------------------
     eval_data: str | None = _opt(None, "Shards to evaluate the loss and reward accuracy on.")
     eval_every: int = _opt(0, "Evaluate every N optimizer steps (0: only after the last step).")
@@ -194,6 +199,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
         if self.resume and self.overwrite:

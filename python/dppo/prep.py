@@ -1,6 +1,6 @@
 """``dppo prep``: raw chat / preference data to memory-mapped shards.
 
-Python reads the source (polars for local files, ``datasets`` for hub ids) in bounded batches and
+Python reads the source (polars or pyarrow for local files, ``datasets`` for hub ids) in bounded batches and
 hands each batch to the Rust engine as Arrow data in one call; the engine validates, renders the
 chat template, tokenizes, truncates, packs and writes the shards (see ``dppo._native``).
 """
@@ -63,27 +63,30 @@ def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tupl
     ``response_ids`` (the ids the model generated, as ``dppo generate`` writes them) are used when
     the file's meta (``FILE.meta.json``) names the same tokenizer as the preparation's; otherwise
     the responses are tokenized from their text, and a note says why."""
-    import polars as pl
+    import pyarrow as pa
 
     if not path.is_file():
         raise SourceError(f"{path}: no such y_gen file (write it with `dppo generate`)")
     try:
         if path.suffix == ".parquet":
-            df = pl.read_parquet(path)
-        elif path.suffix in (".jsonl", ".json"):
-            df = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_json(path)
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            table = pa.Table.from_pylist(rows)
         else:
             raise SourceError(f"{path}: y_gen must be a .parquet or .jsonl file")
     except SourceError:
         raise
     except Exception as e:
         raise SourceError(f"{path}: cannot read y_gen file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    missing = [c for c in ("prompt_id", "response") if c not in df.columns]
+    missing = [c for c in ("prompt_id", "response") if c not in table.column_names]
     if missing:
-        raise SourceError(f"{path}: y_gen file lacks column(s) {', '.join(missing)} (has {', '.join(df.columns)})")
-    if "response_ids" not in df.columns:
+        raise SourceError(f"{path}: y_gen file lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
+    if "response_ids" not in table.column_names:
         console.print(f"[yellow]note:[/] {path} has no response_ids: y_gen is tokenized from its text", highlight=False)
-        return df.select("prompt_id", "response"), "text"
+        return table.select(["prompt_id", "response"]), "text"
     from dppo.generate import generations_meta
 
     made_with = (generations_meta(path).get("tokenizer") or {}).get("fingerprint")
@@ -94,8 +97,8 @@ def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tupl
             f"{tokenizer_fingerprint}): y_gen is tokenized from its text",
             highlight=False,
         )
-        return df.select("prompt_id", "response"), "text"
-    return df.select("prompt_id", "response", "response_ids"), "ids"
+        return table.select(["prompt_id", "response"]), "text"
+    return table.select(["prompt_id", "response", "response_ids"]), "ids"
 
 
 def _summary_table(title: str, s: dict[str, Any]) -> Table:
@@ -152,7 +155,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
             if cfg.kind != "prefs":
                 raise SourceError("--ygen applies to preference data (dppo prep prefs)")
             table, used = _read_ygen(Path(cfg.ygen), _native.Tokenizer(str(tok_dir)).fingerprint, console)
-            prep.add_ygen(table.to_arrow())
+            prep.add_ygen(table)
             ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen)), "used": used}
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]

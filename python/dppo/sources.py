@@ -48,16 +48,20 @@ def _local_files(path: Path) -> list[Path]:
     return parquet or files
 
 
-def _polars_batches(path: Path, batch_rows: int) -> Iterator[Any]:
-    import polars as pl
-
+def _file_batches(path: Path, batch_rows: int) -> Iterator[Any]:
+    """Batches of one local file: polars for parquet and json, pyarrow for jsonl and arrow (so that
+    jsonl and arrow sources need no polars)."""
     suffix = path.suffix
     try:
         if suffix == ".parquet":
+            import polars as pl
+
             yield from pl.scan_parquet(path).collect_batches(chunk_size=batch_rows)
         elif suffix == ".jsonl":
             yield from _jsonl_batches(path, batch_rows)
         elif suffix == ".json":
+            import polars as pl
+
             df = pl.read_json(path, infer_schema_length=None)
             yield from df.iter_slices(batch_rows)
         elif suffix in (".arrow", ".feather", ".ipc"):
@@ -158,7 +162,7 @@ def open_source(
 
         def batches() -> Iterator[Any]:
             for f in files:
-                yield from _polars_batches(f, batch_rows)
+                yield from _file_batches(f, batch_rows)
 
         desc = {
             "type": "local",

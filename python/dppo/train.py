@@ -83,7 +83,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     # ---------------------------------------------------------------------------------------------
     # Setup: device and precision, data, run folder
     # ---------------------------------------------------------------------------------------------
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        use_deterministic_kernels()
     # bf16 keeps fp32 master weights and runs the matmuls under bf16 autocast: at lr 1e-6 an update
     # is ~1e-4 of a weight, below bf16's resolution, so bf16 weights would not train at all.
     precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else "fp32"
@@ -570,6 +572,26 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1.0 - p)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; a named CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels where torch has them (a warning, not an error, where it has none)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
