@@ -39,7 +39,7 @@ def word_tokenizer(out: Path, vocab: int) -> Path:
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dppo.testing import QWEN_STYLE_TEMPLATE
+    from dppo.synthetic import QWEN_STYLE_TEMPLATE
 
     words = {f"t{i}": i for i in range(vocab - len(SPECIALS))}
     for k, s in enumerate(SPECIALS):
@@ -85,7 +85,7 @@ def setup(work: Path, n_pairs: int, scale: float, config: Any, max_len: int) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dppo.prep import PrepConfig, prepare
+    from dppo.data.prep import PrepConfig, prepare
 
     tok = word_tokenizer(work / "tok", config.vocab_size)
     torch.manual_seed(0)
@@ -123,10 +123,10 @@ def run_ours(variant: str, env: dict[str, Any], batch: int, steps: int, warmup: 
     import torch
     from rich.console import Console
 
-    from dppo.config import load_config
+    from dppo.train.config import load_config
     from dppo.data import open_shards
     from dppo.modeling import load_model
-    from dppo.refcache import model_fingerprint, reference_logps
+    from dppo.train.refcache import model_fingerprint, reference_logps
     from dppo.train import token_budget, train
 
     cuda = torch.cuda.is_available()
@@ -192,12 +192,13 @@ def run_step_ratio(variant: str, env: dict[str, Any], batch: int, steps: int, wa
     Each step is what ``train()``'s loop does: ``forward_logps``, the loss, backward, clip, AdamW."""
     import torch
 
-    from dppo.config import load_config
+    from dppo.train.config import load_config
     from dppo.data import open_shards
-    from dppo.losses import LOSSES
+    from dppo.train.losses import LOSSES
     from dppo.modeling import load_model
-    from dppo.refcache import reference_logps
-    from dppo.train import _ygen_mode, forward_logps, make_optimizer
+    from dppo.train.refcache import reference_logps
+    from dppo.train.loop import make_optimizer
+    from dppo.train.step import StepInputs, forward_logps
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -211,17 +212,18 @@ def run_step_ratio(variant: str, env: dict[str, Any], batch: int, steps: int, wa
     arms = {}
     for name, method, skip in (("dpo", "dpo", True), ("unll", "unll", True), ("unll_noskip", "unll", False)):
         cfg = load_config(None, method=method, data="d", init="i", out="o", skip_ygen=skip)
-        arms[name] = (cfg, cfg.loss_config(), LOSSES[method], _ygen_mode(cfg, LOSSES[method]))
+        arms[name] = (cfg.loss_config(), LOSSES[method],
+                      StepInputs.of(cfg, model, shards, cfg.loss_config(), LOSSES[method], ref, device))
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in arms}
     params = [p for p in model.parameters()]
     for k in range(warmup + steps):
         ids = np.arange(k * batch, (k + 1) * batch) % n
-        for name, (cfg, loss_cfg, spec, mode) in arms.items():
+        for name, (loss_cfg, objective, inputs) in arms.items():
             _sync()
             t, cpu = time.perf_counter(), time.process_time()
             with autocast():
-                logps = forward_logps(model, shards, ids, cfg, loss_cfg, spec, ref, mode, device)
-            spec(loss_cfg, logps).loss.mean().backward()
+                logps = forward_logps(inputs, ids)
+            objective(loss_cfg, logps).loss.mean().backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()  # lr 0: the full update's work, the same model for every arm
             optimizer.zero_grad(set_to_none=True)

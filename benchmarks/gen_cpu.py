@@ -32,7 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dppo.decoding import Decoder, SamplingConfig  # noqa: E402
+from dppo.generate.decoding import Decoder, SamplingConfig  # noqa: E402
 
 
 def config() -> transformers.Qwen2Config:

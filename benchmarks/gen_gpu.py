@@ -38,7 +38,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from dppo.decoding import Decoder, SamplingConfig  # noqa: E402
+from dppo.generate.decoding import Decoder, SamplingConfig  # noqa: E402
 from gen_cpu import hf_generate  # noqa: E402  (benchmarks/, the script's own folder)
 
 SMALL = os.environ.get("SMALL") == "1"

@@ -3,10 +3,10 @@
 Data: N rows (default 50,000) in the UltraFeedback-binarized schema (``prompt``, ``prompt_id``,
 ``chosen`` / ``rejected`` / ``messages`` as [user, assistant] lists, ``score_chosen``,
 ``score_rejected``) whose texts are slices of English prose available offline (the docstrings of
-Python's standard library, ``dppo.testing.english_corpus``), with UltraFeedback-like lognormal
+Python's standard library, ``dppo.synthetic.english_corpus``), with UltraFeedback-like lognormal
 token lengths (medians ~100 prompt / ~300 chosen / ~250 rejected tokens, long tail), written as
 parquet in row groups of 1,000 rows. Tokenizer: a byte-level BPE of 32k tokens with the Qwen2
-split pattern and a Qwen-style ChatML template (``dppo.testing.make_tokenizer``). Corpus,
+split pattern and a Qwen-style ChatML template (``dppo.synthetic.make_tokenizer``). Corpus,
 tokenizer and parquet are cached under ``--work`` so that re-runs skip generation.
 
 Ways, each in its own subprocess (peak RSS is per way):
@@ -108,7 +108,7 @@ def corpus(work: Path) -> list[str]:
     if path.is_file():
         return json.loads(path.read_text())
     print("  extracting the English corpus (stdlib docstrings; once) ...", flush=True)
-    from dppo.testing import english_corpus
+    from dppo.synthetic import english_corpus
 
     with _quiet_fds():
         texts = english_corpus(50_000_000)
@@ -121,7 +121,7 @@ def tokenizer_dir(work: Path, texts: list[str]) -> Path:
     if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
     print("  training the 32k byte-level BPE (once) ...", flush=True)
-    from dppo.testing import make_tokenizer
+    from dppo.synthetic import make_tokenizer
 
     tmp = work / "tok.partial"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -104,7 +104,7 @@ def prep_default(
     test_prefs) with the Qwen2.5-0.5B tokenizer into OUT/sft, OUT/prefs-train_prefs, OUT/prefs-test_prefs."""
     if ctx.invoked_subcommand is not None:
         return
-    from dppo.prep import prepare_defaults
+    from dppo.data.prep import prepare_defaults
 
     prepare_defaults(out, tokenizer=tokenizer, overwrite=overwrite)
 
@@ -126,7 +126,7 @@ def prep_sft(
     overwrite: Overwrite = False,
 ) -> None:
     """Chat SFT data in the SmolTalk schema (`messages`): first user and first assistant turn, labels on the assistant turn."""
-    from dppo.prep import PrepConfig, prepare
+    from dppo.data.prep import PrepConfig, prepare
 
     prepare(PrepConfig("sft", data, tokenizer, out, split=split, config=config, revision=revision,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
@@ -152,7 +152,7 @@ def prep_prefs(
     overwrite: Overwrite = False,
 ) -> None:
     """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen."""
-    from dppo.prep import PrepConfig, prepare
+    from dppo.data.prep import PrepConfig, prepare
 
     prepare(PrepConfig("prefs", data, tokenizer, out, split=split, config=config, revision=revision, ygen=ygen,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,

@@ -1,7 +1,7 @@
 """``dppo train``: parse the options, merge them over ``--config FILE``, call :func:`dppo.train.train`.
 
 Every option defaults to "not given" (None) here, so that a value from the TOML file is overridden
-only by an option that was actually typed; the real defaults live in :class:`dppo.config.TrainConfig`
+only by an option that was actually typed; the real defaults live in :class:`dppo.train.config.TrainConfig`
 and its help texts (shown by ``dppo train --help``).
 """
 
@@ -12,68 +12,68 @@ from typing import Annotated, Optional
 
 import typer
 
-from dppo.config import HELP
+from dppo.train.config import HELP
 
 
-def _o(*names: str, name: str) -> typer.models.OptionInfo:
+def _option(*names: str, name: str) -> typer.models.OptionInfo:
     return typer.Option(*names, help=HELP[name], show_default=False)
 
 
 def train_cmd(
-    method: Annotated[Optional[str], _o("--method", name="method")] = None,
-    data: Annotated[Optional[Path], _o("--data", name="data")] = None,
-    init: Annotated[Optional[str], _o("--init", name="init")] = None,
-    out: Annotated[Optional[Path], _o("--out", name="out")] = None,
-    ref: Annotated[Optional[str], _o("--ref", name="ref")] = None,
-    tokenizer: Annotated[Optional[Path], _o("--tokenizer", name="tokenizer")] = None,
+    method: Annotated[Optional[str], _option("--method", name="method")] = None,
+    data: Annotated[Optional[Path], _option("--data", name="data")] = None,
+    init: Annotated[Optional[str], _option("--init", name="init")] = None,
+    out: Annotated[Optional[Path], _option("--out", name="out")] = None,
+    ref: Annotated[Optional[str], _option("--ref", name="ref")] = None,
+    tokenizer: Annotated[Optional[Path], _option("--tokenizer", name="tokenizer")] = None,
     config: Annotated[
         Optional[Path],
         typer.Option("--config", help="TOML file whose keys mirror these options (grad_accum = 8); options given here override it."),
     ] = None,
     # the loss
-    beta: Annotated[Optional[float], _o("--beta", name="beta")] = None,
-    gamma: Annotated[Optional[float], _o("--gamma", name="gamma")] = None,
-    alpha: Annotated[Optional[float], _o("--alpha", name="alpha")] = None,
-    weight: Annotated[Optional[str], _o("--weight", name="weight")] = None,
-    zeta: Annotated[Optional[float], _o("--zeta", name="zeta")] = None,
-    vote: Annotated[Optional[str], _o("--vote", name="vote")] = None,
-    vote_clip: Annotated[Optional[float], _o("--vote-clip", name="vote_clip")] = None,
-    vote_norm: Annotated[Optional[str], _o("--vote-norm", name="vote_norm")] = None,
-    detach_weight: Annotated[Optional[bool], _o("--detach-weight/--no-detach-weight", name="detach_weight")] = None,
-    penalty_norm: Annotated[Optional[str], _o("--penalty-norm", name="penalty_norm")] = None,
+    beta: Annotated[Optional[float], _option("--beta", name="beta")] = None,
+    gamma: Annotated[Optional[float], _option("--gamma", name="gamma")] = None,
+    alpha: Annotated[Optional[float], _option("--alpha", name="alpha")] = None,
+    weight: Annotated[Optional[str], _option("--weight", name="weight")] = None,
+    zeta: Annotated[Optional[float], _option("--zeta", name="zeta")] = None,
+    vote: Annotated[Optional[str], _option("--vote", name="vote")] = None,
+    vote_clip: Annotated[Optional[float], _option("--vote-clip", name="vote_clip")] = None,
+    vote_norm: Annotated[Optional[str], _option("--vote-norm", name="vote_norm")] = None,
+    detach_weight: Annotated[Optional[bool], _option("--detach-weight/--no-detach-weight", name="detach_weight")] = None,
+    penalty_norm: Annotated[Optional[str], _option("--penalty-norm", name="penalty_norm")] = None,
     # optimization
-    lr: Annotated[Optional[float], _o("--lr", name="lr")] = None,
-    optimizer: Annotated[Optional[str], _o("--optimizer", name="optimizer")] = None,
-    weight_decay: Annotated[Optional[float], _o("--weight-decay", name="weight_decay")] = None,
-    warmup_steps: Annotated[Optional[int], _o("--warmup-steps", name="warmup_steps")] = None,
-    lr_schedule: Annotated[Optional[str], _o("--lr-schedule", name="lr_schedule")] = None,
-    max_grad_norm: Annotated[Optional[float], _o("--max-grad-norm", name="max_grad_norm")] = None,
-    batch_size: Annotated[Optional[int], _o("--batch-size", name="batch_size")] = None,
-    grad_accum: Annotated[Optional[int], _o("--grad-accum", name="grad_accum")] = None,
-    epochs: Annotated[Optional[int], _o("--epochs", name="epochs")] = None,
-    max_steps: Annotated[Optional[int], _o("--max-steps", name="max_steps")] = None,
-    max_samples: Annotated[Optional[int], _o("--max-samples", name="max_samples")] = None,
-    seed: Annotated[Optional[int], _o("--seed", name="seed")] = None,
-    dtype: Annotated[Optional[str], _o("--dtype", name="dtype")] = None,
-    device: Annotated[Optional[str], _o("--device", name="device")] = None,
-    deterministic: Annotated[Optional[bool], _o("--deterministic/--no-deterministic", name="deterministic")] = None,
+    lr: Annotated[Optional[float], _option("--lr", name="lr")] = None,
+    optimizer: Annotated[Optional[str], _option("--optimizer", name="optimizer")] = None,
+    weight_decay: Annotated[Optional[float], _option("--weight-decay", name="weight_decay")] = None,
+    warmup_steps: Annotated[Optional[int], _option("--warmup-steps", name="warmup_steps")] = None,
+    lr_schedule: Annotated[Optional[str], _option("--lr-schedule", name="lr_schedule")] = None,
+    max_grad_norm: Annotated[Optional[float], _option("--max-grad-norm", name="max_grad_norm")] = None,
+    batch_size: Annotated[Optional[int], _option("--batch-size", name="batch_size")] = None,
+    grad_accum: Annotated[Optional[int], _option("--grad-accum", name="grad_accum")] = None,
+    epochs: Annotated[Optional[int], _option("--epochs", name="epochs")] = None,
+    max_steps: Annotated[Optional[int], _option("--max-steps", name="max_steps")] = None,
+    max_samples: Annotated[Optional[int], _option("--max-samples", name="max_samples")] = None,
+    seed: Annotated[Optional[int], _option("--seed", name="seed")] = None,
+    dtype: Annotated[Optional[str], _option("--dtype", name="dtype")] = None,
+    device: Annotated[Optional[str], _option("--device", name="device")] = None,
+    deterministic: Annotated[Optional[bool], _option("--deterministic/--no-deterministic", name="deterministic")] = None,
     # evaluation
-    eval_data: Annotated[Optional[Path], _o("--eval-data", name="eval_data")] = None,
-    eval_every: Annotated[Optional[int], _o("--eval-every", name="eval_every")] = None,
-    eval_samples: Annotated[Optional[int], _o("--eval-samples", name="eval_samples")] = None,
+    eval_data: Annotated[Optional[Path], _option("--eval-data", name="eval_data")] = None,
+    eval_every: Annotated[Optional[int], _option("--eval-every", name="eval_every")] = None,
+    eval_samples: Annotated[Optional[int], _option("--eval-samples", name="eval_samples")] = None,
     # checkpoints
-    save_every: Annotated[Optional[int], _o("--save-every", name="save_every")] = None,
-    keep_last: Annotated[Optional[int], _o("--keep-last", name="keep_last")] = None,
-    resume: Annotated[Optional[bool], _o("--resume/--no-resume", name="resume")] = None,
-    overwrite: Annotated[Optional[bool], _o("--overwrite/--no-overwrite", name="overwrite")] = None,
+    save_every: Annotated[Optional[int], _option("--save-every", name="save_every")] = None,
+    keep_last: Annotated[Optional[int], _option("--keep-last", name="keep_last")] = None,
+    resume: Annotated[Optional[bool], _option("--resume/--no-resume", name="resume")] = None,
+    overwrite: Annotated[Optional[bool], _option("--overwrite/--no-overwrite", name="overwrite")] = None,
     # speed knobs
-    chunk_size: Annotated[Optional[int], _o("--chunk-size", name="chunk_size")] = None,
-    kernel: Annotated[Optional[str], _o("--kernel", name="kernel")] = None,
-    skip_ygen: Annotated[Optional[bool], _o("--skip-ygen/--no-skip-ygen", name="skip_ygen")] = None,
-    max_tokens_per_batch: Annotated[Optional[int], _o("--max-tokens-per-batch", name="max_tokens_per_batch")] = None,
-    keep_probs_mb: Annotated[Optional[int], _o("--keep-probs-mb", name="keep_probs_mb")] = None,
-    peak_tflops: Annotated[Optional[float], _o("--peak-tflops", name="peak_tflops")] = None,
-    progress: Annotated[Optional[bool], _o("--progress/--no-progress", name="progress")] = None,
+    chunk_size: Annotated[Optional[int], _option("--chunk-size", name="chunk_size")] = None,
+    kernel: Annotated[Optional[str], _option("--kernel", name="kernel")] = None,
+    skip_ygen: Annotated[Optional[bool], _option("--skip-ygen/--no-skip-ygen", name="skip_ygen")] = None,
+    max_tokens_per_batch: Annotated[Optional[int], _option("--max-tokens-per-batch", name="max_tokens_per_batch")] = None,
+    keep_probs_mb: Annotated[Optional[int], _option("--keep-probs-mb", name="keep_probs_mb")] = None,
+    peak_tflops: Annotated[Optional[float], _option("--peak-tflops", name="peak_tflops")] = None,
+    progress: Annotated[Optional[bool], _option("--progress/--no-progress", name="progress")] = None,
 ) -> None:
     """Train a policy: sft, dpo, simpo, or DPPO's minll, unll, conll (defaults: docs/method.md).
 
@@ -86,7 +86,7 @@ def train_cmd(
 
 
 def _train(config: Path | None, options: dict) -> None:
-    from dppo.config import load_config
+    from dppo.train.config import load_config
     from dppo.train import train
 
     train(load_config(config, **options))

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dppo import testing  # noqa: E402
+from dppo import synthetic as testing  # noqa: E402
 
 
 def _corpus() -> list[str]:

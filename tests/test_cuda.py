@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from dppo import testing
+from dppo import synthetic as testing
 
 pytestmark = pytest.mark.cuda
 
@@ -124,7 +124,7 @@ def test_packed_bf16_logps_match_the_fp32_reference_within_bf16_error():
 
 @pytest.fixture(scope="module")
 def step_setup(tmp_path_factory, tok_dir):
-    from dppo.prep import PrepConfig, prepare
+    from dppo.data.prep import PrepConfig, prepare
 
     from conftest import write_jsonl
 
@@ -155,7 +155,7 @@ def _vocab_size(tok_dir: Path) -> int:
 def _train(out: Path, root: Path, device: str, **kw) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from dppo.config import load_config
+    from dppo.train.config import load_config
     from dppo.train import train
 
     opts = dict(data=str(root / "shards"), init=str(root / "init"), out=str(out), batch_size=4, grad_accum=2,
@@ -218,15 +218,15 @@ def _hf_greedy(model_dir: Path, prompts: list[list[int]], stop: list[int], new: 
 
 def test_generate_is_token_identical_to_transformers_greedy_with_and_without_cuda_graphs(tmp_path, gen_model, pairs_rows):
     from conftest import write_jsonl
-    from dppo.decoding import Decoder, SamplingConfig
+    from dppo.generate.decoding import Decoder, SamplingConfig
     from dppo.generate import GenConfig, generate, load_prompts, read_generations, render_prompts, stop_token_ids
     from dppo.modeling import load_model
 
     new = 24
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows)  # jsonl: read without polars (absent on the device)
     out = tmp_path / "y.jsonl"
-    generate(GenConfig(model=str(gen_model), data=str(pairs_file), out=out, max_new_tokens=new, limit=16, dtype="fp32",
-                       device=DEVICE, engine="dppo", batch_size=5), show_progress=False)
+    generate(GenConfig.from_options(model=str(gen_model), data=str(pairs_file), out=out, max_new_tokens=new, limit=16,
+                                    dtype="fp32", device=DEVICE, engine="dppo", batch_size=5), show_progress=False)
     rows = read_generations(out)
     prompts, _ = load_prompts(str(pairs_file), limit=16)
     ids = render_prompts(prompts, gen_model)

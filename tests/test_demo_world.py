@@ -15,8 +15,8 @@ from dppo.demo.generators import FILLER, carries
 from dppo.demo.judge import score_task
 from dppo.demo.tasks import LIST_KINDS, TEMPLATES, WORDS
 from dppo.demo.world import SPLIT_PATTERN
-from dppo.prep import PrepConfig, prepare
-from dppo.testing import prompt_id
+from dppo.data.prep import PrepConfig, prepare
+from dppo.synthetic import prompt_id
 
 SIZES = dict(n_sft=400, n_pairs=400, n_test=80, seed=7)
 UF_COLUMNS = ["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"]

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import tiny_models as tm
-from dppo.decoding import Decoder
+from dppo.generate import DecodeConfig, SamplingConfig
+from dppo.generate.decoding import Decoder
 from dppo.errors import ConfigError, EvaluationError, SourceError
-from dppo.evaluate import EvalConfig, compare, evaluate
-from dppo.judges import register_judge
+from dppo.eval.winrate import EvalConfig, compare, evaluate
+from dppo.eval.judges import register_judge
 from test_judges import KEY, ChatServer
 
 
@@ -94,8 +95,7 @@ def config(out: Path, ms: dict[str, Path], data: Path, **kw) -> EvalConfig:
             "out": out,
             "split": None,
             "limit": 10,
-            "max_new_tokens": 12,
-            "batch_size": 4,
+            "decode": DecodeConfig(sampling=SamplingConfig(max_new_tokens=12), batch_size=4),
             **kw,
         }
     )
@@ -154,7 +154,7 @@ def test_evaluate_refuses_bad_inputs(tmp_path, models, pairs_file, tok_dir):
         evaluate(config(tmp_path / "e", models, pairs_file, judge="nope"), show_progress=False)
     with pytest.raises(ConfigError, match="at least one model"):
         evaluate(config(tmp_path / "e", models, pairs_file, models=()), show_progress=False)
-    from dppo.prep import PrepConfig, prepare
+    from dppo.data.prep import PrepConfig, prepare
 
     prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s"), show_progress=False)
     with pytest.raises(ConfigError, match="raw data"):
@@ -190,7 +190,7 @@ def test_cli_eval_with_the_api_judge(tmp_path, models, pairs_file, monkeypatch):
 
 
 def test_model_labels_are_short_and_distinct():
-    from dppo.evaluate import _labels
+    from dppo.eval.winrate import _labels
 
     assert _labels("runs/sft/model", ["runs/dpo/model", "runs/unll", "Qwen/Qwen2.5-0.5B"]) == ["sft", "dpo", "unll", "Qwen2.5-0.5B"]
     assert _labels("runs/sft/model", ["runs/sft/model", "a/dpo", "b/dpo"]) == ["sft (baseline)", "sft", "dpo#1", "dpo#2"]

@@ -10,12 +10,13 @@ import pytest
 import tiny_models as tm
 import torch
 from conftest import write_jsonl
-from dppo import _native, testing
+from dppo import engine, synthetic as testing
 from dppo.data import open_shards
-from dppo.decoding import Completion, Decoder, SamplingConfig, supports_fast_decoding
+from dppo.generate.decoding import Completion, Decoder, SamplingConfig, supports_fast_decoding
 from dppo.errors import ConfigError
 from dppo.generate import (
     OUTPUT_COLUMNS,
+    DecodeConfig,
     GenConfig,
     PromptRow,
     generate,
@@ -25,7 +26,7 @@ from dppo.generate import (
     render_prompts,
     stop_token_ids,
 )
-from dppo.prep import PrepConfig, prepare
+from dppo.data.prep import PrepConfig, prepare
 
 
 
@@ -160,13 +161,13 @@ def model_dir(tmp_path_factory, tok_dir: Path, vocab: int, pairs_rows) -> Path:
     """A tiny model that ends some of its turns with <|im_end|>, saved with the test tokenizer."""
     model = tm.causal_lm(vocab, seed=3)
     rows = [PromptRow(r["prompt_id"], r["prompt"], (("user", r["prompt"]),)) for r in pairs_rows[:8]]
-    end = _native.Tokenizer(str(tok_dir)).encode("<|im_end|>")[0]
+    end = engine.Tokenizer(str(tok_dir)).encode("<|im_end|>")[0]
     tm.make_it_stop(model, end, tm.frequent_token(model, render_prompts(rows, tok_dir)))
     return tm.save(model, tmp_path_factory.mktemp("lm") / "model", tok_dir)
 
 
 def test_stop_ids_come_from_the_tokenizer_and_model(tok_dir, model_dir):
-    enc = _native.Tokenizer(str(tok_dir))
+    enc = engine.Tokenizer(str(tok_dir))
     want = {enc.encode("<|im_end|>")[0], enc.encode("<|endoftext|>")[0]}
     assert set(stop_token_ids(tok_dir)) == want
     cfg = json.loads((model_dir / "generation_config.json").read_text()) if (model_dir / "generation_config.json").exists() else {}
@@ -195,7 +196,7 @@ def test_prompts_render_exactly_as_prep(tmp_path, tok_dir, pairs_file, pairs_row
 
 def test_generate_writes_parquet_and_jsonl(tmp_path, model_dir, pairs_file, tok_dir):
     common = dict(model=str(model_dir), data=str(pairs_file), max_new_tokens=16, batch_size=8, limit=30)
-    s = generate(GenConfig(out=tmp_path / "y.parquet", **common), show_progress=False)
+    s = generate(GenConfig.from_options(out=tmp_path / "y.parquet", **common), show_progress=False)
     assert s["generated"] == 30 and s["rows"] == 30 and s["already_done"] == 0
     rows = read_generations(tmp_path / "y.parquet")
     assert tuple(rows[0]) == OUTPUT_COLUMNS
@@ -222,7 +223,7 @@ def test_generate_writes_parquet_and_jsonl(tmp_path, model_dir, pairs_file, tok_
     assert meta["settings"]["max_new_tokens"] == 16 and meta["rows"] == 30
     assert not (tmp_path / "y.parquet.parts").exists()
 
-    generate(GenConfig(out=tmp_path / "y.jsonl", **common), show_progress=False)
+    generate(GenConfig.from_options(out=tmp_path / "y.jsonl", **common), show_progress=False)
     lines = [json.loads(x) for x in (tmp_path / "y.jsonl").read_text().splitlines()]
     assert lines == rows
 
@@ -232,21 +233,22 @@ def test_run_folder_and_settings_guard(tmp_path, model_dir, pairs_file):
     (run_dir / "model").mkdir(parents=True)
     for f in model_dir.iterdir():
         (run_dir / "model" / f.name).write_bytes(f.read_bytes())
-    cfg = GenConfig(model=str(run_dir), data=str(pairs_file), out=tmp_path / "y.parquet", max_new_tokens=4, limit=4)
+    opts = dict(model=str(run_dir), data=str(pairs_file), out=tmp_path / "y.parquet", max_new_tokens=4, limit=4)
+    cfg = GenConfig.from_options(**opts)
     generate(cfg, show_progress=False)
     with pytest.raises(ConfigError, match=r"max_new_tokens 4 -> 5.*--overwrite"):
-        generate(GenConfig(**{**cfg.__dict__, "max_new_tokens": 5}), show_progress=False)
-    s = generate(GenConfig(**{**cfg.__dict__, "max_new_tokens": 5, "overwrite": True}), show_progress=False)
+        generate(GenConfig.from_options(**{**opts, "max_new_tokens": 5}), show_progress=False)
+    s = generate(GenConfig.from_options(**{**opts, "max_new_tokens": 5, "overwrite": True}), show_progress=False)
     assert s["generated"] == 4
     with pytest.raises(ConfigError, match="neither a run folder"):
-        generate(GenConfig(**{**cfg.__dict__, "model": str(tmp_path)}), show_progress=False)
+        generate(GenConfig.from_options(**{**opts, "model": str(tmp_path)}), show_progress=False)
     with pytest.raises(ConfigError, match=r"\.parquet or \.jsonl"):
-        generate(GenConfig(**{**cfg.__dict__, "out": tmp_path / "y.csv"}), show_progress=False)
+        generate(GenConfig.from_options(**{**opts, "out": tmp_path / "y.csv"}), show_progress=False)
 
 
 def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir, pairs_file, monkeypatch):
     common = dict(model=str(model_dir), data=str(pairs_file), max_new_tokens=12, batch_size=4, limit=22)
-    full = generate(GenConfig(out=tmp_path / "full.parquet", **common), show_progress=False)
+    full = generate(GenConfig.from_options(out=tmp_path / "full.parquet", **common), show_progress=False)
     assert full["generated"] == 22
 
     real_run = Decoder.run
@@ -260,17 +262,17 @@ def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir
     monkeypatch.setattr(Decoder, "run", crashing_run)
     out = tmp_path / "y.parquet"
     with pytest.raises(RuntimeError, match="power cut"):
-        generate(GenConfig(out=out, **common), show_progress=False)
+        generate(GenConfig.from_options(out=out, **common), show_progress=False)
     assert not out.exists()
     parts = sorted((tmp_path / "y.parquet.parts").glob("part-*.parquet"))
     assert len(parts) == 3
     monkeypatch.setattr(Decoder, "run", real_run)
 
-    s = generate(GenConfig(out=out, **common), show_progress=False)
+    s = generate(GenConfig.from_options(out=out, **common), show_progress=False)
     assert s["already_done"] == 12 and s["generated"] == 10
     assert read_generations(out) == read_generations(tmp_path / "full.parquet")
     # a larger limit only generates the new prompts; the file keeps source order
-    s = generate(GenConfig(out=out, **{**common, "limit": 26}), show_progress=False)
+    s = generate(GenConfig.from_options(out=out, **{**common, "limit": 26}), show_progress=False)
     assert s["already_done"] == 22 and s["generated"] == 4
     prompts, _ = load_prompts(str(pairs_file), limit=26)
     assert [r["prompt_id"] for r in read_generations(out)] == [p.prompt_id for p in prompts]
@@ -279,15 +281,16 @@ def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir
 def test_stop_after_batches_leaves_parts_for_the_next_run(tmp_path, model_dir, pairs_file):
     rows, _ = load_prompts(str(pairs_file), limit=10)
     out = tmp_path / "y.parquet"
-    s = generate_rows(str(model_dir), rows, out, max_new_tokens=6, batch_size=3, stop_after_batches=2, show_progress=False)
+    decode = DecodeConfig.from_options(max_new_tokens=6, batch_size=3)
+    s = generate_rows(str(model_dir), rows, out, decode, stop_after_batches=2, show_progress=False)
     assert s["generated"] == 6 and not s["merged"] and not out.exists()
-    s = generate_rows(str(model_dir), rows, out, max_new_tokens=6, batch_size=3, show_progress=False)
+    s = generate_rows(str(model_dir), rows, out, decode, show_progress=False)
     assert s["already_done"] == 6 and s["generated"] == 4 and len(read_generations(out)) == 10
 
 
 def test_generate_then_prep_round_trip(tmp_path, model_dir, pairs_file, pairs_rows, tok_dir, hf_tokenizer):
     ygen = tmp_path / "ygen.parquet"
-    generate(GenConfig(model=str(model_dir), data=str(pairs_file), out=ygen, max_new_tokens=20), show_progress=False)
+    generate(GenConfig.from_options(model=str(model_dir), data=str(pairs_file), out=ygen, max_new_tokens=20), show_progress=False)
     prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s", ygen=ygen, max_len=100_000), show_progress=False)
     shards = open_shards(tmp_path / "s")
     assert shards.has_ygen and len(shards) == len(pairs_rows)
@@ -311,14 +314,14 @@ def test_generate_then_prep_round_trip(tmp_path, model_dir, pairs_file, pairs_ro
 def test_generate_from_prepared_shards(tmp_path, model_dir, pairs_file, tok_dir):
     prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "s", max_len=100_000), show_progress=False)
     out = tmp_path / "y.parquet"
-    generate(GenConfig(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)
+    generate(GenConfig.from_options(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)
     rows = read_generations(out)
     shards = open_shards(tmp_path / "s")
     assert [r["prompt_id"] for r in rows] == [shards[i]["prompt_id"] for i in range(6)]
     assert [r["prompt_tokens"] for r in rows] == [len(shards[i]["prompt_ids"]) for i in range(6)]
     assert rows[0]["prompt"].startswith("<|im_start|>")
     # resuming from shards keys on prompt_id alone
-    assert generate(GenConfig(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)["generated"] == 0
+    assert generate(GenConfig.from_options(model=str(model_dir), data=str(tmp_path / "s"), out=out, max_new_tokens=4, limit=6), show_progress=False)["generated"] == 0
 
 
 def test_cli_generate(tmp_path, model_dir, pairs_file):

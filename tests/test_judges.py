@@ -13,7 +13,7 @@ import pytest
 import tiny_models as tm
 import torch
 from dppo.errors import ConfigError
-from dppo.judges import (
+from dppo.eval.judges import (
     JUDGES,
     ApiJudge,
     CausalLMRewardJudge,

@@ -1,4 +1,4 @@
-"""Tests for dppo.losses: every loss against method.md's formulas written out here, plus hand-computed cases.
+"""Tests for dppo.train.losses: every loss against method.md's formulas written out here, plus hand-computed cases.
 
 The reference implementations below (``_ref_*``) deliberately use none of the library's helpers:
 they spell out docs/method.md's formulas with plain torch ops and Python loops, so that a shared bug
@@ -12,13 +12,14 @@ import itertools
 import math
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dppo.losses import (
+from dppo.train.registry import BUILTIN as METHODS
+from dppo.train.losses import (
     LOSSES,
-    METHODS,
     SQRT_WEIGHT_EPS,
     LogProbs,
     LossConfig,
@@ -357,14 +358,25 @@ def test_simpo_matches_formula() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_sft_is_per_example_mean_nll() -> None:
-    """Response logp -6 over 3 tokens: loss 2 (mean NLL per token), gradient -1/3."""
+def test_sft_is_the_response_nll_reduced_over_the_steps_tokens() -> None:
+    """Responses with logp -6 (3 tokens) and -1 (4 tokens): per-example losses 6 and 1 (sums), and
+    the registry's "token" reduction makes the step's loss (6 + 1) / 7 tokens: the mean NLL per token."""
     pw = torch.tensor([-6.0, -1.0], dtype=torch.float64, requires_grad=True)
-    out = LOSSES["sft"](LossConfig.defaults("sft"), LogProbs(policy_chosen=pw, n_chosen=torch.tensor([3, 4])))
-    torch.testing.assert_close(out.loss, torch.tensor([2.0, 0.25], dtype=torch.float64))
-    (g,) = torch.autograd.grad(out.loss.sum(), [pw])
-    torch.testing.assert_close(g, torch.tensor([-1 / 3, -1 / 4], dtype=torch.float64))
+    spec = LOSSES["sft"]
+    out = spec(LossConfig.defaults("sft"), LogProbs(policy_chosen=pw, n_chosen=torch.tensor([3, 4])))
+    torch.testing.assert_close(out.loss, torch.tensor([6.0, 1.0], dtype=torch.float64))
+    assert spec.reduction == "token"
+    w = torch.from_numpy(spec.step_weights(np.array([3.0, 4.0])))
+    step = (out.loss * w).sum()
+    torch.testing.assert_close(step, torch.tensor(1.0, dtype=torch.float64))
+    (g,) = torch.autograd.grad(step, [pw])
+    torch.testing.assert_close(g, torch.tensor([-1 / 7, -1 / 7], dtype=torch.float64))
+    # split into two "micro-batches", the same weights give the same step loss
+    halves = (out.loss[:1] * w[:1]).sum().detach() + (out.loss[1:] * w[1:]).sum().detach()
+    assert float(halves) == pytest.approx(1.0)
     assert out.stats() == {}
+    # the preference losses reduce by the mean over the step's examples
+    np.testing.assert_allclose(LOSSES["dpo"].step_weights(np.array([3.0, 4.0, 9.0])), [1 / 3] * 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +652,6 @@ def test_invalid_method_and_unknown_option() -> None:
     [
         ("dpo", "ref_chosen"),
         ("simpo", "n_rejected"),
-        ("sft", "n_chosen"),
         ("unll", "ygen_token_logps"),
         ("minll", "ygen_index"),
         ("conll", "ref_ygen"),

@@ -23,7 +23,7 @@ from dppo.modeling import (
     load_model,
     sequence_logps,
     sequence_logps_rows,
-    sft_loss,
+    packed_nll,
     token_logps,
     use_packed_attention,
 )
@@ -335,12 +335,12 @@ def test_select_renumbers_sequences():
     assert out.select([3, 0]).token_seq.tolist() == [0] * 4 + [1] * 3
 
 
-def test_sft_loss_is_mean_nll_of_assistant_tokens():
+def test_packed_nll_is_mean_nll_of_assistant_tokens():
     model, reference = model_pair()
     rng = np.random.default_rng(5)
     ids = rng.integers(0, VOCAB, 12)
     counted = np.array([0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1], dtype=bool)  # two assistant turns
-    loss = sft_loss(model, PackedBatch.from_token_masks([(ids, counted), (ids[:4], counted[:4])]))
+    loss = packed_nll(model, PackedBatch.from_token_masks([(ids, counted), (ids[:4], counted[:4])]))
     logp = torch.log_softmax(reference(torch.from_numpy(ids)[None]).logits[0], dim=-1)
     per_token = -logp[:-1].gather(1, torch.from_numpy(ids[1:])[:, None])[:, 0]
     want = torch.cat([per_token[counted[1:]], per_token[:3][counted[1:4]]]).mean()

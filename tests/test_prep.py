@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dppo import _native, testing
+from dppo import engine, synthetic as testing
 from dppo.data import FLAG_BOUNDARY_RESPLIT, ShardError, open_shards
-from dppo.prep import PrepConfig, prepare
-from dppo.sources import SourceError, open_source
+from dppo.data.prep import PrepConfig, prepare
+from dppo.data.sources import open_source
+from dppo.errors import SourceError
 
 from conftest import write_jsonl, write_parquet
 
@@ -37,16 +38,16 @@ def test_template_renders_like_transformers(tok_dir, hf_tokenizer):
         msgs = row["messages"][:3] if row["messages"][0]["role"] == "system" else row["messages"][:2]
         for gen, conv in ((False, msgs), (True, msgs[:-1])):
             want = hf_tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-            got = _native.render_chat(str(tok_dir), [(m["role"], m["content"]) for m in conv], gen)
+            got = engine.render_chat(str(tok_dir), [(m["role"], m["content"]) for m in conv], gen)
             assert got == want
 
 
 def test_batch_render_matches_one_by_one_and_names_the_bad_conversation(tok_dir):
     convs = [[(m["role"], m["content"]) for m in row["messages"][:2]] for row in testing.sft_rows(40, seed=4)]
     for gen in (False, True):
-        want = [_native.render_chat(str(tok_dir), c, gen) for c in convs]
-        assert _native.render_chats(str(tok_dir), convs, gen) == want
-    assert _native.render_chats(str(tok_dir), [], True) == []
+        want = [engine.render_chat(str(tok_dir), c, gen) for c in convs]
+        assert engine.render_chats(str(tok_dir), convs, gen) == want
+    assert engine.render_chats(str(tok_dir), [], True) == []
 
 
 
@@ -60,8 +61,8 @@ def test_batch_render_error_names_the_conversation(tmp_path, tok_dir):
     )
     (strict / "tokenizer_config.json").write_text(json.dumps(cfg))
     convs = [[("user", "a")], [("user", "b")], [("user", "c")], [("narrator", "hello")]]
-    with pytest.raises(_native.DppoError, match="conversation 3.*unknown role narrator"):
-        _native.render_chats(str(strict), convs, True)
+    with pytest.raises(engine.DppoError, match="conversation 3.*unknown role narrator"):
+        engine.render_chats(str(strict), convs, True)
 
 
 @pytest.mark.parametrize("fallback", [False, True])
@@ -259,7 +260,7 @@ def test_a_prompt_whose_template_exceeds_the_budget_is_skipped_and_counted(tmp_p
     s = run("sft", sft_file, tok_dir, tmp_path / "a", max_len=40, max_prompt_len=6)
     assert s["dropped"]["prompt_too_long"] > 0
     assert s["rows_kept"] + sum(s["dropped"].values()) == s["rows_in"]
-    with pytest.raises(_native.InputError, match=r"row \d+: .*prompt_too_long"):
+    with pytest.raises(engine.InputError, match=r"row \d+: .*prompt_too_long"):
         run("sft", sft_file, tok_dir, tmp_path / "b", max_len=40, max_prompt_len=6, strict=True)
 
 
@@ -291,7 +292,7 @@ def test_ygen_response_ids_are_stored_as_generated(tmp_path, tok_dir, hf_tokeniz
     ygen[0]["response_ids"] = None  # a row without ids falls back to its text
     path = write_parquet(tmp_path / "ygen.parquet", ygen)
     meta = tmp_path / "ygen.parquet.meta.json"
-    meta.write_text(json.dumps({"format": "dppo-generations", "tokenizer": {"fingerprint": _native.Tokenizer(str(tok_dir)).fingerprint}}))
+    meta.write_text(json.dumps({"format": "dppo-generations", "tokenizer": {"fingerprint": engine.Tokenizer(str(tok_dir)).fingerprint}}))
     s = run("prefs", pairs_file, tok_dir, tmp_path / "o", ygen=path, max_len=100_000)
     assert s["ygen"]["from_ids"] == len(pairs_rows) - 1 and s["ygen"]["from_text"] == 1
     end = hf_tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
@@ -318,7 +319,7 @@ def test_ygen_ids_outside_the_vocabulary_are_unusable_rows(tmp_path, tok_dir, pa
     ygen = [{"prompt_id": r["prompt_id"], "response": "x", "response_ids": [1, 2]} for r in pairs_rows]
     ygen[4]["response_ids"] = [10**6]
     write_parquet(tmp_path / "ygen.parquet", ygen)
-    (tmp_path / "ygen.parquet.meta.json").write_text(json.dumps({"tokenizer": {"fingerprint": _native.Tokenizer(str(tok_dir)).fingerprint}}))
+    (tmp_path / "ygen.parquet.meta.json").write_text(json.dumps({"tokenizer": {"fingerprint": engine.Tokenizer(str(tok_dir)).fingerprint}}))
     s = run("prefs", pairs_file, tok_dir, tmp_path / "o", ygen=tmp_path / "ygen.parquet", allow_missing_ygen=True)
     assert s["ygen"]["bad_ids"] == 1 and s["dropped"]["missing_ygen"] == 1
 
@@ -326,7 +327,7 @@ def test_ygen_ids_outside_the_vocabulary_are_unusable_rows(tmp_path, tok_dir, pa
 def test_missing_ygen_is_an_error_unless_allowed(tmp_path, tok_dir, pairs_file, pairs_rows):
     ygen = [{"prompt_id": r["prompt_id"], "response": "x"} for r in pairs_rows[3:]]
     write_jsonl(tmp_path / "ygen.jsonl", ygen)
-    with pytest.raises(_native.DppoError) as e:
+    with pytest.raises(engine.DppoError) as e:
         run("prefs", pairs_file, tok_dir, tmp_path / "o", ygen=tmp_path / "ygen.jsonl")
     msg = str(e.value)
     assert "lacks 3 of the data's prompt_ids" in msg and pairs_rows[0]["prompt_id"] in msg and "--allow-missing-ygen" in msg
@@ -369,7 +370,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tok_dir):
 
 def test_strict_names_the_first_bad_row(tmp_path, tok_dir):
     src = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_SFT])
-    with pytest.raises(_native.DppoError, match=r"^row 1: a message has empty content \(empty_content\)$"):
+    with pytest.raises(engine.DppoError, match=r"^row 1: a message has empty content \(empty_content\)$"):
         run("sft", src, tok_dir, tmp_path / "o", strict=True)
     assert not (tmp_path / "o").exists()
 
@@ -382,16 +383,16 @@ def test_bad_pairs(tmp_path, tok_dir):
     s = run("prefs", write_parquet(tmp_path / "x.parquet", rows), tok_dir, tmp_path / "o")
     assert s["rows_kept"] == 1
     assert s["dropped"]["prompt_mismatch"] == 1 and s["dropped"]["missing_field"] == 1 and s["dropped"]["no_assistant_turn"] == 1
-    with pytest.raises(_native.DppoError, match=f"row 1 \\(prompt_id {rows[1]['prompt_id']}\\)"):
+    with pytest.raises(engine.DppoError, match=f"row 1 \\(prompt_id {rows[1]['prompt_id']}\\)"):
         run("prefs", tmp_path / "x.parquet", tok_dir, tmp_path / "o2", strict=True)
 
 
 def test_missing_column_and_unreadable_sources(tmp_path, tok_dir):
     write_parquet(tmp_path / "t.parquet", [{"text": "a"}])
-    with pytest.raises(_native.DppoError, match="no column 'messages'.*columns are: text"):
+    with pytest.raises(engine.DppoError, match="no column 'messages'.*columns are: text"):
         run("sft", tmp_path / "t.parquet", tok_dir, tmp_path / "o")
     write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}])
-    with pytest.raises(_native.DppoError, match=r"no usable rows: 2 rows read, all skipped \(missing_field: 2\)"):
+    with pytest.raises(engine.DppoError, match=r"no usable rows: 2 rows read, all skipped \(missing_field: 2\)"):
         run("sft", tmp_path / "t.jsonl", tok_dir, tmp_path / "o")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match="broken.parquet: cannot read parquet"):
@@ -428,7 +429,7 @@ def test_hub_lookups_without_network_fail_fast_naming_offline_mode(monkeypatch):
         msg = str(e.value)
         assert "cannot be reached" in msg and "HF_HUB_OFFLINE=1" in msg and "local path" in msg and "\n" not in msg
         with pytest.raises(SourceError, match="tokenizer 'org/some-tokenizer'.*cannot be reached"):
-            from dppo.sources import resolve_tokenizer
+            from dppo.artifacts import resolve_tokenizer
 
             resolve_tokenizer("org/some-tokenizer")
     finally:
@@ -440,13 +441,13 @@ def test_tokenizer_without_chat_template(tmp_path, tok_dir, sft_file):
     d.mkdir()
     (d / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
-    with pytest.raises(_native.DppoError, match="has no chat template"):
+    with pytest.raises(engine.DppoError, match="has no chat template"):
         run("sft", sft_file, d, tmp_path / "o")
 
 
 def test_existing_output_needs_overwrite(tmp_path, tok_dir, sft_file):
     run("sft", sft_file, tok_dir, tmp_path / "o", max_len=120)
-    with pytest.raises(_native.DppoError, match="already holds prepared shards; pass --overwrite"):
+    with pytest.raises(engine.DppoError, match="already holds prepared shards; pass --overwrite"):
         run("sft", sft_file, tok_dir, tmp_path / "o", max_len=120)
     s = run("sft", sft_file, tok_dir, tmp_path / "o", max_len=100, overwrite=True)
     assert open_shards(tmp_path / "o").meta["counts"]["max_len"] == 100 == s["max_len"]
@@ -458,7 +459,7 @@ def test_meta_records_provenance(tmp_path, tok_dir, sft_file):
     run("sft", sft_file, tok_dir, tmp_path / "o")
     meta = open_shards(tmp_path / "o").meta
     assert meta["format"] == "dppo-shards" and meta["version"] == 2 and meta["kind"] == "sft"
-    assert meta["tokenizer"]["fingerprint"] == _native.Tokenizer(str(tok_dir)).fingerprint
+    assert meta["tokenizer"]["fingerprint"] == engine.Tokenizer(str(tok_dir)).fingerprint
     assert meta["chat_template"] == testing.QWEN_STYLE_TEMPLATE
     assert meta["source"]["type"] == "local" and len(meta["source"]["files"][0]["blake2b"]) == 16
     assert meta["counts"]["max_len_from"] == {"auto": {"percentile": 95.0}}
@@ -490,9 +491,9 @@ def test_corrupt_or_truncated_shards_fail_naming_the_file(tmp_path, tok_dir, sft
 
 KILL_SCRIPT = r"""
 import os, signal, sys
-from dppo import _native
-from dppo.sources import open_source
-prep = _native.Preparer("sft", sys.argv[1], sys.argv[2], max_len=64)
+from dppo import engine
+from dppo.data.sources import open_source
+prep = engine.Preparer("sft", sys.argv[1], sys.argv[2], max_len=64)
 src = open_source(sys.argv[3], batch_rows=50)
 rows = 0
 for i, b in enumerate(src.batches):

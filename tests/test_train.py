@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from dppo.checkpoint import CheckpointError, list_checkpoints
-from dppo.config import TrainConfig, load_config
+from dppo.train.checkpoint import CheckpointError, list_checkpoints
+from dppo.train.config import TrainConfig, load_config
 from dppo.data import open_shards
 from dppo.errors import ConfigError
 from dppo.modeling import PackedBatch, load_model, sequence_logps
@@ -140,9 +140,10 @@ def test_skipping_ygen_changes_nothing(tmp_path, vote, init_dir, ref_dir, pair_s
 def test_predicted_ygen_rows_equal_forwarding_every_ygen(init_dir, ref_dir, pair_shards):
     """Policy vote: the reference's vote picks the y_gen for the first row, a second row catches the
     mispredicted examples; losses and gradients equal those with every y_gen forwarded."""
-    from dppo.losses import LOSSES
-    from dppo.refcache import reference_logps
-    from dppo.train import Work, _ygen_mode, forward_logps
+    from dppo.train.losses import LOSSES
+    from dppo.train.refcache import reference_logps
+    from dppo.train.registry import YgenPlan, ygen_plan
+    from dppo.train.step import StepInputs, TokenCounts, forward_logps
 
     shards, ids = open_shards(pair_shards), np.arange(24)
     ref = reference_logps(ref_dir, shards, ids, load=lambda: load_model(ref_dir, dtype="fp32", device="cpu"),
@@ -154,14 +155,16 @@ def test_predicted_ygen_rows_equal_forwarding_every_ygen(init_dir, ref_dir, pair
                               rejected=np.where(swap, ref.chosen, ref.rejected))
     policy = load_model(init_dir, dtype="fp32", device="cpu")
     cfg = TrainConfig(method="conll", data="d", init="i", out="o", alpha=1.0, vote_clip=20.0)
-    spec, loss_cfg = LOSSES["conll"], cfg.loss_config()
-    assert _ygen_mode(cfg, spec) == "predicted"
+    objective, loss_cfg = LOSSES["conll"], cfg.loss_config()
+    predicted = ygen_plan(loss_cfg)
+    assert predicted == YgenPlan(forward=True, skip=True, known_before=False)
     got = {}
-    for mode in ("all", "predicted"):
+    for mode, plan in (("all", YgenPlan(forward=True)), ("predicted", predicted)):
         policy.zero_grad(set_to_none=True)
-        work = Work()
-        logps = forward_logps(policy, shards, ids, cfg, loss_cfg, spec, ref, mode, torch.device("cpu"), work)
-        out = spec(loss_cfg, logps)
+        work = TokenCounts()
+        inputs = dataclasses.replace(StepInputs.of(cfg, policy, shards, loss_cfg, objective, ref, torch.device("cpu")), ygen=plan)
+        logps = forward_logps(inputs, ids, work)
+        out = objective(loss_cfg, logps)
         out.loss.sum().backward()
         got[mode] = (out.loss.detach(), [p.grad.clone() for p in policy.parameters()], work.tokens, logps)
     torch.testing.assert_close(got["predicted"][0], got["all"][0], rtol=1e-6, atol=1e-6)
@@ -280,7 +283,7 @@ def test_resume_refuses_other_options_and_existing_runs(tmp_path, init_dir, pair
 def test_reference_cache_reused_and_invalidated(tmp_path, init_dir, pair_shards):
     import shutil
 
-    from dppo.refcache import reference_logps
+    from dppo.train.refcache import reference_logps
 
     shards_dir = tmp_path / "shards"
     shutil.copytree(pair_shards, shards_dir, ignore=shutil.ignore_patterns("refcache"))
@@ -522,3 +525,56 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- the registry: adding a loss is one pure function and one registry line ---------------------------
+
+
+def margin_loss(cfg, logps):
+    """A toy preference loss: -log sigmoid(beta * (logp(y_w) - logp(y_l))), no reference."""
+    from dppo.train.losses import LossOutput
+
+    return LossOutput(loss=-F.logsigmoid(cfg.beta * (logps.policy_chosen - logps.policy_rejected)))
+
+
+def test_a_registered_toy_loss_trains_a_step_with_the_hand_computed_update(tmp_path, init_dir, pair_shards):
+    from dppo.train.registry import LOSSES, LossSpec, register_loss
+
+    register_loss("margin", LossSpec(margin_loss, data="pairs", needs_reference=False, options=("beta",)), overwrite=True)
+    try:
+        run = run_train(tmp_path / "run", method="margin", data=str(pair_shards), init=str(init_dir), beta=0.5,
+                        optimizer="sgd", lr=1.0, max_samples=4, max_steps=1)
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        assert cfg["method"] == "margin" and cfg["beta"] == 0.5 and cfg["alpha"] is None and cfg["ref"] is None
+        with pytest.raises(ConfigError, match="--alpha is not used by --method margin"):
+            TrainConfig(method="margin", data="d", init="i", out="o", alpha=1.0)
+        # the update is -lr * the gradient of the mean over the step's 4 pairs, computed by hand
+        policy = load_plain(init_dir)
+        shards = open_shards(pair_shards)
+        losses = []
+        for i in range(4):
+            ex = shards[i]
+            c = plain_token_logps(policy, ex["prompt_ids"], ex["chosen_ids"]).sum()
+            r = plain_token_logps(policy, ex["prompt_ids"], ex["rejected_ids"]).sum()
+            losses.append(-F.logsigmoid(0.5 * (c - r)))
+        torch.stack(losses).mean().backward()
+        got = load_file(run / "model" / "model.safetensors")
+        for name, param in policy.named_parameters():
+            if name in got:
+                torch.testing.assert_close(got[name] - param.detach(), -param.grad, rtol=1e-4, atol=5e-6, msg=name)
+        assert read_metrics(run)[0]["loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    finally:
+        LOSSES.pop("margin", None)
+
+
+def test_the_reference_cache_and_generation_agree_on_a_models_fingerprint(tmp_path, init_dir, pair_shards):
+    """One model identity: the reference cache's folder and the generation settings name it alike."""
+    from dppo.artifacts import model_fingerprint
+    from dppo.generate import DecodeConfig, generation_settings
+
+    run = run_train(tmp_path / "run", method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4, max_steps=1)
+    saved = json.loads((run / "config.json").read_text())
+    settings = generation_settings(init_dir, init_dir, DecodeConfig(), "fp32")
+    assert saved["init"]["fingerprint"] == settings["model_fingerprint"] == model_fingerprint(init_dir)
+    caches = [p.name for p in (pair_shards / "refcache").iterdir()]
+    assert f"{settings['model_fingerprint']}-fp32" in caches

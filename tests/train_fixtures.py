@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from dppo import testing
-from dppo.config import load_config
-from dppo.prep import PrepConfig, prepare
+from dppo import synthetic as testing
+from dppo.train.config import load_config
+from dppo.data.prep import PrepConfig, prepare
 from dppo.train import train
 
 from conftest import write_jsonl

@@ -1,6 +1,15 @@
-"""The errors a user can fix: the CLI prints them as one line instead of a traceback."""
+"""The errors a user can fix: the CLI prints them as one line (exit code 1) instead of a traceback.
 
-from dppo._native import DppoError
+The data engine's errors (``DppoError`` and its kinds: ``InputError``, ``ShardError``,
+``TokenizerError``, ``StorageError``) come from :mod:`dppo.engine`; the library adds the three below.
+"""
+
+from dppo.engine import DppoError, InputError, ShardError, StorageError, TokenizerError
+
+__all__ = [
+    "DppoError", "InputError", "ShardError", "TokenizerError", "StorageError",
+    "SourceError", "ConfigError", "EvaluationError", "USER_ERRORS",
+]
 
 
 class SourceError(RuntimeError):

@@ -54,8 +54,9 @@ __all__ = [
     "token_logps",
     "sequence_logps",
     "sequence_logps_rows",
-    "sft_loss",
+    "packed_nll",
     "load_model",
+    "pad_rows",
 ]
 
 PACKED_ATTN = "dppo_packed"
@@ -645,13 +646,13 @@ def sequence_logps_rows(
 
     Results come back in the order of ``seqs``. Rows run one after another, so activation memory is
     bounded by one row only without grad (e.g. reference log-probs); with grad, every row's graph
-    stays alive until backward — call ``backward`` per row to bound it. Rows are formed by
-    :func:`dppo.data.micro_batches`, the packing the trainer uses.
+    stays alive until backward — call ``backward`` per row to bound it. Rows are formed by the
+    engine's best-fit decreasing (``dppo.engine.pack_rows``), the packing the trainer uses.
     """
-    from dppo.data import micro_batches
+    from dppo.engine import pack_rows
 
     device = next(model.parameters()).device
-    rows = [row.tolist() for row in micro_batches([len(_as_ids(p)) + len(_as_ids(r)) for p, r in seqs], max_tokens)]
+    rows = pack_rows([len(_as_ids(p)) + len(_as_ids(r)) for p, r in seqs], max_tokens) if seqs else []
     parts = [
         sequence_logps(model, PackedBatch.from_sequences([seqs[i] for i in row]).to(device), chunk_size, kernel)
         for row in rows
@@ -670,7 +671,7 @@ def sequence_logps_rows(
     )
 
 
-def sft_loss(model: torch.nn.Module, batch: PackedBatch, chunk_size: int = 1024, kernel: str = "auto") -> torch.Tensor:
+def packed_nll(model: torch.nn.Module, batch: PackedBatch, chunk_size: int = 1024, kernel: str = "auto") -> torch.Tensor:
     """Mean negative log-likelihood over all counted (assistant) tokens of a packed row: scalar."""
     logps = token_logps(model, batch, chunk_size=chunk_size, kernel=kernel)
     if logps.numel() == 0:
@@ -678,19 +679,23 @@ def sft_loss(model: torch.nn.Module, batch: PackedBatch, chunk_size: int = 1024,
     return -logps.mean()
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows of unequal lengths as one padded [B, W] int64 batch and its attention mask
+    (1 on real tokens), padded on the ``right`` (scoring, prefill) or the ``left`` (``generate``)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        n = len(row)
+        at = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, at] = torch.as_tensor(list(row) if not isinstance(row, torch.Tensor) else row, dtype=torch.long)
+        mask[i, at] = 1
+    return ids, mask
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
 
 def load_model(
     path_or_config: Any,
@@ -712,13 +717,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}, expected 'auto' or one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    from dppo.artifacts import resolve_device, resolve_dtype, torch_dtype
+
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if isinstance(dtype, str):
+        dtype = torch_dtype(resolve_dtype(dtype, device))
     if attn == PACKED_ATTN:
         register_packed_attention()
     if isinstance(path_or_config, PretrainedConfig):

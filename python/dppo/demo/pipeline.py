@@ -90,7 +90,8 @@ QUICK = DemoSettings(
     max_new_tokens=24,
 )
 
-METHODS = ("dpo", "simpo", "minll", "unll", "conll")
+COMPARED_METHODS = ("dpo", "simpo", "minll", "unll", "conll")
+"""The paper's preference methods, each trained from the SFT model and compared with it."""
 
 
 @dataclass
@@ -108,7 +109,7 @@ def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
     """Save the demo's randomly initialised Qwen2-architecture model, with the world's tokenizer, to ``init``."""
     from transformers import AutoTokenizer
 
-    from dppo.testing import tiny_qwen2
+    from dppo.synthetic import tiny_qwen2
 
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     model = tiny_qwen2(vocab, hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
@@ -120,7 +121,7 @@ def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
 
 def sft_config(s: DemoSettings, data: Path, init: Path, run: Path) -> Any:
     """The demo's SFT run as a ``TrainConfig``."""
-    from dppo.config import TrainConfig
+    from dppo.train.config import TrainConfig
 
     return TrainConfig(method="sft", data=str(data), init=str(init), out=str(run), seed=0, overwrite=True,
                        progress=False, save_every=0, dtype="fp32", lr=s.sft_lr, epochs=s.sft_epochs,
@@ -173,13 +174,13 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
 
     Stages whose output already exists are reused, so an interrupted demo continues where it stopped.
     """
-    from dppo.config import TrainConfig
+    from dppo.train.config import TrainConfig
     from dppo.demo.judge import judge as demo_judge
     from dppo.demo.world import write_world
-    from dppo.evaluate import EvalConfig, evaluate
-    from dppo.generate import GenConfig, generate
-    from dppo.judges import register_judge
-    from dppo.prep import PrepConfig, prepare
+    from dppo.eval.winrate import EvalConfig, evaluate
+    from dppo.generate import DecodeConfig, GenConfig, SamplingConfig, generate
+    from dppo.eval.judges import register_judge
+    from dppo.data.prep import PrepConfig, prepare
     from dppo.train import train
 
     s = settings or (QUICK if quick else FULL)
@@ -227,9 +228,10 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     plan.add("train sft", sft_run / "model" / "config.json", lambda: train(sft_config(s, sft_shards, init, sft_run), console=log))
     sft_model = sft_run / "model"
     ygen = base / "ygen.parquet"
+    decode = DecodeConfig(sampling=SamplingConfig(max_new_tokens=s.max_new_tokens), batch_size=s.gen_batch)
     plan.add("generate y_gen", ygen, lambda: generate(
-        GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, max_new_tokens=s.max_new_tokens,
-                  batch_size=s.gen_batch, seed=0), console=log, show_progress=False))
+        GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, decode=decode), console=log,
+        show_progress=False))
     prefs = out / "shards" / "prefs"
     plan.add("prep prefs --ygen", prefs / "meta.json", lambda: prepare(
         PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), console=log, show_progress=False))
@@ -240,7 +242,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     for seed in range(s.seeds):
         sd = out / f"seed{seed}"
         runs = sd / "runs"
-        for m in METHODS:
+        for m in COMPARED_METHODS:
             extra = {"vote_clip": clip[m]} if m in clip else {}
             train_run(f"seed {seed}: train {m}", runs / m, m, prefs, sft_model, seed, **pref_kw, **extra)
         unll_model = runs / "unll" / "model"
@@ -259,7 +261,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
             models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
             return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
                                        data=str(paths["prefs_test"]), out=sd / "eval", split=None, limit=None,
-                                       max_new_tokens=s.max_new_tokens, batch_size=s.gen_batch,
+                                       decode=decode,
                                        cache_dir=out / "cache"), console=log, show_progress=False)
 
         plan.add(f"seed {seed}: eval vs sft", sd / "eval" / "results.json", run_eval)
@@ -366,7 +368,7 @@ def _aggregate(
 
 def _order(name: str) -> tuple[int, float, str]:
     """sft, the paper's methods in its order, unll+dpo, then the alpha and data-size sweeps."""
-    main = ["sft", *METHODS, "unll+dpo"]
+    main = ["sft", *COMPARED_METHODS, "unll+dpo"]
     if name in main:
         return (0, main.index(name), "")
     if name.startswith("unll-alpha"):
@@ -385,7 +387,7 @@ def _diagnostics(out: Path) -> dict[str, Any]:
     import numpy as np
 
     from dppo.data import open_shards
-    from dppo.refcache import model_fingerprint
+    from dppo.train.refcache import model_fingerprint
 
     prefs = out / "shards" / "prefs"
     lengths = open_shards(prefs).lengths()
@@ -450,7 +452,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dppo.plots import plot_reward_differences
+    from dppo.eval.plots import plot_reward_differences
 
     rows = {row["method"]: row for row in r["table"]}
 
@@ -494,7 +496,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     plt.close(fig)
 
     # Fig. 3B: distribution of reward differences (main methods, pooled over seeds)
-    main = {m: diffs[m] for m in (*METHODS, "unll+dpo") if m in diffs}
+    main = {m: diffs[m] for m in (*COMPARED_METHODS, "unll+dpo") if m in diffs}
     plot_reward_differences(main, out / "fig_reward_diff.png", baseline="sft")
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from dppo.demo.generators import EXTERNAL, FILLER, demonstrator
 from dppo.demo.judge import MAX_SCORE, score_task
 from dppo.demo.tasks import KINDS, TEMPLATES, TEST_FRACTION, WORDS, Task, random_task, split_of
-from dppo.testing import make_tokenizer, prompt_id
+from dppo.synthetic import make_tokenizer, prompt_id
 
 __all__ = ["World", "build_world", "write_world", "sample_tasks", "VOCAB_SIZE", "DEFAULT_SYSTEM", "SPLIT_PATTERN"]
 

@@ -43,6 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dppo.errors import ConfigError
+from dppo.modeling import pad_rows
+
 __all__ = ["ENGINES", "SamplingConfig", "Completion", "Decoder", "supports_fast_decoding"]
 
 ENGINES = ("auto", "dppo", "hf", "vllm")
@@ -53,7 +56,10 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are chosen. ``temperature == 0`` is greedy (``top_p`` and ``seed`` unused)."""
+    """How tokens are chosen: ``max_new_tokens`` at most, greedy when ``temperature == 0`` (``top_p``
+    and ``seed`` unused), else sampled at ``temperature`` within the ``top_p`` nucleus, each prompt
+    from its own stream seeded by ``(seed, prompt)``. The one sampling configuration of dppo
+    (``dppo generate`` and ``dppo eval`` carry it inside their ``DecodeConfig``), validated here."""
 
     max_new_tokens: int = 1024
     temperature: float = 0.0
@@ -61,12 +67,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        # ConfigError is a ValueError: the messages name the command-line options
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
@@ -125,13 +132,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _apply_rope(q, k, cos, sin, unsqueeze_dim=1):
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
 
 
 class _KVCache:
@@ -497,9 +497,7 @@ class Decoder:
             while end < len(admit) and len(prompts[admit[end]]) >= 0.8 * w and (end + 1 - start) * w <= self.prefill_tokens:
                 end += 1
             group, where = admit[start:end], free[start:end]
-            ids = torch.full((len(group), w), self.pad_id, dtype=torch.long)
-            for r, i in enumerate(group):
-                ids[r, : len(prompts[i])] = torch.as_tensor(prompts[i], dtype=torch.long)
+            ids, _ = pad_rows([prompts[i] for i in group], self.pad_id, side="right")
             last = torch.tensor([len(prompts[i]) - 1 for i in group], device=dev)
             logits = self._fwd.prefill(ids.to(dev), last, slots.cache, torch.tensor(where, device=dev))
             for s, i in zip(where, group, strict=True):
@@ -567,12 +565,7 @@ class Decoder:
     def _hf_batch(self, prompts, batch: list[int], sampling: SamplingConfig, on_tokens) -> list[Completion]:
         lengths = [len(prompts[i]) for i in batch]
         budget, reason = zip(*(self._budget(n, sampling) for n in lengths), strict=True)
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(batch):
-            ids[r, width - lengths[r] :] = torch.as_tensor(prompts[i], dtype=torch.long)
-            mask[r, width - lengths[r] :] = 1
+        ids, mask = pad_rows([prompts[i] for i in batch], self.pad_id, side="left")
         kwargs: dict[str, Any] = {"do_sample": not sampling.greedy}
         if not sampling.greedy:
             torch.manual_seed(sampling.seed)
@@ -587,7 +580,7 @@ class Decoder:
                 eos_token_id=self.stop_ids or None,
                 pad_token_id=self.pad_id,
                 **kwargs,
-            )[:, width:].tolist()
+            )[:, ids.shape[1]:].tolist()
         else:
             gen = [[] for _ in batch]
         made = 0

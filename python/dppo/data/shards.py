@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dppo import _native
+from dppo import engine
 
 __all__ = [
     "Shards", "ShardError", "open_shards", "micro_batches",
@@ -34,10 +34,10 @@ SEG_PROMPT, SEG_RESPONSE, SEG_CHOSEN, SEG_REJECTED, SEG_YGEN = 0, 1, 2, 3, 4
 FLAG_PROMPT_TRUNCATED, FLAG_RESPONSE_TRUNCATED, FLAG_BOUNDARY_RESPLIT = 1, 2, 4
 SHARD_VERSION = 2
 
-_DTYPES = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32, "u8": np.uint8}
+_SECTION_DTYPES = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32, "u8": np.uint8}
 
 
-ShardError = _native.ShardError
+ShardError = engine.ShardError
 """A shard folder that is missing, incomplete, corrupt or of an older format (the message names the file)."""
 
 
@@ -59,11 +59,11 @@ class _Shard:
 
 def _map_shard(dir: Path, name: str, verify: bool) -> tuple[_Shard, dict[str, Any]]:
     idx_path = dir / f"{name}.idx"
-    info = _native.open_shard_index(str(idx_path), verify)
+    info = engine.open_shard_index(str(idx_path), verify)
     header = info["header"]
     idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
     arrays = {
-        sec: np.frombuffer(idx, dtype=_DTYPES[dtype], count=count, offset=offset)
+        sec: np.frombuffer(idx, dtype=_SECTION_DTYPES[dtype], count=count, offset=offset)
         for sec, (offset, dtype, count) in info["sections"].items()
     }
     n_tokens = header["n_tokens"]
@@ -162,6 +162,18 @@ class Shards:
                     out.setdefault(name, []).append(sel)
         return {k: np.concatenate(v) for k, v in out.items()}
 
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the folder's contents: the index headers carry the checksums of
+        every token and index byte, so hashing them (and the tokenizer) is enough, and instant."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=8)
+        h.update(json.dumps(self.meta.get("tokenizer", {}), sort_keys=True).encode())
+        for s in self.meta["shards"]:
+            with open(self.path / f"{s['name']}.idx", "rb") as f:
+                h.update(f.read(128))
+        return h.hexdigest()
+
     def __repr__(self) -> str:
         return f"Shards({str(self.path)!r}, kind={self.kind!r}, examples={len(self)}, has_ygen={self.has_ygen})"
 
@@ -177,7 +189,7 @@ def micro_batches(lengths: np.ndarray | list[int], max_tokens: int, max_items: i
     sizes = [int(n) for n in np.asarray(lengths, dtype=np.int64).reshape(-1)]
     if not sizes:
         return []
-    return [np.asarray(row, dtype=np.int64) for row in _native.pack_rows(sizes, int(max_tokens), int(max_items))]
+    return [np.asarray(row, dtype=np.int64) for row in engine.pack_rows(sizes, int(max_tokens), int(max_items))]
 
 
 def open_shards(path: str | os.PathLike[str], *, verify: bool = True) -> Shards:

@@ -4,7 +4,7 @@ learning rate fixed before any method ran (2e-4), and the rates here are judged 
 held-out prompts, so picking the best of them would be tuning on the test set.
 
     dppo demo --out runs/demo                                  # once: the world, SFT and y_gen
-    python benchmarks/demo_lr_sensitivity.py --from runs/demo --lrs 2e-5 6e-5
+    python experiments/demo_lr_sensitivity.py --from runs/demo --lrs 2e-5 6e-5
 
 Each rate reuses the finished demo's world, shards, SFT model and y_gen (copied) and retrains every
 preference method for every seed; prints win rate vs SFT (mean over seeds) per method and rate.

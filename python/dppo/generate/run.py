@@ -20,17 +20,19 @@ This produces y_gen (the reference model's greedy response to every training pro
   skips the prompt_ids already in ``OUT`` or in a part, and the parts are merged into ``OUT``
   atomically at the end. A crash loses at most the batch in flight. Rerunning with other settings
   is refused (``overwrite=True`` starts over).
-* **Fast**: see ``dppo.decoding`` (length-sorted batches, in-place KV cache, finished rows
+* **Fast**: see ``dppo.generate.decoding`` (length-sorted batches, in-place KV cache, finished rows
   dropped, CUDA graphs on CUDA; ``engine="vllm"`` where installed).
 
 Typical use::
 
     generate(GenConfig(model="runs/sft", data="HuggingFaceH4/ultrafeedback_binarized",
-                       split="train_prefs", out=Path("ygen.parquet")))
+                       split="train_prefs", out=Path("ygen.parquet"),
+                       decode=DecodeConfig(sampling=SamplingConfig(max_new_tokens=512))))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +40,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,27 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dppo.artifacts import (
+    chat_fingerprint,
+    config_record,
+    meta_path_of,
+    model_fingerprint,
+    model_tokenizer_dir,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+    torch_dtype,
+    resolve_model,
+    tokenizer_fingerprint,
+    write_atomic,
+    write_json,
+)
 from dppo.errors import ConfigError
+from dppo.generate.decoding import ENGINES, SamplingConfig
 
 __all__ = [
     "GenConfig",
+    "DecodeConfig",
     "PromptRow",
     "OUTPUT_COLUMNS",
     "END_TOKENS",
@@ -64,13 +83,9 @@ __all__ = [
     "generate_rows",
     "load_prompts",
     "render_prompts",
-    "resolve_model",
-    "resolve_model_tokenizer",
-    "model_fingerprint",
     "stop_token_ids",
     "read_generations",
     "generation_settings",
-    "resolve_dtype",
     "generations_meta",
 ]
 
@@ -80,16 +95,55 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<
 """Special tokens that end a turn or a text in the common chat vocabularies; those present in a
 tokenizer (as added tokens) stop generation, with the model's own ``eos_token_id``."""
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How responses are produced, whatever the model and the prompts: the part of a run that
+    ``dppo generate`` and ``dppo eval`` share. Validated once, here; passed whole to the callee.
+
+    Attributes:
+        sampling: tokens chosen (greedy by default), see :class:`~dppo.generate.decoding.SamplingConfig`.
+        batch_size: prompts decoded together (None: 128 on CUDA, 32 on the CPU).
+        engine: ``auto`` (dppo's decoder where the architecture is supported, else hf), ``dppo``,
+            ``hf`` (transformers' generate) or ``vllm``.
+        dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``, ``fp16`` or ``fp32``.
+        device: ``auto``/None (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        max_prompt_len: shorten longer prompts as prep does (user-turn content goes, the template
+            stays), None keeps all.
+        tokenizer: a tokenizer folder or hub id (None: the model's).
+    """
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch_size: int | None = None
+    engine: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    max_prompt_len: int | None = None
+    tokenizer: str | None = None
+
+    @classmethod
+    def from_options(cls, **options: Any) -> DecodeConfig:
+        """From flat options (``max_new_tokens=..., batch_size=...``): the sampling ones go to ``sampling``."""
+        fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+        sampling = SamplingConfig(**{k: v for k, v in options.items() if k in fields})
+        return cls(sampling=sampling, **{k: v for k, v in options.items() if k not in fields})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ConfigError(f"DecodeConfig.sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype, "cpu")  # names are checked here, resolved on the device
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise ConfigError(f"--max-prompt-len must be positive, got {self.max_prompt_len}")
 
 
 @dataclass(frozen=True)
 class GenConfig:
-    """One ``dppo generate`` run; saved (resolved) into ``OUT.meta.json``.
-
-    ``batch_size=None``: 128 on CUDA, 32 on the CPU. ``tokenizer=None``: the model's folder.
-    ``max_prompt_len``: shorten longer prompts as prep does (user-turn content goes, the template stays), None keeps all.
-    """
+    """One ``dppo generate`` run: the model, the prompts' source, the output file and how to decode;
+    saved (flat) into ``OUT.meta.json``."""
 
     model: str
     data: str
@@ -97,18 +151,31 @@ class GenConfig:
     split: str | None = None
     config: str | None = None
     revision: str | None = None
-    tokenizer: str | None = None
     limit: int | None = None
-    max_new_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int | None = None
-    engine: str = "auto"
-    dtype: str = "auto"
-    device: str | None = None
-    max_prompt_len: int | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     overwrite: bool = False
+
+    @classmethod
+    def from_options(cls, **options: Any) -> GenConfig:
+        """From flat options, as on the command line (``model=..., max_new_tokens=..., batch_size=...``):
+        those of decoding and sampling go into ``decode``."""
+        return cls(**_own(cls, options), decode=DecodeConfig.from_options(**_rest(cls, options)))
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if Path(self.out).suffix not in (".parquet", ".jsonl"):
+            raise ConfigError(f"--out must end in .parquet or .jsonl, got {Path(self.out).name}")
+
+
+def _own(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"decode"}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def _rest(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in options.items() if k not in names}
 
 
 @dataclass(frozen=True)
@@ -123,66 +190,8 @@ class PromptRow:
 
 
 # ------------------------------------------------------------------------------------------------
-# Models, tokenizers, fingerprints
+# Stop tokens
 # ------------------------------------------------------------------------------------------------
-
-
-from dppo.artifacts import resolve_model  # noqa: E402  (re-exported)
-
-
-def resolve_model_tokenizer(model_dir: Path, tokenizer: str | None = None) -> Path:
-    """The tokenizer folder: ``tokenizer`` if given, else the model folder (or its run folder)."""
-    from dppo.sources import resolve_tokenizer
-
-    if tokenizer is not None:
-        return resolve_tokenizer(tokenizer)
-    for d in (model_dir, model_dir.parent):
-        if (d / "tokenizer.json").is_file():
-            return d
-    raise ConfigError(f"{model_dir}: no tokenizer.json beside the model; pass the tokenizer explicitly")
-
-
-_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FINGERPRINTS:
-        from dppo.sources import file_fingerprint
-
-        _FINGERPRINTS[key] = file_fingerprint(path)
-    return _FINGERPRINTS[key]
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """blake2b (16 hex digits) over a model folder's config and weight files' contents."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise ConfigError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
-    h = hashlib.blake2b(digest_size=8)
-    for p in files:
-        h.update(f"{p.name}\0{_file_hash(p)}\0".encode())
-    return h.hexdigest()
-
-
-def _tokenizer_fingerprint(tok_dir: Path) -> str:
-    """Tokenizer plus chat template: the native tokenizer's fingerprint and the template files' hashes."""
-    from dppo import _native
-
-    h = hashlib.blake2b(digest_size=8)
-    h.update(_native.Tokenizer(str(tok_dir)).fingerprint.encode())
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        if (tok_dir / name).is_file():
-            h.update(f"{name}\0{_file_hash(tok_dir / name)}\0".encode())
-    return h.hexdigest()
-
-
-def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def stop_token_ids(tok_dir: Path, model_dir: Path | None = None) -> list[int]:
@@ -194,7 +203,7 @@ def stop_token_ids(tok_dir: Path, model_dir: Path | None = None) -> list[int]:
     added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
     ids: set[int] = set()
     names = list(END_TOKENS)
-    eos = _json_file(tok_dir / "tokenizer_config.json").get("eos_token")
+    eos = read_json(tok_dir / "tokenizer_config.json").get("eos_token")
     if isinstance(eos, dict):
         eos = eos.get("content")
     if isinstance(eos, str):
@@ -204,7 +213,7 @@ def stop_token_ids(tok_dir: Path, model_dir: Path | None = None) -> list[int]:
     ids.update(added[n] for n in names if n in added)
     if model_dir is not None:
         for name in ("generation_config.json", "config.json"):
-            value = _json_file(model_dir / name).get("eos_token_id")
+            value = read_json(model_dir / name).get("eos_token_id")
             ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
     if not ids:
         raise ConfigError(f"{tok_dir}: the tokenizer has no end-of-turn or end-of-text token; cannot tell when to stop")
@@ -245,7 +254,7 @@ def _first_turn(row: dict[str, Any]) -> tuple[tuple[tuple[str, str], ...], str] 
 
 
 def _rows_of(batch: Any) -> Iterator[dict[str, Any]]:
-    from dppo.sources import JSONL_COLUMN
+    from dppo.data.sources import JSONL_COLUMN
 
     table = batch.to_arrow() if hasattr(batch, "to_arrow") else batch
     if JSONL_COLUMN in table.column_names:
@@ -261,7 +270,7 @@ def _rows_of(batch: Any) -> Iterator[dict[str, Any]]:
 
 
 def _is_shards(path: Path) -> bool:
-    meta = _json_file(path / "meta.json") if path.is_dir() else {}
+    meta = read_json(path / "meta.json") if path.is_dir() else {}
     return meta.get("format") == "dppo-shards"
 
 
@@ -279,7 +288,7 @@ def load_prompts(
         raise ConfigError(f"--limit must be positive, got {limit}")
     if _is_shards(Path(data)):
         return _shard_prompts(Path(data), limit)
-    from dppo.sources import open_source
+    from dppo.data.sources import open_source
 
     src = open_source(data, split=split, config=config, revision=revision)
     prompts: list[PromptRow] = []
@@ -337,12 +346,12 @@ def render_prompts(
     ``truncate_prompt="end"`` its start), never the template's tokens: the generation header stays
     last. Prompts from shards are used as prep stored them.
     """
-    from dppo import _native
+    from dppo import engine
 
     convs = [list(r.messages) for r in rows if r.ids is None]
     try:
-        encoded = iter(_native.encode_prompts(str(tok_dir), convs, max_prompt_len, truncate_prompt) if convs else [])
-    except _native.InputError as e:
+        encoded = iter(engine.encode_prompts(str(tok_dir), convs, max_prompt_len, truncate_prompt) if convs else [])
+    except engine.InputError as e:
         raise ConfigError(f"--max-prompt-len {max_prompt_len}: {e}") from None
     out = []
     for r in rows:
@@ -361,7 +370,7 @@ def _parts_dir(out: Path) -> Path:
 
 
 def _meta_path(out: Path) -> Path:
-    return out.with_name(out.name + ".meta.json")
+    return meta_path_of(out)
 
 
 def _schema() -> Any:
@@ -402,7 +411,7 @@ def _read_table(path: Path) -> Any:
 
 def generations_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``OUT.meta.json`` of a generations file (settings, model, ``tokenizer``), {} if absent."""
-    return _json_file(_meta_path(Path(path)))
+    return read_json(_meta_path(Path(path)))
 
 
 def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -410,23 +419,18 @@ def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _read_table(Path(path)).to_pylist()
 
 
-def _write_atomic(table: Any, path: Path) -> None:
+def _write_table(table: Any, path: Path) -> None:
+    """A generations table as parquet or jsonl, written atomically."""
+    import io
+
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if path.suffix == ".parquet":
-        pq.write_table(table, tmp)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        write_atomic(path, buf.getvalue())
     else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in table.to_pylist():
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist()))
 
 
 def _existing(out: Path) -> Any:
@@ -445,111 +449,41 @@ def _existing(out: Path) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def generation_settings(
-    model_dir: Path,
-    tok_dir: Path,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    max_prompt_len: int | None,
-    dtype: str,
-) -> dict[str, Any]:
+def generation_settings(model_dir: Path, tok_dir: Path, decode: DecodeConfig, dtype: str) -> dict[str, Any]:
     """What decides the responses (and nothing else): a file is resumed only under equal settings."""
-    sampled = temperature > 0
+    sampling = decode.sampling
     return {
         "model_fingerprint": model_fingerprint(model_dir),
-        "tokenizer_fingerprint": _tokenizer_fingerprint(tok_dir),
+        "tokenizer_fingerprint": chat_fingerprint(tok_dir),
         "stop_ids": stop_token_ids(tok_dir, model_dir),
-        "max_new_tokens": max_new_tokens,
-        "max_prompt_len": max_prompt_len,
-        "temperature": temperature,
-        "top_p": top_p if sampled else None,
-        "seed": seed if sampled else None,
+        "max_new_tokens": sampling.max_new_tokens,
+        "max_prompt_len": decode.max_prompt_len,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p if not sampling.greedy else None,
+        "seed": sampling.seed if not sampling.greedy else None,
         "dtype": dtype,
     }
 
 
-def resolve_dtype(dtype: str, device: str | None) -> tuple[str, str]:
-    """``(dtype name, device)`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
-    import torch
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bf16" if dev.startswith("cuda") else "fp32"
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    return dtype, dev
-
-
-def _check_options(max_new_tokens: int, temperature: float, top_p: float, batch_size: int | None, engine: str) -> None:
-    from dppo.decoding import ENGINES
-
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-
-
 def generate(cfg: GenConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Generate a response to every prompt of ``cfg.data`` (resuming ``cfg.out``); returns a summary."""
-    _check_options(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, cfg.engine)
     model_dir = resolve_model(cfg.model)
-    tok_dir = resolve_model_tokenizer(model_dir, cfg.tokenizer)
+    tok_dir = model_tokenizer_dir(model_dir, cfg.decode.tokenizer)
     rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
     shard_tok = source["description"].get("tokenizer", {}).get("fingerprint") if source["description"].get("type") == "shards" else None
-    if shard_tok is not None:
-        from dppo import _native
-
-        if _native.Tokenizer(str(tok_dir)).fingerprint != shard_tok:
-            raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")
-    return generate_rows(
-        cfg.model,
-        rows,
-        Path(cfg.out),
-        tokenizer=cfg.tokenizer,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        engine=cfg.engine,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        max_prompt_len=cfg.max_prompt_len,
-        overwrite=cfg.overwrite,
-        extra_meta={"config": _jsonable(asdict(cfg)), "source": source},
-        console=console,
-        show_progress=show_progress,
-    )
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+    if shard_tok is not None and tokenizer_fingerprint(tok_dir) != shard_tok:
+        raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")
+    return generate_rows(cfg.model, rows, Path(cfg.out), cfg.decode, overwrite=cfg.overwrite,
+                         extra_meta={"config": config_record(cfg), "source": source}, console=console,
+                         show_progress=show_progress)
 
 
 def generate_rows(
     model: str,
     rows: Sequence[PromptRow],
     out: Path,
+    decode: DecodeConfig,
     *,
-    tokenizer: str | None = None,
-    max_new_tokens: int = 1024,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int | None = None,
-    engine: str = "auto",
-    dtype: str = "auto",
-    device: str | None = None,
-    max_prompt_len: int | None = None,
     overwrite: bool = False,
     stop_after_batches: int | None = None,
     extra_meta: dict[str, Any] | None = None,
@@ -558,33 +492,29 @@ def generate_rows(
     show_summary: bool = True,
     label: str = "generate",
 ) -> dict[str, Any]:
-    """Generate responses for ``rows`` into ``out`` (resuming it); the library core of ``generate``.
+    """Generate responses for ``rows`` into ``out`` (resuming it) as ``decode`` says; the library core
+    of ``generate`` (and of ``dppo eval``'s answers).
 
     ``stop_after_batches`` ends the run after that many batches, leaving the parts unmerged: what a
     crash leaves behind (tests use it).
     """
     import pyarrow as pa
 
-    _check_options(max_new_tokens, temperature, top_p, batch_size, engine)
-    if max_prompt_len is not None and max_prompt_len < 1:
-        raise ConfigError(f"--max-prompt-len must be positive, got {max_prompt_len}")
     if out.suffix not in (".parquet", ".jsonl"):
         raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name}")
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     model_dir = resolve_model(model)
-    tok_dir = resolve_model_tokenizer(model_dir, tokenizer)
-    dtype_name, dev = resolve_dtype(dtype, device)
-    settings = generation_settings(
-        model_dir, tok_dir, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        max_prompt_len=max_prompt_len, dtype=dtype_name,
-    )
+    tok_dir = model_tokenizer_dir(model_dir, decode.tokenizer)
+    device = resolve_device(decode.device)
+    dtype_name = resolve_dtype(decode.dtype, device)
+    settings = generation_settings(model_dir, tok_dir, decode, dtype_name)
     parts, meta_path = _parts_dir(out), _meta_path(out)
     if overwrite:
         for p in (out, meta_path):
             p.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
-    old = _json_file(meta_path).get("settings") or _json_file(parts / "settings.json")
+    old = read_json(meta_path).get("settings") or read_json(parts / "settings.json")
     if (out.exists() or parts.exists()) and old != settings:
         if not old:
             raise ConfigError(f"{out}: exists without {meta_path.name}; pass --overwrite or choose another --out")
@@ -615,21 +545,22 @@ def generate_rows(
     if pending:
         import torch
 
-        from dppo.decoding import Decoder, SamplingConfig
+        from dppo.generate.decoding import Decoder
 
         parts.mkdir(exist_ok=True)
-        _write_json_atomic(settings, parts / "settings.json")
+        write_json(parts / "settings.json", settings)
         first_part = max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=-1) + 1
-        ids = render_prompts(pending, tok_dir, max_prompt_len)
+        ids = render_prompts(pending, tok_dir, decode.max_prompt_len)
         from tokenizers import Tokenizer
 
         detok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         stop = settings["stop_ids"]
-        lm = None if engine == "vllm" else _load_quietly(model_dir, dtype_name, dev)
-        decoder = Decoder(lm, stop, engine=engine, pad_id=stop[0], model_path=str(model_dir), dtype=_VLLM_DTYPES[dtype_name])
+        lm = None if decode.engine == "vllm" else _load_quietly(model_dir, dtype_name, device)
+        decoder = Decoder(lm, stop, engine=decode.engine, pad_id=stop[0], model_path=str(model_dir),
+                          dtype=str(torch_dtype(dtype_name)).removeprefix("torch."))
         summary["engine"] = decoder.engine
-        bs = batch_size or (128 if dev.startswith("cuda") else 32)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        bs = decode.batch_size or (128 if device.type == "cuda" else 32)
+        sampling = decode.sampling
         keys = [int(hashlib.blake2b(r.prompt_id.encode(), digest_size=8).hexdigest(), 16) for r in pending]
         reasons: Counter[str] = Counter()
         tokens_made = 0
@@ -670,7 +601,7 @@ def generate_rows(
                     ],
                     schema=_schema(),
                 )
-                _write_atomic(table, parts / f"part-{first_part + b:06d}.parquet")
+                _write_table(table, parts / f"part-{first_part + b:06d}.parquet")
                 reasons.update(c.finish_reason for c in completions)
                 summary["generated"] += len(completions)
                 summary["generated_tokens"] += sum(len(c.token_ids) for c in completions)
@@ -688,19 +619,19 @@ def generate_rows(
 
     # -- merge atomically ------------------------------------------------------------------------
     merged = _merge(_existing(out), [r.prompt_id for r in rows])
-    _write_atomic(merged, out)
+    _write_table(merged, out)
     meta = {
         "format": "dppo-generations",
         "settings": settings,
         "model": str(model),
         "model_dir": str(model_dir.resolve()),
         "tokenizer_dir": str(tok_dir.resolve()),
-        "tokenizer": {"fingerprint": _native_fingerprint(tok_dir)},
-        "engine": summary.get("engine") or _json_file(meta_path).get("engine") or engine,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok_dir)},
+        "engine": summary.get("engine") or read_json(meta_path).get("engine") or decode.engine,
         "rows": merged.num_rows,
         **(extra_meta or {}),
     }
-    _write_json_atomic(meta, meta_path)
+    write_json(meta_path, meta)
     shutil.rmtree(parts, ignore_errors=True)
     summary.update(
         rows=merged.num_rows,
@@ -720,13 +651,6 @@ def generate_rows(
     return summary
 
 
-def _native_fingerprint(tok_dir: Path) -> str:
-    """The fingerprint ``dppo prep`` records for a tokenizer (xxh3 of tokenizer.json)."""
-    from dppo import _native
-
-    return _native.Tokenizer(str(tok_dir)).fingerprint
-
-
 def _load_quietly(model_dir: Path, dtype: str, device: str) -> Any:
     """``load_model`` without transformers' own progress bars (ours is drawn by rich)."""
     from transformers.utils import logging as hf_logging
@@ -740,9 +664,6 @@ def _load_quietly(model_dir: Path, dtype: str, device: str) -> Any:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-
-
-_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _merge(table: Any, order: Sequence[str]) -> Any:

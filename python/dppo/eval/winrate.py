@@ -2,7 +2,7 @@
 
 For every evaluation prompt, each model and the baseline answer it (``dppo.generate``, cached
 under ``CACHE/generations/`` by model fingerprint, tokenizer and sampling settings; rows by
-prompt), a judge scores every answer (``dppo.judges``, cached in ``CACHE/judge_scores.sqlite``),
+prompt), a judge scores every answer (``dppo.eval.judges``, cached in ``CACHE/judge_scores.sqlite``),
 and each model is compared with the baseline prompt by prompt.
 
 With ``d_i = reward(model, i) - reward(baseline, i)`` over the ``n`` prompts where both rewards
@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dppo.artifacts import config_record, model_tokenizer_dir, resolve_device, resolve_dtype, resolve_model, write_atomic, write_json
 from dppo.errors import ConfigError, EvaluationError
+from dppo.generate.run import DecodeConfig
 
 __all__ = ["EvalConfig", "Comparison", "compare", "evaluate", "results_markdown"]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One ``dppo eval`` run; saved into ``OUT/config.json``. ``cache_dir`` defaults to ``OUT/cache``."""
+    """One ``dppo eval`` run; saved (flat) into ``OUT/config.json``. ``decode`` says how every model
+    answers (the same :class:`~dppo.generate.DecodeConfig` as ``dppo generate``'s); ``cache_dir``
+    defaults to ``OUT/cache``."""
 
     models: tuple[str, ...]
     baseline: str
@@ -66,19 +70,21 @@ class EvalConfig:
     config: str | None = None
     revision: str | None = None
     limit: int | None = 1000
-    max_new_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int | None = None
-    engine: str = "auto"
-    dtype: str = "auto"
-    tokenizer: str | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     cache_dir: Path | None = None
     api_base: str | None = None
     judge_batch_size: int = 8
     concurrency: int = 8
     tie_tolerance: float = 0.0
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EvalConfig:
+        """From flat options, as on the command line: those of decoding and sampling go into ``decode``."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in options.items() if k in names and k != "decode"}
+        return cls(**own, decode=DecodeConfig.from_options(**{k: v for k, v in options.items() if k not in names}))
 
 
 @dataclass(frozen=True)
@@ -182,16 +188,8 @@ def _progress(console: Console, show: bool) -> Progress:
 
 def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Generate, judge and compare (module docstring); returns what ``results.json`` holds."""
-    from dppo.generate import (
-        generate_rows,
-        generation_settings,
-        load_prompts,
-        read_generations,
-        resolve_dtype,
-        resolve_model,
-        resolve_model_tokenizer,
-    )
-    from dppo.judges import JudgeOptions, ScoreCache, make_judge, score_items
+    from dppo.generate.run import generate_rows, generation_settings, load_prompts, read_generations
+    from dppo.eval.judges import JudgeOptions, ScoreCache, make_judge, score_items
 
     if not cfg.models:
         raise ConfigError("name at least one model to evaluate")
@@ -213,31 +211,25 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         ),
     )
     judge.check()
-    specs = [cfg.baseline, *cfg.models]
+    models = [cfg.baseline, *cfg.models]
     names = _labels(cfg.baseline, cfg.models)
-    dirs = [(d, resolve_model_tokenizer(d, cfg.tokenizer)) for d in map(resolve_model, specs)]
+    dirs = [(d, model_tokenizer_dir(d, cfg.decode.tokenizer)) for d in map(resolve_model, models)]
     rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
     if any(r.ids is not None for r in rows):
         raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
     prompt_of = {r.prompt_id: r.prompt for r in rows}
 
     # -- generation (cached by model fingerprint, tokenizer and settings) -----------------------------
-    dtype_name, _ = resolve_dtype(cfg.dtype, None)
+    dtype_name = resolve_dtype(cfg.decode.dtype, resolve_device(cfg.decode.device))
     responses: dict[str, dict[str, dict[str, Any]]] = {}
     gen_files: dict[str, str] = {}
-    for spec, name, (model_dir, tok_dir) in zip(specs, names, dirs, strict=True):
-        settings = generation_settings(
-            model_dir, tok_dir, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            seed=cfg.seed, max_prompt_len=None, dtype=dtype_name,
-        )
+    for model, name, (model_dir, tok_dir) in zip(models, names, dirs, strict=True):
+        settings = generation_settings(model_dir, tok_dir, cfg.decode, dtype_name)
         key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
         path = cache_dir / "generations" / f"{settings['model_fingerprint']}-{key}.parquet"
         gen_files[name] = str(path)
-        generate_rows(
-            spec, rows, path, tokenizer=cfg.tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size, engine=cfg.engine, dtype=cfg.dtype,
-            console=console, show_progress=show_progress, show_summary=False, label=f"generate {name}",
-        )
+        generate_rows(model, rows, path, cfg.decode, console=console, show_progress=show_progress, show_summary=False,
+                      label=f"generate {name}")
         responses[name] = {g["prompt_id"]: g for g in read_generations(path) if g["prompt_id"] in prompt_of}
 
     # -- judging (cached by judge, prompt and response) -------------------------------------------------
@@ -268,7 +260,7 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         table.append(
             {
                 "model": name,
-                "path": specs[names.index(name)],
+                "path": models[names.index(name)],
                 "n": c.n,
                 "prompts": len(rows),
                 "win_rate": c.win_rate,
@@ -317,15 +309,11 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         "generation_files": gen_files,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    with open(out / "scores.jsonl", "w", encoding="utf-8") as f:
-        for d in details:
-            f.write(json.dumps(d) + "\n")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    config["models"] = list(cfg.models)
-    (out / "config.json").write_text(json.dumps({"config": config, "source": source["description"]}, indent=2) + "\n")
-    from dppo.plots import plot_reward_differences, plot_win_rates
+    write_json(out / "results.json", results)
+    write_atomic(out / "results.md", results_markdown(results))
+    write_atomic(out / "scores.jsonl", "".join(json.dumps(d) + "\n" for d in details))
+    write_json(out / "config.json", {"config": config_record(cfg), "source": source["description"]})
+    from dppo.eval.plots import plot_reward_differences, plot_win_rates
 
     plot_win_rates(table, out / "winrate.png", baseline=base)
     plot_reward_differences(

@@ -4,8 +4,8 @@ model's greedy answers to held-out prompts, overall and per task kind, for one S
 This is how the demo's SFT settings were chosen (docs/demo.md, "Revisions"): by the SFT model's own
 score, before and without any preference method.
 
-    python benchmarks/demo_sft_budget.py --n-sft 48000 --epochs 2 --batch 32            # the demo's
-    python benchmarks/demo_sft_budget.py --n-sft 8000 --epochs 4 --batch 32 --split qwen2 --vocab 1024
+    python experiments/demo_sft_budget.py --n-sft 48000 --epochs 2 --batch 32            # the demo's
+    python experiments/demo_sft_budget.py --n-sft 8000 --epochs 4 --batch 32 --split qwen2 --vocab 1024
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def main() -> None:
     from dppo.demo.pipeline import FULL, make_init_model, sft_config
     from dppo.demo.tasks import parse_prompt
     from dppo.demo.world import VOCAB_SIZE, _tokenizer_texts, build_world, write_world
-    from dppo.generate import GenConfig, generate
-    from dppo.prep import PrepConfig, prepare
-    from dppo.testing import QWEN2_PATTERN, make_tokenizer
+    from dppo.generate import DecodeConfig, GenConfig, SamplingConfig, generate
+    from dppo.data.prep import PrepConfig, prepare
+    from dppo.synthetic import QWEN2_PATTERN, make_tokenizer
     from dppo.train import train
     from rich.console import Console
 
@@ -70,7 +70,8 @@ def main() -> None:
     train(sft_config(s, out / "shards", out / "init", out / "sft"), console=quiet)
     t2 = time.perf_counter()
     generate(GenConfig(model=str(out / "sft" / "model"), data=str(paths["prefs_test"]), out=out / "answers.parquet",
-                       max_new_tokens=48, batch_size=64), console=quiet, show_progress=False)
+                       decode=DecodeConfig(sampling=SamplingConfig(max_new_tokens=48), batch_size=64)),
+             console=quiet, show_progress=False)
     by_kind: dict[str, list[float]] = defaultdict(list)
     for row in pl.read_parquet(out / "answers.parquet").iter_rows(named=True):
         by_kind[parse_prompt(row["prompt"]).kind].append(judge(row["prompt"], row["response"]))

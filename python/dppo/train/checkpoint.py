@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dppo.artifacts import normal_permissions
+from dppo.artifacts import normal_permissions, temp_sibling
 from dppo.errors import ConfigError
 
 __all__ = [
@@ -147,7 +147,7 @@ def save_checkpoint(
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step}"
-    work = folder / f".step_{step}.partial-{os.getpid()}"
+    work = temp_sibling(final, "partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     save_model(model, str(work / "model.safetensors"))
@@ -177,7 +177,7 @@ def save_checkpoint(
 
 def _remove(path: Path) -> None:
     # Rename first: a crash in the middle of rmtree must not leave a `step_N` that looks complete.
-    doomed = path.with_name(f".deleting-{path.name}.partial-{os.getpid()}")
+    doomed = temp_sibling(path.with_name(f"deleting-{path.name}"), "partial")
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 

@@ -7,18 +7,18 @@ number of rows, so that preparing a data set never loads it whole. Failures beco
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SourceError", "Source", "open_source", "resolve_tokenizer", "file_fingerprint"]
+__all__ = ["Source", "open_source", "DATA_SUFFIXES", "JSONL_COLUMN"]
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".feather", ".ipc")
 
 
-from dppo.errors import SourceError  # noqa: E402  (re-exported)
+from dppo.artifacts import file_fingerprint
+from dppo.errors import SourceError
 
 
 @dataclass
@@ -29,15 +29,6 @@ class Source:
     batches: Iterator[Any]
     num_rows: int | None = None
     files: list[Path] = field(default_factory=list)
-
-
-def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
-    """blake2b of a file's bytes (16 hex digits), recorded in ``meta.json`` as the source's identity."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -200,24 +191,3 @@ def open_source(
         "fingerprint": getattr(ds, "_fingerprint", None),
     }
     return Source(desc, hub_batches(), len(ds))
-
-
-def resolve_tokenizer(tok: str | os.PathLike[str], revision: str | None = None) -> Path:
-    """A local folder holding ``tokenizer.json`` (and ``tokenizer_config.json``) for ``tok``:
-    the folder itself, or a hub id fetched into the Hugging Face cache."""
-    path = Path(tok).expanduser()
-    if path.exists():
-        if path.is_file():
-            path = path.parent
-        if not (path / "tokenizer.json").is_file():
-            raise SourceError(f"{path}: no tokenizer.json in this folder")
-        return path
-    from dppo.artifacts import hub_snapshot
-
-    local = hub_snapshot(
-        str(tok), what="tokenizer", revision=revision,
-        allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"],
-    )
-    if not (Path(local) / "tokenizer.json").is_file():
-        raise SourceError(f"tokenizer '{tok}' has no tokenizer.json (only fast tokenizers are supported)")
-    return Path(local)

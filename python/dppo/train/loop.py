@@ -4,26 +4,26 @@
 
 1. **setup**: the run folder, the device and precision, the shards, the order of the examples;
 2. **reference**: logp_ref of every pair, computed once by a no-grad pass and cached beside the
-   shards (:mod:`dppo.refcache`), so no reference model is held in memory while training;
+   shards (:mod:`dppo.train.refcache`), so no reference model is held in memory while training;
 3. **model and optimizer**, restored from the latest checkpoint with ``--resume``;
 4. **the loop**, one optimizer step at a time: *data* (the step's ``batch_size x grad_accum``
    examples, grouped into micro-batches of at most ``batch_size`` examples and
-   ``max_tokens_per_batch`` tokens by :func:`dppo.data.micro_batches`), *forward* (each
-   micro-batch's sequences packed into one row, log-probabilities only where labels exist), *loss* (``LOSSES[method]``, a pure function of log-probabilities), *backward*
-   per micro-batch, *step* (clip, schedule, update), *log* (``RUN/metrics.jsonl``), *eval*,
-   *checkpoint*;
+   ``max_tokens_per_batch`` tokens by :func:`dppo.data.micro_batches`, each weighted by the loss's
+   reduction), *forward* (:func:`dppo.train.step.forward_logps`: each micro-batch's sequences
+   packed into one row, log-probabilities only where labels exist), *loss* (the registry's entry
+   for ``--method``, a pure function of log-probabilities), *backward* per micro-batch, *step*
+   (clip, schedule, update), *log* (``RUN/metrics.jsonl``), *eval*, *checkpoint*;
 5. **the final model** in Hugging Face format with its tokenizer (``RUN/model``).
 
-The helpers below the loop do one thing each: :func:`forward_logps` turns a micro-batch into the
-:class:`~dppo.losses.LogProbs` a loss consumes, :func:`evaluate` runs the loss without gradients,
-:func:`lr_at` is the learning-rate schedule, :class:`DataOrder` says which examples a step uses.
+The loop never branches on the method's name: what a method needs (a reference, y_gen, pairs or
+SFT data) and how its step is reduced come from its :class:`~dppo.train.registry.LossSpec`.
+The helpers below the loop do one thing each: :func:`lr_at` is the learning-rate schedule,
+:class:`DataOrder` says which examples a step uses, :func:`token_budget` sizes micro-batches.
 
 Where speed comes from: sequences are packed without padding and attend only within themselves
 (``dppo.modeling``); the vocabulary projection runs only on response positions, in chunks; the
 reference log-probs are cached; and y_gen's forward is skipped for examples whose penalty weight
-f(r) is exactly zero (``losses.can_skip_ygen``): with ``--vote ref`` r is known before the forward;
-with the default ``--vote policy`` the reference's vote predicts it and a second, small row catches
-the mispredicted examples (:func:`_ygen_mode`). Skipping changes no value: the losses zero those
+f(r) is exactly zero (``dppo.train.step``). Skipping changes no value: the losses zero those
 terms anyway.
 """
 
@@ -36,7 +36,7 @@ import platform
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,27 +47,26 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dppo.artifacts import normal_permissions
-from dppo.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
-from dppo.config import RUNTIME_OPTIONS, TrainConfig
+from dppo.artifacts import (
+    atomic_folder,
+    copy_tokenizer_files,
+    model_fingerprint,
+    resolve_device,
+    resolve_model,
+    tokenizer_fingerprint,
+    write_atomic,
+    write_json,
+)
 from dppo.data import Shards, micro_batches, open_shards
 from dppo.errors import ConfigError
-from dppo.losses import LOSSES, LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
-from dppo.modeling import PackedBatch, SeqLogps, load_model, sequence_logps
-from dppo.refcache import RefLogps, model_fingerprint, reference_logps, resolve_model_dir, shards_fingerprint
+from dppo.modeling import load_model
+from dppo.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
+from dppo.train.config import RUNTIME_OPTIONS, TrainConfig
+from dppo.train.losses import LOSSES, LossConfig, LossOutput, LossSpec
+from dppo.train.refcache import RefLogps, reference_logps
+from dppo.train.step import StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, forward_logps, summarize
 
-__all__ = ["train", "forward_logps", "evaluate", "lr_at", "DataOrder", "Work", "TOKENIZER_FILES"]
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-)
-
+__all__ = ["train", "lr_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` from ``cfg.init``; returns the folder of the final model.
@@ -90,25 +89,24 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     # is ~1e-4 of a weight, below bf16's resolution, so bf16 weights would not train at all.
     precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else "fp32"
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    spec = LOSSES[cfg.method]
+    objective = LOSSES[cfg.method]  # what the method needs and how a step reduces its loss
     loss_cfg = cfg.loss_config()
-    need_ref_ygen = spec.needs_ref_ygen
 
     shards = open_shards(cfg.data)
-    _check_shards(cfg, spec, shards, "--data")
+    _check_shards(cfg, objective, shards, "--data")
     n_examples = min(len(shards), cfg.max_samples or len(shards))
     order = DataOrder(n_examples, cfg.step_examples, cfg.epochs, cfg.max_steps, cfg.seed)
     eval_shards = open_shards(cfg.eval_data) if cfg.eval_data else None
-    eval_spec, eval_cfg = spec, loss_cfg
+    eval_objective, eval_cfg = objective, loss_cfg
     if eval_shards is not None:
-        if spec.needs_ygen and not eval_shards.has_ygen:
+        if objective.needs_ygen and not eval_shards.has_ygen:
             console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the DPO loss and rewards only")
-            eval_spec, eval_cfg = LOSSES["dpo"], LossConfig.defaults("dpo", beta=loss_cfg.beta)
-        _check_shards(cfg, eval_spec, eval_shards, "--eval-data", ygen_required=False)
+            eval_objective, eval_cfg = LOSSES["dpo"], LossConfig.defaults("dpo", beta=loss_cfg.beta)
+        _check_shards(cfg, eval_objective, eval_shards, "--eval-data", ygen_required=False)
     n_eval = min(len(eval_shards), cfg.eval_samples or len(eval_shards)) if eval_shards is not None else 0
 
-    init_dir = resolve_model_dir(cfg.init)
-    ref_dir = resolve_model_dir(cfg.ref) if cfg.ref else None
+    init_dir = resolve_model(cfg.init)
+    ref_dir = resolve_model(cfg.ref) if cfg.ref else None
     tok_dir = _find_tokenizer(cfg, init_dir, shards)
     run = Path(cfg.out)
     resume_from = _prepare_run(cfg, run, console)
@@ -124,7 +122,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     _record_budget(run, budget)
     ref = eval_ref = None
     t_ref = time.perf_counter()
-    if spec.needs_reference or eval_spec.needs_reference:
+    if objective.needs_reference or eval_objective.needs_reference:
         # The policy before its first update *is* the reference when --ref is --init: no second load.
         same = ref_dir is not None and ref_dir.resolve() == init_dir.resolve()
         load_ref = (lambda: policy) if same else (lambda: load_model(ref_dir, dtype="fp32", device=device))
@@ -132,10 +130,10 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             _reference_pass, cfg=cfg, ref_dir=ref_dir, load=load_ref, precision=precision, autocast=autocast,
             run=run, console=console, budget=budget,
         )
-        if spec.needs_reference:
-            ref = ref_pass(shards, np.arange(n_examples), need_ygen=need_ref_ygen, what="train")
-        if eval_shards is not None and eval_spec.needs_reference:
-            eval_ref = ref_pass(eval_shards, np.arange(n_eval), need_ygen=need_ref_ygen and eval_spec is spec, what="eval")
+        if objective.needs_reference:
+            ref = ref_pass(shards, np.arange(n_examples), need_ygen=objective.needs_ref_ygen, what="train")
+        if eval_shards is not None and eval_objective.needs_reference:
+            eval_ref = ref_pass(eval_shards, np.arange(n_eval), need_ygen=eval_objective.needs_ref_ygen, what="eval")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ref_seconds = time.perf_counter() - t_ref
@@ -147,12 +145,13 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
         step = int(state["step"])
         console.print(f"resumed from {resume_from} (step {step} of {order.total_steps})")
     _truncate_metrics(run / "metrics.jsonl", step)
-    ygen_mode = _ygen_mode(cfg, spec)
+    inputs = StepInputs.of(cfg, policy, shards, loss_cfg, objective, ref, device)
+    eval_inputs = StepInputs.of(cfg, policy, eval_shards, eval_cfg, eval_objective, eval_ref, device) if eval_shards else None
     dims = ModelDims.of(policy)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(device, precision)
     params = [p for p in policy.parameters() if p.requires_grad]
     lengths = shards.lengths()
-    unit = "ex/s" if cfg.method == "sft" else "pairs/s"
+    unit = "ex/s" if objective.data == "sft" else "pairs/s"
 
     # ---------------------------------------------------------------------------------------------
     # The loop
@@ -163,24 +162,19 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
         task = progress.add_task(cfg.method, total=order.total_steps, completed=step, loss="-", speed="-")
         while step < order.total_steps:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            # -- data: this step's examples, and each one's share of the step's loss ---------------
+            # -- data: this step's examples, and each one's weight in the step's loss ---------------
             ids = order.step_examples(step)
-            if cfg.method == "sft":  # SFT: the mean over all assistant tokens of the step
-                n_tokens = lengths["response"][ids].astype(np.float64)
-                shares = n_tokens / max(n_tokens.sum(), 1.0)
-            else:  # preference methods: the mean over the step's pairs
-                shares = np.full(len(ids), 1.0 / len(ids))
+            weights = objective.step_weights(counted_tokens(lengths, ids))  # the loss's reduction
             outputs: list[LossOutput] = []
-            work = Work()
+            work = TokenCounts()
             step_loss = torch.zeros((), device=device)
-            for pos in micro_batches(example_tokens(lengths, ids, spec), budget, cfg.batch_size):
-                micro = ids[pos]
-                w = torch.as_tensor(shares[pos], dtype=torch.float32, device=device)
+            for pos in micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size):
+                w = torch.as_tensor(weights[pos], dtype=torch.float32, device=device)
                 # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) ----
                 with autocast():
-                    logps = forward_logps(policy, shards, micro, cfg, loss_cfg, spec, ref, ygen_mode, device, work)
+                    logps = forward_logps(inputs, ids[pos], work)
                 # -- loss, backward: each micro-batch's graph is freed right after its backward ----
-                out = spec(loss_cfg, logps)
+                out = objective(loss_cfg, logps)
                 loss = (out.loss * w).sum()
                 loss.backward()
                 step_loss += loss.detach()
@@ -219,7 +213,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- eval -------------------------------------------------------------------------------------
             if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 with autocast():
-                    record.update(evaluate(policy, eval_shards, n_eval, cfg, eval_cfg, eval_spec, eval_ref, device, budget))
+                    record.update(eval_loss(eval_inputs, n_eval, budget, cfg.batch_size))
                 console.print(_eval_line(step, record), highlight=False)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -290,19 +284,6 @@ class DataOrder:
 # -------------------------------------------------------------------------------------------------
 
 
-def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, spec: LossSpec) -> np.ndarray:
-    """Tokens each example of ``ids`` puts through the policy: its sequences, the prompt once per
-    sequence (prompt + response for SFT; prompt + chosen and prompt + rejected for pairs, plus
-    prompt + y_gen where the method has a y_gen term, counted even where it may be skipped)."""
-    prompt = lengths["prompt"][ids]
-    if "response" in lengths:
-        return prompt + lengths["response"][ids]
-    total = 2 * prompt + lengths["chosen"][ids] + lengths["rejected"][ids]
-    if spec.needs_ygen and "ygen" in lengths:
-        total = total + prompt + lengths["ygen"][ids]
-    return total
-
-
 # Bytes of saved activations per token and decoder layer, over (hidden, intermediate) sizes, in
 # 16-bit compute (doubled in fp32): residual stream and norm inputs in fp32, attention inputs and
 # outputs, the MLP's gate/up/activation outputs. A deliberate overestimate of what autograd keeps.
@@ -344,191 +325,7 @@ def _record_budget(run: Path, budget: int) -> None:
     path = run / "config.json"
     record = json.loads(path.read_text())
     record["max_tokens_per_batch"] = budget
-    _write_json_atomic(path, record)
-
-
-# -------------------------------------------------------------------------------------------------
-# Forward: a micro-batch of examples -> the LogProbs a loss consumes
-# -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Work:
-    """Tokens a step pushed through the policy (for tokens/s and the MFU estimate)."""
-
-    tokens: int = 0  # every position of every packed row
-    counted: int = 0  # response positions (the only ones projected onto the vocabulary)
-    attn: int = 0  # sum over sequences of length^2 (attention cost)
-
-    def add(self, batch: PackedBatch) -> None:
-        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-        self.tokens += batch.num_tokens
-        self.counted += batch.target_pos.numel()
-        self.attn += int((lengths * lengths).sum())
-
-
-def _ygen_mode(cfg: TrainConfig, spec: LossSpec) -> str:
-    """How y_gen's forward is organised.
-
-    - "none": the method has no y_gen term;
-    - "all": every y_gen rides in the micro-batch's row (``--no-skip-ygen``, or a weight such as the
-      expectile that is nonzero almost everywhere);
-    - "known": the skip is decided before the forward (``--vote ref``: r is a constant of the data;
-      or alpha = 0);
-    - "predicted": the policy's vote decides, known only after the forward. The reference's vote
-      predicts it (the policy starts as, and stays close to, the reference): the y_gen of examples
-      predicted to be penalized ride in the row; after the forward, the few mispredicted examples
-      that do need theirs get a second, small row. A y_gen forwarded for an example that turns out
-      unpenalized costs time only: the loss zeroes its term.
-    """
-    if not spec.needs_ygen:
-        return "none"
-    if not cfg.skip_ygen:
-        return "all"
-    if cfg.vote == "ref" or cfg.alpha == 0:
-        return "known"
-    gated = cfg.weight != "expectile" or cfg.zeta in (0.0, 1.0)  # f(r) = 0 on a whole half-line of r
-    return "predicted" if gated else "all"
-
-
-def _logps(model: torch.nn.Module, seqs: list, cfg: TrainConfig, device: torch.device, work: Work | None) -> SeqLogps:
-    batch = PackedBatch.from_sequences(seqs)
-    if work is not None:
-        work.add(batch)
-    return sequence_logps(model, batch.to(device, non_blocking=True), cfg.chunk_size, cfg.kernel, cfg.keep_probs_mb << 20)
-
-
-def forward_logps(
-    model: torch.nn.Module,
-    shards: Shards,
-    ids: np.ndarray,
-    cfg: TrainConfig,
-    loss_cfg: LossConfig,
-    spec: LossSpec,
-    ref: RefLogps | None,
-    ygen_mode: str,
-    device: torch.device,
-    work: Work | None = None,
-) -> LogProbs:
-    """Policy (and cached reference) log-probabilities of examples ``ids``, as :class:`LogProbs`.
-
-    SFT: one sequence per example (prompt, response). Pairs: (prompt, chosen) and (prompt, rejected)
-    of every example in one packed row, plus (prompt, y_gen) of the examples whose y_gen term is not
-    known to vanish (see :func:`_ygen_mode`). Differentiable when grad is enabled.
-    """
-    examples = [shards[int(i)] for i in ids]
-    if shards.kind == "sft":
-        seqs = []
-        for ex in examples:
-            n_prompt = int((ex["labels"] == -100).sum())
-            seqs.append((ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:]))
-        out = _logps(model, seqs, cfg, device, work)
-        return LogProbs(policy_chosen=out.sums, n_chosen=out.counts)
-
-    b = len(examples)
-    seqs = [s for ex in examples for s in ((ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["rejected_ids"]))]
-    refs = ref.batch(ids, device) if ref is not None else {}
-    if ygen_mode == "all":
-        need = torch.ones(b, dtype=torch.bool)
-    elif ygen_mode in ("known", "predicted"):  # the reference's vote: exact for "known", a guess for "predicted"
-        probe = LogProbs(policy_chosen=refs["ref_chosen"], policy_rejected=refs["ref_rejected"], **refs)
-        need = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
-    else:
-        need = torch.zeros(b, dtype=torch.bool)
-
-    def ygen_seqs(mask: torch.Tensor) -> list:
-        return [(ex["prompt_ids"], ex["ygen_ids"]) for ex, m in zip(examples, mask.tolist(), strict=True) if m]
-
-    out = _logps(model, seqs + ygen_seqs(need), cfg, device, work)
-    chosen, rejected = out.sums[0 : 2 * b : 2], out.sums[1 : 2 * b : 2]
-    # y_gen token log-probs and the example each belongs to, from one or two rows
-    ygen: list[tuple[SeqLogps, torch.Tensor]] = []
-    if need.any():
-        ygen.append((out.select(range(2 * b, 2 * b + int(need.sum()))), need))
-    if ygen_mode == "predicted":
-        # The policy's vote is known now: the examples whose f(r) != 0 (the same test the loss
-        # applies, on the same fp32 values, so the two agree) and whose y_gen was not in the row.
-        probe = LogProbs(policy_chosen=chosen.detach(), policy_rejected=rejected.detach(), **refs)
-        missing = ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu() & ~need
-        if missing.any():
-            ygen.append((_logps(model, ygen_seqs(missing), cfg, device, work), missing))
-
-    fields: dict[str, torch.Tensor] = {}
-    if spec.needs_ygen:
-        fields["ygen_token_logps"] = torch.cat([chosen.new_zeros(0)] + [s.token_logps for s, _ in ygen])
-        owners = [torch.nonzero(mask)[:, 0].to(chosen.device)[s.token_seq] for s, mask in ygen]  # example of each token
-        fields["ygen_index"] = torch.cat([torch.zeros(0, dtype=torch.long, device=chosen.device)] + owners)
-    return LogProbs(
-        policy_chosen=chosen,
-        n_chosen=out.counts[0 : 2 * b : 2],
-        policy_rejected=rejected,
-        n_rejected=out.counts[1 : 2 * b : 2],
-        **refs,
-        **fields,
-    )
-
-
-# -------------------------------------------------------------------------------------------------
-# Evaluation and statistics
-# -------------------------------------------------------------------------------------------------
-
-
-def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, float]:
-    """Mean statistics of a step's (or an evaluation's) examples: loss parts, rewards, the vote r
-    (mean and spread), mean f(r), the fraction of examples penalized."""
-    names = {
-        "dpo_loss": "dpo_loss",
-        "penalty": "penalty",
-        "chosen_rewards": "rewards/chosen",
-        "rejected_rewards": "rewards/rejected",
-        "margins": "rewards/margins",
-        "accuracies": "rewards/accuracies",
-        "weight": "weight/mean",
-        "penalized": "penalized",
-    }
-    stats: dict[str, list[torch.Tensor]] = {}
-    for out in outputs:
-        for k, v in out.stats().items():
-            stats.setdefault(k, []).append(v.detach().float().cpu())
-    record: dict[str, float] = {}
-    for k, values in stats.items():
-        v = torch.cat(values)
-        if k == "r":
-            record[prefix + "r/mean"] = v.mean().item()
-            record[prefix + "r/std"] = v.std(correction=0).item()
-        elif k in names:
-            record[prefix + names[k]] = v.mean().item()
-    return record
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    shards: Shards,
-    n: int,
-    cfg: TrainConfig,
-    loss_cfg: LossConfig,
-    spec: LossSpec,
-    ref: RefLogps | None,
-    device: torch.device,
-    budget: int,
-) -> dict[str, float]:
-    """Mean loss and statistics of the first ``n`` examples of ``shards`` (no gradients), as ``eval/*``."""
-    mode = _ygen_mode(cfg, spec) if spec.needs_ygen else "none"
-    outputs, losses, weights = [], [], []
-    everything = np.arange(n)
-    for pos in micro_batches(example_tokens(shards.lengths(), everything, spec), budget, cfg.batch_size):
-        ids = everything[pos]
-        logps = forward_logps(model, shards, ids, cfg, loss_cfg, spec, ref, mode, device)
-        out = spec(loss_cfg, logps)
-        outputs.append(out)
-        if shards.kind == "sft":  # token-weighted, as in training
-            losses.append(-logps.policy_chosen.float().sum().item())
-            weights.append(float(logps.n_chosen.sum()))
-        else:
-            losses.append(out.loss.float().sum().item())
-            weights.append(len(ids))
-    return {"eval/loss": sum(losses) / sum(weights), **summarize(outputs, prefix="eval/")}
+    write_json(path, record)
 
 
 def _eval_line(step: int, record: dict[str, Any]) -> str:
@@ -574,19 +371,6 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; a named CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
 def use_deterministic_kernels() -> None:
     """Deterministic kernels where torch has them (a warning, not an error, where it has none)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -624,7 +408,7 @@ class ModelDims:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(body, head.numel(), c.num_hidden_layers * c.num_attention_heads * head_dim)
 
-    def flops(self, work: Work) -> float:
+    def flops(self, work: TokenCounts) -> float:
         # causal attention: QK^T and AV cost 2 * L^2 * d per head forward (half of the square), x3 with backward
         return 6.0 * (self.body_params * work.tokens + self.vocab_flops * work.counted + self.attn_dim * work.attn)
 
@@ -649,15 +433,15 @@ def _peak_flops(device: torch.device, precision: str) -> float | None:
 # -------------------------------------------------------------------------------------------------
 
 
-def _check_shards(cfg: TrainConfig, spec: LossSpec, shards: Shards, option: str, ygen_required: bool = True) -> None:
-    want = "pairs" if spec.needs_rejected else "sft"
+def _check_shards(cfg: TrainConfig, objective: LossSpec, shards: Shards, option: str, ygen_required: bool = True) -> None:
+    want = objective.data
     if shards.kind != want:
         how = "dppo prep sft" if want == "sft" else "dppo prep prefs"
         have = "SFT" if shards.kind == "sft" else "preference"
         raise ConfigError(f"{option} {shards.path}: --method {cfg.method} trains on {want} shards (`{how}`), these are {have} shards")
     if len(shards) == 0:
         raise ConfigError(f"{option} {shards.path}: no examples")
-    if ygen_required and spec.needs_ygen and not shards.has_ygen:
+    if ygen_required and objective.needs_ygen and not shards.has_ygen:
         conf = shards.meta.get("config", {})
         data = conf.get("data", "SRC")
         split = f" --split {conf['split']}" if conf.get("split") else ""
@@ -673,15 +457,13 @@ def _check_shards(cfg: TrainConfig, spec: LossSpec, shards: Shards, option: str,
 def _find_tokenizer(cfg: TrainConfig, init_dir: Path, shards: Shards) -> Path:
     """The tokenizer saved with the model: --tokenizer, else --init's, else the one prep used; it must
     be the tokenizer the shards were made with (same fingerprint)."""
-    from dppo import _native
-
     candidates = [Path(cfg.tokenizer)] if cfg.tokenizer else [init_dir, Path(str(shards.meta.get("tokenizer_source", "")))]
     tok_dir = next((p for p in candidates if str(p) and (p / "tokenizer.json").is_file()), None)
     if tok_dir is None:
         where = cfg.tokenizer or f"{cfg.init} (nor {shards.meta.get('tokenizer_source')}, where the shards' tokenizer came from)"
         raise ConfigError(f"no tokenizer.json in {where}: pass --tokenizer DIR, the folder `dppo prep` used")
     want = shards.meta.get("tokenizer", {}).get("fingerprint")
-    have = _native.Tokenizer(str(tok_dir)).fingerprint
+    have = tokenizer_fingerprint(tok_dir)
     if want and have != want:
         raise ConfigError(
             f"the tokenizer in {tok_dir} (fingerprint {have}) is not the one {shards.path} was prepared with "
@@ -693,7 +475,7 @@ def _find_tokenizer(cfg: TrainConfig, init_dir: Path, shards: Shards) -> Path:
 def _fingerprints(init_dir: Path, ref_dir: Path | None, shards: Shards, eval_shards: Shards | None) -> dict[str, Any]:
     init_fp = model_fingerprint(init_dir)
     out: dict[str, Any] = {
-        "data": {"path": str(shards.path), "fingerprint": shards_fingerprint(shards), "examples": len(shards),
+        "data": {"path": str(shards.path), "fingerprint": shards.fingerprint(), "examples": len(shards),
                  "has_ygen": shards.has_ygen, "tokenizer_fingerprint": shards.meta.get("tokenizer", {}).get("fingerprint")},
         "init": {"path": str(init_dir), "fingerprint": init_fp},
         "ref": None,
@@ -703,7 +485,7 @@ def _fingerprints(init_dir: Path, ref_dir: Path | None, shards: Shards, eval_sha
         same = ref_dir.resolve() == init_dir.resolve()
         out["ref"] = {"path": str(ref_dir), "fingerprint": init_fp if same else model_fingerprint(ref_dir)}
     if eval_shards is not None:
-        out["eval_data"] = {"path": str(eval_shards.path), "fingerprint": shards_fingerprint(eval_shards), "examples": len(eval_shards)}
+        out["eval_data"] = {"path": str(eval_shards.path), "fingerprint": eval_shards.fingerprint(), "examples": len(eval_shards)}
     return out
 
 
@@ -771,13 +553,7 @@ def _write_run_config(
         "versions": {"dppo": getattr(dppo, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
-    _write_json_atomic(path, record)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(path, record)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -792,9 +568,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             break  # a line cut by a kill: everything after it is gone too
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 def _reference_pass(
@@ -818,18 +592,11 @@ def _reference_pass(
 def _save_model(model: torch.nn.Module, tok_dir: Path, out: Path, precision: str) -> Path:
     """``out`` in Hugging Face format (safetensors, bf16 when trained in bf16) plus the tokenizer files,
     written beside and renamed into place."""
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
-    model.save_pretrained(work, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, work / name)
-    normal_permissions(work)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(work, out)
+    with atomic_folder(out) as work:
+        model.save_pretrained(work, safe_serialization=True)
+        copy_tokenizer_files(tok_dir, work)
     return out
 
 

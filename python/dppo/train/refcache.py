@@ -21,7 +21,7 @@ recomputed once stored, so a resumed run reads exactly the values the interrupte
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import json
 import os
 import time
@@ -33,47 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dppo.artifacts import model_fingerprint, resolve_model, write_atomic, write_json
 from dppo.data import Shards
 from dppo.errors import ConfigError
 
-__all__ = ["RefLogps", "reference_logps", "model_fingerprint", "shards_fingerprint", "resolve_model_dir", "COLUMNS"]
+__all__ = ["RefLogps", "reference_logps", "COLUMNS"]
 
 COLUMNS = ("chosen", "rejected", "ygen")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _FLUSH_SECONDS = 120.0
-
-
-from dppo.artifacts import resolve_model as resolve_model_dir  # noqa: E402  (re-exported)
-
-
-def _hash_file(h: Any, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-
-
-def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """16 hex digits of blake2b over a model folder's config.json and weight files (names and bytes)."""
-    folder = Path(path)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES))
-    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
-        raise ConfigError(f"{folder}: no weight files (*.safetensors) in this model folder")
-    h = hashlib.blake2b(digest_size=8)
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        _hash_file(h, p)
-    return h.hexdigest()
-
-
-def shards_fingerprint(shards: Shards) -> str:
-    """16 hex digits identifying a shards folder's contents: its index headers carry the checksums of
-    every token and index byte, so hashing them is enough (and instant)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(shards.meta.get("tokenizer", {}), sort_keys=True).encode())
-    for s in shards.meta["shards"]:
-        with open(shards.path / f"{s['name']}.idx", "rb") as f:
-            h.update(f.read(128))
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -112,12 +79,9 @@ def _merge_save(path: Path, array: np.ndarray) -> None:
         if stored.shape == array.shape and stored.dtype == array.dtype:
             keep = ~np.isnan(stored)
             array[keep] = stored[keep]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_atomic(path, buf.getvalue(), fsync=True)
 
 
 def _cache_root(shards: Shards, fallback: Path | None) -> Path:
@@ -149,9 +113,7 @@ def _open_cache(folder: Path, info: dict[str, Any], n: int, columns: Sequence[st
         for col in COLUMNS:
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{col}.npy").unlink()
-        tmp = folder / f".info.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, folder / "info.json")
+        write_json(folder / "info.json", info)
     return arrays
 
 
@@ -192,11 +154,11 @@ def reference_logps(
     columns = ("chosen", "rejected", "ygen") if need_ygen else ("chosen", "rejected")
     if need_ygen and not shards.has_ygen:
         raise ConfigError(f"{shards.path}: the reference log-probs of y_gen are needed but the shards have no y_gen")
-    ref_dir = resolve_model_dir(ref)
+    ref_dir = resolve_model(ref)
     info = {
         "ref": os.fspath(ref),
         "ref_fingerprint": model_fingerprint(ref_dir),
-        "shards_fingerprint": shards_fingerprint(shards),
+        "shards_fingerprint": shards.fingerprint(),
         "precision": precision,
         "examples": n,
     }

@@ -2,7 +2,7 @@
 
 Python reads the source (polars or pyarrow for local files, ``datasets`` for hub ids) in bounded batches and
 hands each batch to the Rust engine as Arrow data in one call; the engine validates, renders the
-chat template, tokenizes, truncates, packs and writes the shards (see ``dppo._native``).
+chat template, tokenizes, truncates and writes the shards (see ``dppo.engine``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dppo import _native
-from dppo.sources import SourceError, file_fingerprint, open_source, resolve_tokenizer
+from dppo import engine
+from dppo.artifacts import file_fingerprint, meta_path_of, read_json, resolve_tokenizer, tokenizer_fingerprint
+from dppo.data.sources import open_source
+from dppo.errors import SourceError
 
-__all__ = ["PrepConfig", "prepare", "prepare_defaults", "PrepError", "DEFAULTS"]
-
-PrepError = _native.DppoError
+__all__ = ["PrepConfig", "prepare", "prepare_defaults", "DEFAULTS"]
 
 DEFAULTS = {
     "tokenizer": "Qwen/Qwen2.5-0.5B",
@@ -87,9 +87,7 @@ def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tupl
     if "response_ids" not in table.column_names:
         console.print(f"[yellow]note:[/] {path} has no response_ids: y_gen is tokenized from its text", highlight=False)
         return table.select(["prompt_id", "response"]), "text"
-    from dppo.generate import generations_meta
-
-    made_with = (generations_meta(path).get("tokenizer") or {}).get("fingerprint")
+    made_with = (read_json(meta_path_of(path)).get("tokenizer") or {}).get("fingerprint")
     if made_with != tokenizer_fingerprint:
         why = "its meta names no tokenizer" if made_with is None else f"it was generated with another tokenizer ({made_with})"
         console.print(
@@ -136,7 +134,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
     console = console or Console(stderr=True)
     tok_dir = resolve_tokenizer(cfg.tokenizer)
     source = open_source(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, batch_rows=cfg.batch_rows)
-    prep = _native.Preparer(
+    prep = engine.Preparer(
         "sft" if cfg.kind == "sft" else "prefs",
         str(tok_dir),
         str(cfg.out),
@@ -154,7 +152,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         if cfg.ygen is not None:
             if cfg.kind != "prefs":
                 raise SourceError("--ygen applies to preference data (dppo prep prefs)")
-            table, used = _read_ygen(Path(cfg.ygen), _native.Tokenizer(str(tok_dir)).fingerprint, console)
+            table, used = _read_ygen(Path(cfg.ygen), tokenizer_fingerprint(tok_dir), console)
             prep.add_ygen(table)
             ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen)), "used": used}
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

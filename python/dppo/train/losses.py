@@ -42,7 +42,6 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
-    "METHODS",
     "PENALTY_NORMS",
     "SQRT_WEIGHT_EPS",
     "UL_MIN_ONE_MINUS_P",
@@ -66,15 +65,23 @@ __all__ = [
     "simpo_loss",
     "unlikelihood",
     "unll_loss",
+    "register_loss",
     "vote",
     "vote_weight",
 ]
 
-from dppo.methods import METHODS  # noqa: E402  (re-exported)
-WEIGHTS = ("linear", "quadratic", "sqrt", "expectile")
-VOTES = ("policy", "ref")
-VOTE_NORMS = ("clip", "tanh")
-PENALTY_NORMS = ("mean", "sum")
+from dppo.train.registry import (  # noqa: E402  (the registry and the configuration, re-exported)
+    LOSSES,
+    PENALTY_NORMS,
+    VOTE_NORMS,
+    VOTES,
+    WEIGHTS,
+    LossConfig,
+    LossSpec,
+    needs_reference,
+    needs_ygen,
+    register_loss,
+)
 
 # The original unlikelihood code clamps 1 - p from below at 1e-5 (docs/method.md), so that a token the
 # policy is certain of gives a large but finite UL (-log 1e-5 ~ 11.5) instead of +inf.
@@ -84,123 +91,6 @@ _UL_MAX_LOGP = math.log1p(-UL_MIN_ONE_MINUS_P)
 # sqrt weight: sqrt(max(-r, eps)) keeps d f / d r_n <= 0.5 / sqrt(eps) = 500 near r = 0. It only
 # changes f where |r_n| < 1e-6, i.e. |r| < 2e-3 nats with the default vote clip of 2000.
 SQRT_WEIGHT_EPS = 1e-6
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-# Values shared by every method; options a method does not use are ignored by its loss.
-_COMMON_DEFAULTS: dict[str, object] = {
-    "beta": 0.01,  # the paper's DPO screen picked 0.01 and used it for every DPPO run
-    "gamma": 0.0,
-    "alpha": 0.0,
-    "weight": "quadratic",
-    "zeta": 0.5,
-    "vote": "policy",
-    "vote_clip": 2000.0,
-    "vote_norm": "clip",
-    "detach_weight": False,
-    "penalty_norm": "mean",
-}
-
-_METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    "sft": {},
-    "dpo": {},
-    # The paper's SimPO grid (Table 1) scored best with gamma 1, beta 2.5 (win rate 0.688), and the
-    # author's SimPO script defaults to them. They sit in the SimPO authors' own range
-    # (princeton-nlp/SimPO README: beta 2.0 or 2.5 in the preprint, gamma = c * beta with c about
-    # 0.25-0.5; here c = 0.4). method.md's gamma is an absolute margin, not a gamma/beta ratio.
-    "simpo": {"beta": 2.5, "gamma": 1.0},
-    # Paper section 5: alpha 10 for minll (expectile, zeta 0.5), 0.1 for unll and conll.
-    "minll": {"alpha": 10.0, "weight": "expectile", "vote_clip": 2000.0},
-    "unll": {"alpha": 0.1, "weight": "quadratic", "vote_clip": 2000.0},
-    # method.md names no conll weight; the author's conll script defaults to quadratic.
-    "conll": {"alpha": 0.1, "weight": "quadratic", "vote_clip": 700.0},
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    """Hyperparameters of one loss. Build it with :meth:`LossConfig.defaults`.
-
-    Every field is required so that no method silently runs with another method's defaults;
-    ``LossConfig.defaults(method, **overrides)`` fills in the paper's values (``docs/method.md``).
-    Invalid values raise ``ValueError`` naming the option.
-
-    Attributes:
-        method: one of ``METHODS``: "sft", "dpo", "simpo", "minll", "unll", "conll".
-        beta: inverse temperature of the sigmoid (DPO, SimPO, DPPO); > 0.
-        gamma: SimPO's target reward margin; >= 0 (simpo only).
-        alpha: penalty strength; >= 0; alpha = 0 gives exactly DPO (minll, unll, conll).
-        weight: f(r): "linear" | "quadratic" | "sqrt" | "expectile" (minll, unll, conll).
-        zeta: expectile level in [0, 1] (weight "expectile" only).
-        vote: whose log-probs form the vote r = logp(y_w) - logp(y_l): "policy" (the policy being
-            trained, gradient flows) or "ref" (the frozen reference, a constant per example).
-        vote_clip: C > 0, the scale that maps r into [-1, 1].
-        vote_norm: "clip" (r_n = clamp(r, -C, C) / C) or "tanh" (r_n = tanh(r / C)).
-        detach_weight: treat f(r) as a constant (no gradient into logp(y_w), logp(y_l) through f).
-        penalty_norm: minll only: "mean" penalizes mean_logp(y_gen), "sum" penalizes logp(y_gen).
-    """
-
-    method: str
-    beta: float
-    gamma: float
-    alpha: float
-    weight: str
-    zeta: float
-    vote: str
-    vote_clip: float
-    vote_norm: str
-    detach_weight: bool
-    penalty_norm: str
-
-    @classmethod
-    def defaults(cls, method: str, **overrides: object) -> LossConfig:
-        """The paper's configuration for ``method``, with ``overrides`` applied.
-
-        Defaults: beta 0.01 (simpo: beta 2.5, gamma 1.0); alpha 10 for minll, 0.1 for unll and conll;
-        weight expectile (zeta 0.5) for minll, quadratic for unll and conll; vote policy; vote_clip
-        2000 for minll and unll, 700 for conll; vote_norm clip; detach_weight False;
-        penalty_norm mean.
-        """
-        if method not in _METHOD_DEFAULTS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        unknown = sorted(set(overrides) - set(_COMMON_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown LossConfig option(s) {unknown}; known: {sorted(_COMMON_DEFAULTS)}")
-        values = {**_COMMON_DEFAULTS, **_METHOD_DEFAULTS[method], **overrides}
-        return cls(method=method, **values)  # type: ignore[arg-type]
-
-    def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_choice("weight", self.weight, WEIGHTS)
-        _check_choice("vote", self.vote, VOTES)
-        _check_choice("vote_norm", self.vote_norm, VOTE_NORMS)
-        _check_choice("penalty_norm", self.penalty_norm, PENALTY_NORMS)
-        if not isinstance(self.detach_weight, bool):
-            raise ValueError(f"detach_weight must be a bool, got {self.detach_weight!r}")
-        for name, low, low_open, high in (
-            ("beta", 0.0, True, math.inf),
-            ("gamma", 0.0, False, math.inf),
-            ("alpha", 0.0, False, math.inf),
-            ("zeta", 0.0, False, 1.0),
-            ("vote_clip", 0.0, True, math.inf),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            value = float(value)
-            too_low = value <= low if low_open else value < low
-            if not math.isfinite(value) or too_low or value > high:
-                bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-                raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-            object.__setattr__(self, name, value)  # store ints as floats: the saved config is uniform
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,26 +431,25 @@ def _dppo_output(
 
 
 def sft_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
-    """Supervised fine-tuning: mean negative log-likelihood of the response tokens, per example.
+    """Supervised fine-tuning: the negative log-likelihood of each example's response tokens.
 
-        L_sft = -logp_pi(y | x) / |y|
+        L_sft(example) = -logp_pi(y | x)         (a sum over the response's tokens)
 
-    Prompt tokens are masked (assistant-only loss). Each example is the mean over its own tokens,
-    so the batch mean weighs examples equally; a trainer that prefers the token-level mean over the
-    whole batch (long responses weigh more) can compute it from the same inputs as
-    ``-policy_chosen.sum() / n_chosen.sum()``.
+    Prompt tokens are masked (assistant-only loss). Registered with reduction ``"token"``: a step's
+    loss is the sum of these over its examples divided by its response tokens, i.e. the mean
+    negative log-likelihood over every assistant token of the step (as TRL's SFT trainer averages),
+    however the step is split into micro-batches. For a per-example mean instead, divide by
+    ``n_chosen``.
 
     Args:
         cfg: ``method="sft"``; no hyperparameter is used.
-        logps: ``policy_chosen`` [B] (the response's summed log-prob), ``n_chosen`` [B] (its token
-            count; 0 is treated as 1).
+        logps: ``policy_chosen`` [B] (the response's summed log-prob); ``n_chosen`` [B] (its token
+            count) is reported as a statistic when given.
 
     Returns:
         LossOutput with ``loss`` [B]; no statistics.
     """
-    (n_chosen,) = logps.require(cfg.method, "n_chosen")
-    dtype = logps.compute_dtype
-    return LossOutput(loss=-logps.policy_chosen.to(dtype) / n_chosen.to(dtype).clamp(min=1))
+    return LossOutput(loss=-logps.policy_chosen.to(logps.compute_dtype))
 
 
 def dpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
@@ -697,68 +586,6 @@ def conll_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
     loss = -F.logsigmoid(logits - cfg.alpha * cfg.beta * parts.weight * penalty)
     dpo = -F.logsigmoid(logits)
     return _dppo_output(cfg, loss, dpo, chosen, rejected, parts, penalty)
-
-
-# --------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A registered loss and the inputs it needs, so that callers never branch on method names.
-
-    Attributes:
-        fn: ``fn(cfg, logps) -> LossOutput``.
-        needs_reference: reads reference log-probs (``ref_chosen``, ``ref_rejected``, and for conll
-            ``ref_ygen``): the trainer must run (or have precomputed) the reference model.
-        needs_rejected: reads the rejected response (every method but sft).
-        needs_ygen: has a y_gen term (``ygen_token_logps``, ``ygen_index``).
-        needs_ref_ygen: also reads the reference's log-prob of y_gen (``ref_ygen``; conll only).
-        options: the :class:`LossConfig` fields the loss reads (``zeta`` only with the expectile
-            weight); a trainer rejects the others when a user sets them.
-    """
-
-    fn: Callable[[LossConfig, LogProbs], LossOutput]
-    needs_reference: bool
-    needs_rejected: bool
-    needs_ygen: bool
-    needs_ref_ygen: bool = False
-    options: tuple[str, ...] = ()
-
-    def __call__(self, cfg: LossConfig, logps: LogProbs) -> LossOutput:
-        return self.fn(cfg, logps)
-
-
-_PENALTY_OPTIONS = ("beta", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight")
-
-LOSSES: dict[str, LossSpec] = {
-    "sft": LossSpec(sft_loss, needs_reference=False, needs_rejected=False, needs_ygen=False),
-    "dpo": LossSpec(dpo_loss, needs_reference=True, needs_rejected=True, needs_ygen=False, options=("beta",)),
-    "simpo": LossSpec(simpo_loss, needs_reference=False, needs_rejected=True, needs_ygen=False, options=("beta", "gamma")),
-    "minll": LossSpec(minll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True,
-                      options=(*_PENALTY_OPTIONS, "penalty_norm")),
-    "unll": LossSpec(unll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, options=_PENALTY_OPTIONS),
-    "conll": LossSpec(conll_loss, needs_reference=True, needs_rejected=True, needs_ygen=True, needs_ref_ygen=True,
-                      options=_PENALTY_OPTIONS),
-}
-assert tuple(LOSSES) == METHODS
-
-
-def _spec(method: str) -> LossSpec:
-    if method not in LOSSES:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return LOSSES[method]
-
-
-def needs_reference(method: str) -> bool:
-    """Whether ``method`` reads reference-model log-probs (dpo, minll, unll, conll)."""
-    return _spec(method).needs_reference
-
-
-def needs_ygen(method: str) -> bool:
-    """Whether ``method`` has a y_gen term (minll, unll, conll)."""
-    return _spec(method).needs_ygen
 
 
 def compute_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:

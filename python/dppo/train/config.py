@@ -1,7 +1,7 @@
 """The training configuration: every option of ``dppo train``, its default, and its validation.
 
 One frozen dataclass, :class:`TrainConfig`, holds the resolved values. The loss options left at
-``None`` take the method's defaults from :meth:`dppo.losses.LossConfig.defaults` (``docs/method.md``:
+``None`` take the method's defaults from :meth:`dppo.train.registry.LossConfig.defaults` (``docs/method.md``:
 beta 0.01; alpha 10 for minll, 0.1 for unll and conll; ...), so the configuration saved beside a run
 (``RUN/config.json``) always shows the values that were used.
 
@@ -25,19 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from dppo.errors import ConfigError
-from typing import TYPE_CHECKING
+from dppo.train.registry import BUILTIN, LOSSES, LossConfig  # torch-free: the CLI starts fast
 
-from dppo.methods import METHODS
-
-if TYPE_CHECKING:  # torch is imported only when a run is configured, not when the CLI starts
-    from dppo.losses import LossConfig
-
-__all__ = ["TrainConfig", "load_config", "OPTIMIZERS", "LR_SCHEDULES", "DTYPES", "RUNTIME_OPTIONS", "HELP"]
+__all__ = ["TrainConfig", "load_config", "OPTIMIZERS", "LR_SCHEDULES", "TRAIN_DTYPES", "RUNTIME_OPTIONS", "HELP"]
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("auto", "bf16", "fp32")
-KERNELS = ("auto", "varlen", "sdpa_loop", "dense")
+TRAIN_DTYPES = ("auto", "bf16", "fp32")
 
 # Options that change how a run is carried out, not what it computes: `--resume` accepts a run whose
 # saved configuration differs from the new one only in these.
@@ -57,7 +51,7 @@ class TrainConfig:
     """Every option of one training run (``dppo train --help`` shows the same texts)."""
 
     # -- what to train ------------------------------------------------------------------------------
-    method: str = _opt(None, f"Training objective: {'|'.join(METHODS)}.")
+    method: str = _opt(None, f"Training objective: {'|'.join(BUILTIN)}, or a loss registered with register_loss.")
     data: str = _opt(None, "Prepared shards folder (`dppo prep sft` for sft, `dppo prep prefs` for the others).")
     init: str = _opt(None, "Initial policy: a Hugging Face model folder or hub id.")
     out: str = _opt(None, "Run folder: model/, config.json, metrics.jsonl, checkpoints/.")
@@ -125,13 +119,11 @@ class TrainConfig:
         for name in ("method", "data", "init", "out"):
             if getattr(self, name) in (None, ""):
                 raise ConfigError(f"missing {_flag(name)} (on the command line or as `{name}` in the --config file)")
-        if self.method not in METHODS:
-            raise ConfigError(f"{_flag('method')} must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        if self.method not in LOSSES:
+            raise ConfigError(f"{_flag('method')} must be one of {'|'.join(LOSSES)}, got {self.method!r}")
         self._check_types()
         # The loss options: the method's defaults for the ones not given, validated by LossConfig;
         # an option the method does not read is refused (and recorded as None, never as if used).
-        from dppo.losses import LOSSES, LossConfig
-
         given = {k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None}
         used = set(LOSSES[self.method].options)
         unused = [k for k in given if k not in used]
@@ -183,7 +175,9 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(f.name)} must be {kind.split(' ')[0]}, got {value!r}")
 
     def _check_values(self) -> None:
-        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "dtype": DTYPES, "kernel": KERNELS}
+        from dppo.modeling import KERNELS  # the packed attention's kernels, named where they live
+
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES, "kernel": KERNELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
@@ -213,8 +207,6 @@ class TrainConfig:
     # -- derived values ------------------------------------------------------------------------------
     def loss_config(self) -> LossConfig:
         """The :class:`LossConfig` of this run (already validated)."""
-        from dppo.losses import LossConfig
-
         return LossConfig.defaults(self.method, **{k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None})
 
     @property

@@ -1,8 +1,8 @@
 """Judges: a reward for a response to a prompt (higher is better), behind one small interface.
 
-``make_judge(spec, options)`` builds a judge from a spec string:
+``make_judge(name, options)`` builds a judge from its name (``NAME`` or ``NAME:ARG``):
 
-| spec | judge |
+| name | judge |
 | --- | --- |
 | ``nemotron`` (``nemotron:PATH``) | ``nvidia/Llama-3.1-Nemotron-70B-Reward-HF`` (or a local copy) through ``transformers``: the chat [user, assistant] is read and the reward is logit 0 of the first token the model would generate next (the model card's recipe); sharded over the GPUs present |
 | ``nemotron-api`` (``nemotron-api:MODEL``) | NVIDIA's OpenAI-compatible chat-completions endpoint, model ``nvidia/llama-3.1-nemotron-70b-reward``; the reply text is ``reward:<float>``; key from ``$NVIDIA_API_KEY``; ``api_base`` points it elsewhere |
@@ -142,11 +142,11 @@ class FunctionJudge(Judge):
 
 JudgeFactory = Callable[[str | None, JudgeOptions], Judge]
 JUDGES: dict[str, JudgeFactory] = {}
-"""Judge factories by spec name: ``factory(argument after ':' or None, options) -> Judge``."""
+"""Judge factories by name: ``factory(argument after ':' or None, options) -> Judge``."""
 
 
 def register_judge_factory(name: str, factory: JudgeFactory, *, overwrite: bool = False) -> None:
-    """Make ``name`` (and ``name:ARG``) a judge spec."""
+    """Make ``name`` (and ``name:ARG``) a judge name ``make_judge`` knows."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"judge name {name!r}: use letters, digits, '-', '_' or '.'")
     if name in JUDGES and not overwrite:
@@ -165,12 +165,12 @@ def register_judge(name: str, fn: Callable[[str, str], float], *, version: str =
     register_judge_factory(name, factory, overwrite=overwrite)
 
 
-def make_judge(spec: str, options: JudgeOptions | None = None) -> Judge:
-    """The judge for ``spec`` (``name`` or ``name:ARG``, see the module docstring)."""
+def make_judge(judge: str, options: JudgeOptions | None = None) -> Judge:
+    """The judge named ``judge`` (``NAME`` or ``NAME:ARG``, see the module docstring)."""
     options = options or JudgeOptions()
-    name, _, arg = spec.partition(":")
+    name, _, arg = judge.partition(":")
     if name not in JUDGES:
-        raise ConfigError(f"unknown judge {spec!r}; known: {', '.join(sorted(JUDGES))} (hf needs hf:ID_OR_PATH)")
+        raise ConfigError(f"unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))} (hf needs hf:ID_OR_PATH)")
     return JUDGES[name](arg or None, options)
 
 
@@ -183,7 +183,7 @@ def _model_key(kind: str, model: str) -> str:
     """Cache identity of a model: a local folder by the hash of its files, a hub id by name."""
     path = Path(model).expanduser()
     if path.is_dir():
-        from dppo.generate import model_fingerprint
+        from dppo.artifacts import model_fingerprint
 
         return f"{kind}:{path.name}@{model_fingerprint(path)}"
     return f"{kind}:{model}"
@@ -246,16 +246,14 @@ class _LocalModelJudge(Judge):
         """Scores of a batch of token id lists."""
 
     def _device(self) -> Any:
-        import torch
+        from dppo.artifacts import resolve_device
 
-        return torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return resolve_device(self.options.device)
 
     def _dtype(self) -> Any:
-        import torch
+        from dppo.artifacts import resolve_dtype, torch_dtype
 
-        if self.options.dtype == "auto":
-            return torch.bfloat16 if self._device().type == "cuda" else torch.float32
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.options.dtype]
+        return torch_dtype(resolve_dtype(self.options.dtype, self._device()))
 
     def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[Score]:
         import torch
@@ -304,12 +302,9 @@ def _pad(batch: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any, An
     """Right-padded ids [B, T], attention mask, and each row's last real position."""
     import torch
 
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(batch):
-        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, : len(row)] = 1
+    from dppo.modeling import pad_rows
+
+    ids, mask = pad_rows(batch, pad_id, side="right")
     last = torch.tensor([len(r) - 1 for r in batch], dtype=torch.long)
     return ids.to(device), mask.to(device), last.to(device)
 

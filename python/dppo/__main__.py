@@ -1,0 +1,5 @@
+"""``python -m dppo`` (and ``torchrun -m dppo ...``): the command line."""
+
+from dppo.cli.main import main
+
+main()

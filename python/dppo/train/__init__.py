@@ -1,0 +1,21 @@
+"""The training stage: SFT, DPO, SimPO and the DPPO penalties (minll, unll, conll) in one loop.
+
+- :mod:`~dppo.train.config`: every option of ``dppo train`` (``TrainConfig``, ``load_config``);
+- :mod:`~dppo.train.losses`: the losses as pure functions and their registry (``LOSSES``, ``register_loss``);
+- :mod:`~dppo.train.refcache`: reference log-probs computed once and cached beside the shards;
+- :mod:`~dppo.train.checkpoint`: atomic, verifiable checkpoints;
+- :mod:`~dppo.train.step`: one micro-batch of examples -> the log-probabilities a loss consumes;
+- :mod:`~dppo.train.loop`: ``train()``, top to bottom.
+"""
+
+from dppo._lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "train": "loop", "DataOrder": "loop", "lr_at": "loop", "make_optimizer": "loop", "token_budget": "loop",
+    "TrainConfig": "config", "load_config": "config",
+    "LOSSES": "losses", "LossConfig": "losses", "LossSpec": "losses", "LogProbs": "losses", "LossOutput": "losses",
+    "register_loss": "losses",
+    "reference_logps": "refcache", "RefLogps": "refcache",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+    "StepInputs": "step", "forward_logps": "step",
+})

@@ -1,0 +1,225 @@
+"""One micro-batch of examples -> the log-probabilities a loss consumes: the trainer's hard part.
+
+A run's forwards share one :class:`StepInputs` (the model, the shards, the configured loss and its
+registry entry, the cached reference log-probs, how to run the packed forward). For a micro-batch
+of example ids, :func:`forward_logps` packs the examples' sequences into one row without padding
+(SFT: prompt + response; pairs: prompt + chosen and prompt + rejected, plus prompt + y_gen where the
+loss's y_gen term is not known to vanish) and returns :class:`~dppo.train.losses.LogProbs`.
+
+Which y_gen sequences run is the loss's :class:`~dppo.train.registry.YgenPlan` applied by one
+function, :func:`ygen_to_run`: all of them (no skipping possible or wanted); those whose weight
+f(r) is nonzero by the reference's vote, exactly when the vote is the reference's (or alpha is 0);
+or, with the policy's own vote, those the reference's vote predicts, followed after the forward by
+a second, small row for the examples it mispredicted. Skipping changes no value: the losses zero
+those terms anyway (``losses.can_skip_ygen``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dppo.data import Shards, micro_batches
+from dppo.modeling import PackedBatch, SeqLogps, sequence_logps
+from dppo.train.losses import LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
+from dppo.train.refcache import RefLogps
+from dppo.train.registry import YgenPlan, ygen_plan
+
+__all__ = ["StepInputs", "TokenCounts", "forward_logps", "ygen_to_run", "example_tokens", "counted_tokens",
+           "eval_loss", "summarize"]
+
+
+@dataclass
+class TokenCounts:
+    """Tokens a step pushed through the policy (for tokens/s and the MFU estimate)."""
+
+    tokens: int = 0  # every position of every packed row
+    counted: int = 0  # response positions (the only ones projected onto the vocabulary)
+    attn: int = 0  # sum over sequences of length^2 (attention cost)
+
+    def add(self, batch: PackedBatch) -> None:
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        self.tokens += batch.num_tokens
+        self.counted += batch.target_pos.numel()
+        self.attn += int((lengths * lengths).sum())
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What every forward of a run shares.
+
+    Attributes:
+        model: the policy (packed attention registered, see :func:`dppo.modeling.load_model`).
+        shards: the examples.
+        loss_cfg: the configured loss; ``objective`` its registry entry.
+        ref: the cached reference log-probs (None for a loss without a reference).
+        device: where the model runs.
+        ygen: which y_gen sequences run (:func:`~dppo.train.registry.ygen_plan`).
+        chunk_size, kernel, keep_probs_bytes: how the packed forward runs (``dppo.modeling``).
+    """
+
+    model: torch.nn.Module
+    shards: Shards
+    loss_cfg: LossConfig
+    objective: LossSpec
+    ref: RefLogps | None
+    device: torch.device
+    ygen: YgenPlan
+    chunk_size: int = 1024
+    kernel: str = "auto"
+    keep_probs_bytes: int = 0
+
+    @classmethod
+    def of(cls, cfg: Any, model: torch.nn.Module, shards: Shards, loss_cfg: LossConfig, objective: LossSpec,
+           ref: RefLogps | None, device: torch.device) -> StepInputs:
+        """From a :class:`~dppo.train.config.TrainConfig`'s speed knobs."""
+        return cls(model, shards, loss_cfg, objective, ref, device, ygen_plan(loss_cfg, cfg.skip_ygen),
+                   cfg.chunk_size, cfg.kernel, cfg.keep_probs_mb << 20)
+
+
+def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, objective: LossSpec) -> np.ndarray:
+    """Tokens each example of ``ids`` puts through the policy: its sequences, the prompt once per
+    sequence (prompt + response for SFT; prompt + chosen and prompt + rejected for pairs, plus
+    prompt + y_gen where the loss has a y_gen term, counted even where it may be skipped)."""
+    prompt = lengths["prompt"][ids]
+    if "response" in lengths:
+        return prompt + lengths["response"][ids]
+    total = 2 * prompt + lengths["chosen"][ids] + lengths["rejected"][ids]
+    if objective.needs_ygen and "ygen" in lengths:
+        total = total + prompt + lengths["ygen"][ids]
+    return total
+
+
+def counted_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """The counted (response) tokens of each example of ``ids``: a token-reduced loss's denominator."""
+    return lengths["response" if "response" in lengths else "chosen"][ids].astype(np.float64)
+
+
+def _run(inputs: StepInputs, seqs: list, counts: TokenCounts | None) -> SeqLogps:
+    batch = PackedBatch.from_sequences(seqs)
+    if counts is not None:
+        counts.add(batch)
+    return sequence_logps(inputs.model, batch.to(inputs.device, non_blocking=True), inputs.chunk_size, inputs.kernel,
+                          inputs.keep_probs_bytes)
+
+
+def ygen_to_run(plan: YgenPlan, loss_cfg: LossConfig, refs: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """[n] bool: which examples' y_gen ride in the micro-batch's row before the policy's vote is known.
+
+    Every one without skipping; otherwise those whose f(r) is nonzero under the reference's vote:
+    exact when the vote is the reference's (``plan.known_before``), a prediction when it is the
+    policy's (the policy starts as, and stays close to, the reference)."""
+    if not plan.forward:
+        return torch.zeros(n, dtype=torch.bool)
+    if not plan.skip:
+        return torch.ones(n, dtype=torch.bool)
+    probe = LogProbs(policy_chosen=refs["ref_chosen"], policy_rejected=refs["ref_rejected"], **refs)
+    return ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
+
+
+def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | None = None) -> LogProbs:
+    """Policy (and cached reference) log-probabilities of examples ``ids``, as :class:`LogProbs`.
+
+    SFT: one sequence per example (prompt, response). Pairs: (prompt, chosen) and (prompt, rejected)
+    of every example in one packed row, plus (prompt, y_gen) of the examples :func:`ygen_to_run`
+    picks, and after the forward a second row for those the policy's vote needs beyond them.
+    Differentiable when grad is enabled.
+    """
+    shards = inputs.shards
+    examples = [shards[int(i)] for i in ids]
+    if shards.kind == "sft":
+        seqs = []
+        for ex in examples:
+            n_prompt = int((ex["labels"] == -100).sum())
+            seqs.append((ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:]))
+        out = _run(inputs, seqs, counts)
+        return LogProbs(policy_chosen=out.sums, n_chosen=out.counts)
+
+    b = len(examples)
+    seqs = [s for ex in examples for s in ((ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["rejected_ids"]))]
+    refs = inputs.ref.batch(ids, inputs.device) if inputs.ref is not None else {}
+    need = ygen_to_run(inputs.ygen, inputs.loss_cfg, refs, b)
+
+    def ygen_seqs(mask: torch.Tensor) -> list:
+        return [(ex["prompt_ids"], ex["ygen_ids"]) for ex, m in zip(examples, mask.tolist(), strict=True) if m]
+
+    out = _run(inputs, seqs + ygen_seqs(need), counts)
+    chosen, rejected = out.sums[0 : 2 * b : 2], out.sums[1 : 2 * b : 2]
+    # y_gen token log-probs and the example each belongs to, from one or two rows
+    ygen: list[tuple[SeqLogps, torch.Tensor]] = []
+    if need.any():
+        ygen.append((out.select(range(2 * b, 2 * b + int(need.sum()))), need))
+    if inputs.ygen.skip and not inputs.ygen.known_before:
+        # The policy's vote is known now: the examples whose f(r) != 0 (the same test the loss
+        # applies, on the same fp32 values, so the two agree) and whose y_gen was not in the row.
+        probe = LogProbs(policy_chosen=chosen.detach(), policy_rejected=rejected.detach(), **refs)
+        missing = ~can_skip_ygen(inputs.loss_cfg, vote(inputs.loss_cfg, probe)).cpu() & ~need
+        if missing.any():
+            ygen.append((_run(inputs, ygen_seqs(missing), counts), missing))
+
+    fields: dict[str, torch.Tensor] = {}
+    if inputs.objective.needs_ygen:
+        fields["ygen_token_logps"] = torch.cat([chosen.new_zeros(0)] + [s.token_logps for s, _ in ygen])
+        owners = [torch.nonzero(mask)[:, 0].to(chosen.device)[s.token_seq] for s, mask in ygen]  # example of each token
+        fields["ygen_index"] = torch.cat([torch.zeros(0, dtype=torch.long, device=chosen.device)] + owners)
+    return LogProbs(
+        policy_chosen=chosen,
+        n_chosen=out.counts[0 : 2 * b : 2],
+        policy_rejected=rejected,
+        n_rejected=out.counts[1 : 2 * b : 2],
+        **refs,
+        **fields,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Statistics, and the loss on held-out data
+# -------------------------------------------------------------------------------------------------
+
+
+def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, float]:
+    """Mean statistics of a step's (or an evaluation's) examples: loss parts, rewards, the vote r
+    (mean and spread), mean f(r), the fraction of examples penalized."""
+    names = {
+        "dpo_loss": "dpo_loss",
+        "penalty": "penalty",
+        "chosen_rewards": "rewards/chosen",
+        "rejected_rewards": "rewards/rejected",
+        "margins": "rewards/margins",
+        "accuracies": "rewards/accuracies",
+        "weight": "weight/mean",
+        "penalized": "penalized",
+    }
+    stats: dict[str, list[torch.Tensor]] = {}
+    for out in outputs:
+        for k, v in out.stats().items():
+            stats.setdefault(k, []).append(v.detach().float().cpu())
+    record: dict[str, float] = {}
+    for k, values in stats.items():
+        v = torch.cat(values)
+        if k == "r":
+            record[prefix + "r/mean"] = v.mean().item()
+            record[prefix + "r/std"] = v.std(correction=0).item()
+        elif k in names:
+            record[prefix + names[k]] = v.mean().item()
+    return record
+
+
+@torch.no_grad()
+def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int) -> dict[str, float]:
+    """The loss and statistics of the first ``n`` examples (no gradients), as ``eval/*``: the same
+    reduction the loss's registry entry gives a training step, over all ``n`` examples."""
+    lengths = inputs.shards.lengths()
+    everything = np.arange(n)
+    weights = inputs.objective.step_weights(counted_tokens(lengths, everything))
+    outputs, total = [], 0.0
+    for pos in micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items):
+        logps = forward_logps(inputs, everything[pos])
+        out = inputs.objective(inputs.loss_cfg, logps)
+        total += float((out.loss.double().cpu() * torch.from_numpy(weights[pos])).sum())
+        outputs.append(out)
+    return {"eval/loss": total, **summarize(outputs, prefix="eval/")}
