@@ -50,13 +50,37 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {_rank()}{e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except RuntimeError as e:  # a collective that failed because another rank died or hung
+            if not _lost_a_rank(e):
+                raise
+            first = str(e).strip().splitlines()[0][:300]
+            err_console.print(f"[bold red]error:[/] {_rank()}lost contact with another rank of the job ({first}); "
+                              "torchrun names the rank that failed", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _rank() -> str:
+    """``rank R: `` under torchrun (every rank prints its own errors), else nothing."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
+
+
+def _lost_a_rank(e: BaseException) -> bool:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(e)
+    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timeout")
+    return type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or any(m in text for m in markers)
 
 
 # -- shared options ---------------------------------------------------------------------------
@@ -169,6 +193,19 @@ app.command("train")(train_cmd)
 app.command("generate")(user_errors(generate_cmd))
 app.command("eval")(user_errors(eval_cmd))
 app.command("demo")(user_errors(demo_cmd))
+
+
+@app.command("plot")
+@user_errors
+def plot_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (each with metrics.jsonl), drawn overlaid.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs (default: the first run's plots/).")] = None,
+) -> None:
+    """Loss, rewards, margins, the penalised fraction and the learning rate against step, runs overlaid."""
+    from dppo.train.plots import plot_runs
+
+    paths = plot_runs(runs, out)
+    err_console.print(f"{len(paths)} figures in {paths[0].parent}/: " + ", ".join(p.name for p in paths), highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

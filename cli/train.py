@@ -57,6 +57,9 @@ def train_cmd(
     dtype: Annotated[Optional[str], _option("--dtype", name="dtype")] = None,
     device: Annotated[Optional[str], _option("--device", name="device")] = None,
     deterministic: Annotated[Optional[bool], _option("--deterministic/--no-deterministic", name="deterministic")] = None,
+    parallel: Annotated[Optional[str], _option("--parallel", name="parallel")] = None,
+    dist_timeout: Annotated[Optional[float], _option("--dist-timeout", name="dist_timeout")] = None,
+    report_to: Annotated[Optional[str], _option("--report-to", name="report_to")] = None,
     # evaluation
     eval_data: Annotated[Optional[Path], _option("--eval-data", name="eval_data")] = None,
     eval_every: Annotated[Optional[int], _option("--eval-every", name="eval_every")] = None,
@@ -74,19 +77,52 @@ def train_cmd(
     keep_probs_mb: Annotated[Optional[int], _option("--keep-probs-mb", name="keep_probs_mb")] = None,
     peak_tflops: Annotated[Optional[float], _option("--peak-tflops", name="peak_tflops")] = None,
     progress: Annotated[Optional[bool], _option("--progress/--no-progress", name="progress")] = None,
+    nproc_per_node: Annotated[
+        Optional[int],
+        typer.Option("--nproc-per-node", min=1, help="Start N processes on this machine with torch's launcher (as "
+                     "`torchrun --standalone --nproc-per-node N -m dppo train ...`), one GPU each on CUDA."),
+    ] = None,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print the memory each rank needs (parameters, gradients, optimizer state, "
+                           "activations) for these options on this many ranks (--nproc-per-node, WORLD_SIZE under torchrun, else 1), and train nothing."),
+    ] = False,
 ) -> None:
     """Train a policy: sft, dpo, simpo, or DPPO's minll, unll, conll (defaults: docs/method.md).
 
     Writes OUT/model (Hugging Face format + tokenizer), OUT/config.json, OUT/metrics.jsonl and resumable OUT/checkpoints/step_N.
     """
-    options = {k: v for k, v in locals().items() if k != "config" and v is not None}
+    options = {k: v for k, v in locals().items() if k not in ("config", "nproc_per_node", "plan") and v is not None}
     from dppo.cli.main import user_errors  # imported here: main.py imports this module
 
-    user_errors(_train)(config, options)
+    if nproc_per_node is not None and not plan:
+        user_errors(_launch)(nproc_per_node, config, options)
+        return
+    user_errors(_train)(config, options, plan, nproc_per_node)
 
 
-def _train(config: Path | None, options: dict) -> None:
+def _launch(nproc: int, config: Path | None, options: dict) -> None:
+    """The same options in N processes started by torch's elastic launcher."""
+    from dppo.distributed import launch
+
+    argv = ["train"] + (["--config", str(config)] if config is not None else [])
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    launch(nproc, argv)
+
+
+def _train(config: Path | None, options: dict, plan: bool, world: int | None = None) -> None:
     from dppo.train.config import load_config
+
+    cfg = load_config(config, **options)
+    if plan:
+        from dppo.train.memory import print_plan
+
+        print_plan(cfg, world=world)
+        return
     from dppo.train import train
 
-    train(load_config(config, **options))
+    train(cfg)

@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "python" / "dppo"
-SHARED = ("dppo._lazy", "dppo.errors", "dppo.engine", "dppo.artifacts", "dppo.modeling", "dppo.synthetic")
+SHARED = ("dppo._lazy", "dppo.errors", "dppo.engine", "dppo.artifacts", "dppo.modeling", "dppo.distributed",
+          "dppo.synthetic")
 STAGES = ("dppo.data", "dppo.train", "dppo.generate", "dppo.eval")  # in pipeline order
 
 

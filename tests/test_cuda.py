@@ -255,15 +255,16 @@ def test_generate_is_token_identical_to_transformers_greedy_with_and_without_cud
 
 KILLER = """
 import os, signal, sys
-import safetensors.torch
-save_model = safetensors.torch.save_model
+import torch.distributed.checkpoint as dcp
+save = dcp.save
 calls = []
-def save_then_die(*args, **kwargs):
-    save_model(*args, **kwargs)
+def save_then_die(*args, **kwargs):  # a checkpoint's part is written (2 per checkpoint), then SIGKILL
+    out = save(*args, **kwargs)
     calls.append(1)
     if len(calls) == int(os.environ["KILL_AT_SAVE"]):
         os.kill(os.getpid(), signal.SIGKILL)
-safetensors.torch.save_model = save_then_die
+    return out
+dcp.save = save_then_die
 from dppo.cli.main import app
 app(sys.argv[1:])
 """
@@ -286,7 +287,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, step_setup,
     t = time.perf_counter()
     whole = _cli([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _cli([*args, "--out", str(tmp_path / "cut")], kill_at_save=2)
+    killed = _cli([*args, "--out", str(tmp_path / "cut")], kill_at_save=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = _cli([*args, "--out", str(tmp_path / "cut"), "--resume"])
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]

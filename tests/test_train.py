@@ -203,15 +203,16 @@ def test_dpo_raises_reward_accuracy_on_a_separable_set(tmp_path, init_dir, separ
 
 KILLER = """
 import os, signal, sys
-import safetensors.torch
-save_model = safetensors.torch.save_model
+import torch.distributed.checkpoint as dcp
+save = dcp.save
 calls = []
-def save_then_die(*args, **kwargs):  # the checkpoint's first file is written, then SIGKILL
-    save_model(*args, **kwargs)
+def save_then_die(*args, **kwargs):  # a checkpoint's part is written (2 per checkpoint), then SIGKILL
+    out = save(*args, **kwargs)
     calls.append(1)
     if len(calls) == int(os.environ["KILL_AT_SAVE"]):
         os.kill(os.getpid(), signal.SIGKILL)
-safetensors.torch.save_model = save_then_die
+    return out
+dcp.save = save_then_die
 from dppo.cli.main import app
 app(sys.argv[1:])
 """
@@ -230,7 +231,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, init_dir, pair_shards):
     whole = _cli([*args, "--out", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
     # Killed while writing its second checkpoint (step 4): step_2 is the last complete one.
-    killed = _cli([*args, "--out", str(tmp_path / "cut")], kill_at_save=2)
+    killed = _cli([*args, "--out", str(tmp_path / "cut")], kill_at_save=3)
     assert killed.returncode == -signal.SIGKILL
     ckpts = tmp_path / "cut" / "checkpoints"
     assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2]
@@ -252,11 +253,11 @@ def test_killed_run_resumes_bit_identical(tmp_path, init_dir, pair_shards):
 def test_corrupt_checkpoint_fails_with_a_clear_error(tmp_path, init_dir, pair_shards):
     opts = dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=8, max_steps=2, save_every=1)
     run = run_train(tmp_path / "run", **opts)
-    weights = run / "checkpoints" / "step_2" / "model.safetensors"
+    weights = run / "checkpoints" / "step_2" / "model" / "__0_0.distcp"
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"step_2 is damaged: model.safetensors fails its checksum"):
+    with pytest.raises(CheckpointError, match=r"step_2 is damaged: model/__0_0.distcp fails its checksum"):
         run_train(run, resume=True, **opts)
     (run / "checkpoints" / "step_2" / "state.json").write_text('{"format": "dppo-chec')
     result = CliRunner().invoke(_app(), ["train", "--method", "dpo", "--data", str(pair_shards), "--init", str(init_dir),
@@ -426,9 +427,9 @@ def test_metrics_and_saved_model(tmp_path, init_dir, ref_dir, pair_shards, pair_
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     packed = load_model(model_dir, dtype="fp32", device="cpu")
     ckpt = load_model(init_dir, dtype="fp32", device="cpu")
-    from safetensors.torch import load_model as load_weights
+    from dppo.train.checkpoint import checkpoint_weights
 
-    load_weights(ckpt, str(run / "checkpoints" / "step_3" / "model.safetensors"))
+    ckpt.load_state_dict(checkpoint_weights(run / "checkpoints" / "step_3"))
     ex = open_shards(pair_shards)[5]
     seqs = [(ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["ygen_ids"])]
     with torch.no_grad():
@@ -517,7 +518,9 @@ def test_options_a_method_does_not_use_are_refused():
 def test_saved_files_are_readable_by_others(tmp_path, init_dir, pair_shards):
     run = run_train(tmp_path / "run", method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4,
                     max_steps=1, save_every=1)
-    for f in [*(run / "model").iterdir(), *(run / "checkpoints" / "step_1").iterdir()]:
+    files = [f for f in [*(run / "model").rglob("*"), *(run / "checkpoints" / "step_1").rglob("*")] if f.is_file()]
+    assert len(files) > 6
+    for f in files:
         assert f.stat().st_mode & 0o777 == 0o666 & ~_umask(), f
 
 

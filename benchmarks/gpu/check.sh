@@ -9,10 +9,11 @@
 #      fp32 dense reference, a DPO and an unll step against the fp32 CPU step, greedy generation
 #      against transformers' generate with and without CUDA graphs, kill + --resume);
 #   2. speed and memory: the anchors (.anchor/device_anchor.sh: TRL DPOTrainer, HF generate, the
-#      packed ceiling), benchmarks/train_gpu.py and benchmarks/gen_gpu.py, in this one call;
+#      packed ceiling), benchmarks/train_gpu.py and benchmarks/gen_gpu.py, in this one call, and
+#      FSDP2 on one rank against the plain path (benchmarks/dist_cpu.py --variants one,fsdp1);
 #   3. the summary table (ratios first), also as OUT_DIR/summary.json.
 # Every result is a JSON line in OUT_DIR (*.jsonl); every stage has a time limit and its log, and a
-# failing stage is recorded and the others still run. Stage limits sum to 7.5 minutes.
+# failing stage is recorded and the others still run. Stage limits sum to 9.5 minutes on the GPU.
 #
 # --cpu: tiny shapes on the CPU, the code paths that exist there (no varlen, no CUDA graphs); CI runs
 # this mode so that the script and its tests cannot rot.
@@ -66,7 +67,7 @@ if [ "$MODE" = gpu ] && ! python3 -c "import torch, sys; sys.exit(0 if torch.cud
 fi
 
 # 1. correctness
-stage correctness $([ "$MODE" = cpu ] && echo 420 || echo 150) \
+stage correctness $([ "$MODE" = cpu ] && echo 420 || echo 120) \
   python3 -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" -x --junitxml "$OUT_DIR/correctness.xml"
 
 # 2. speed and memory, beside the anchors
@@ -82,9 +83,13 @@ fi
 if [ "$MODE" = gpu ]; then
   stage train 130 python3 benchmarks/train_gpu.py --steps 12 --warmup 3
   stage gen 100 python3 benchmarks/gen_gpu.py --workloads anchor,max_batch
+  # FSDP2 on one rank against the plain path: the same dppo train command, Qwen2.5-0.5B's shape
+  stage fsdp1 75 python3 benchmarks/dist_cpu.py --variants one,fsdp1 --methods dpo --model qwen2.5-0.5b --scale 1.0 \
+    --steps 6 --warmup 2 --rounds 1
 else
   stage train 240 python3 benchmarks/train_gpu.py
   stage gen 120 python3 benchmarks/gen_gpu.py --workloads anchor,max_batch
+  stage fsdp1 120 python3 benchmarks/dist_cpu.py --variants one,fsdp1 --methods dpo --scale 0.25 --steps 3 --warmup 1 --rounds 1
 fi
 
 # 3. the summary

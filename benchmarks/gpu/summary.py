@@ -23,6 +23,7 @@ TARGETS = {
     "mfu": ("ge", 0.40),
     "gen_batch128_vs_hf": ("ge", 10.0),
     "gen_max_batch_vs_hf_batch128": ("ge", 30.0),
+    "fsdp1_step_over_plain_step": ("le", 1.05),
 }
 VLLM_NOTE = "not measured: vLLM's wheels (several hundred MB with its CUDA kernels) exceed the 64 MiB a device call carries"
 
@@ -102,6 +103,10 @@ def collect(out: Path) -> dict[str, Any]:
     if hf_tps:
         figures["hf_generate_batch128_tokens_per_s"] = hf_tps
         figures["hf_generate_source"] = "anchor (gen_anchor.py)" if hf_anchor else "gen_gpu.py, same process"
+    # -- FSDP2 on one rank against the plain path (dist_cpu.py's ratios line) ---------------------------
+    fsdp = next((r for r in read_jsonl(out / "fsdp1.jsonl") if "ratios" in r), None)
+    if fsdp and "dpo: fsdp1 s/step / one" in fsdp["ratios"]:
+        figures["fsdp1_step_over_plain_step"] = fsdp["ratios"]["dpo: fsdp1 s/step / one"]
     figures["vllm"] = VLLM_NOTE
     return figures
 

@@ -327,7 +327,11 @@ class CausalLMRewardJudge(_LocalModelJudge):
         tokenizer = AutoTokenizer.from_pretrained(self.model_id)
         kwargs: dict[str, Any] = {"dtype": self._dtype()}
         device = self._device()
-        if device.type == "cuda" and torch.cuda.device_count() > 1 and self.options.device is None:
+        from dppo.distributed import world_size
+
+        # One process with several GPUs: shard the judge over them (a 70B judge does not fit one).
+        # Under torchrun each rank keeps its judge on its own GPU (data-parallel judging).
+        if device.type == "cuda" and torch.cuda.device_count() > 1 and self.options.device is None and world_size() == 1:
             try:
                 import accelerate  # noqa: F401
             except ImportError:
@@ -668,7 +672,7 @@ class ScoreCache:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
+        self._db = sqlite3.connect(self.path, timeout=120)  # ranks judging in parallel share it
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS scores (judge TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL,"
             " score REAL NOT NULL, PRIMARY KEY (judge, prompt, response))"

@@ -195,7 +195,13 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         raise ConfigError("name at least one model to evaluate")
     if cfg.tie_tolerance < 0:
         raise ConfigError(f"--tie-tolerance must be >= 0, got {cfg.tie_tolerance}")
+    from dppo.distributed import all_gather_objects, all_reduce_sum, barrier
+    from dppo.distributed import setup as setup_distributed
+
+    dist, _ = setup_distributed(cfg.decode.device)
     console = console or Console(stderr=True)
+    if not dist.main:
+        console, show_progress = Console(stderr=True, quiet=True), False
     t0 = time.perf_counter()
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out / "cache"
@@ -240,10 +246,19 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
             if g is not None:
                 items.append((r.prompt, g["response"]))
                 owners.append((name, r.prompt_id))
+    # Data-parallel judging under torchrun: each rank scores every N-th answer with its own copy of
+    # the judge (a judge that fits one GPU); the scores meet on every rank.
+    mine = list(range(dist.rank, len(items), dist.world))
     with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
-        task = progress.add_task(f"judge {judge.name}", total=len(items))
-        scores = score_items(judge, items, cache, progress=lambda n: progress.advance(task, n))
+        task = progress.add_task(f"judge {judge.name}", total=len(mine))
+        my_scores = score_items(judge, [items[i] for i in mine], cache, progress=lambda n: progress.advance(task, n))
     judge.close()
+    scores: list[Any] = [None] * len(items)
+    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
+        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
+            scores[i] = sc
+    (retries,) = all_reduce_sum(dist, judge.retries)
+    judge.retries = int(retries)
     rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in rows} for name in names}
     errors: dict[str, dict[str, str]] = {name: {} for name in names}
     for (name, pid), sc in zip(owners, scores, strict=True):
@@ -309,18 +324,20 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         "generation_files": gen_files,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_json(out / "results.json", results)
-    write_atomic(out / "results.md", results_markdown(results))
-    write_atomic(out / "scores.jsonl", "".join(json.dumps(d) + "\n" for d in details))
-    write_json(out / "config.json", {"config": config_record(cfg), "source": source["description"]})
-    from dppo.eval.plots import plot_reward_differences, plot_win_rates
+    if dist.main:
+        write_json(out / "results.json", results)
+        write_atomic(out / "results.md", results_markdown(results))
+        write_atomic(out / "scores.jsonl", "".join(json.dumps(d) + "\n" for d in details))
+        write_json(out / "config.json", {"config": config_record(cfg), "source": source["description"]})
+        from dppo.eval.plots import plot_reward_differences, plot_win_rates
 
-    plot_win_rates(table, out / "winrate.png", baseline=base)
-    plot_reward_differences(
-        {row["model"]: [d["diff"] for d in details if d["model"] == row["model"]] for row in table},
-        out / "reward_diff.png",
-        baseline=base,
-    )
+        plot_win_rates(table, out / "winrate.png", baseline=base)
+        plot_reward_differences(
+            {row["model"]: [d["diff"] for d in details if d["model"] == row["model"]] for row in table},
+            out / "reward_diff.png",
+            baseline=base,
+        )
+    barrier(dist)
     if show_progress:
         console.print(_rich_table(results))
         for name, errs in results["judge_errors"].items():

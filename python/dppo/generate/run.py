@@ -497,30 +497,29 @@ def generate_rows(
 
     ``stop_after_batches`` ends the run after that many batches, leaving the parts unmerged: what a
     crash leaves behind (tests use it).
+
+    Under torchrun the pending prompts are dealt to the ranks balanced by length, each rank decodes
+    its share on its own device (longest first, as one process does) into its own part files, and
+    rank 0 merges every part atomically: greedy output equals one process's, row for row.
     """
     import pyarrow as pa
 
+    from dppo.distributed import all_reduce_sum, barrier, on_main, split_by_cost
+    from dppo.distributed import setup as setup_distributed
+
     if out.suffix not in (".parquet", ".jsonl"):
         raise ConfigError(f"--out must end in .parquet or .jsonl, got {out.name}")
+    dist, device = setup_distributed(decode.device)
     console = console or Console(stderr=True)
+    if not dist.main:
+        console, show_progress = Console(stderr=True, quiet=True), False
     t0 = time.perf_counter()
     model_dir = resolve_model(model)
     tok_dir = model_tokenizer_dir(model_dir, decode.tokenizer)
-    device = resolve_device(decode.device)
     dtype_name = resolve_dtype(decode.dtype, device)
     settings = generation_settings(model_dir, tok_dir, decode, dtype_name)
     parts, meta_path = _parts_dir(out), _meta_path(out)
-    if overwrite:
-        for p in (out, meta_path):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
-    old = read_json(meta_path).get("settings") or read_json(parts / "settings.json")
-    if (out.exists() or parts.exists()) and old != settings:
-        if not old:
-            raise ConfigError(f"{out}: exists without {meta_path.name}; pass --overwrite or choose another --out")
-        diff = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in settings if old.get(k) != settings[k])
-        raise ConfigError(f"{out}: made with other settings ({diff}); pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    on_main(dist, _check_output, out, parts, meta_path, settings, overwrite)
 
     # -- what is already done -----------------------------------------------------------------
     existing = _existing(out)
@@ -531,6 +530,8 @@ def generate_rows(
         if r is None or r.ids is not None or r.prompt == prompt:
             done_ids.add(pid)
     pending = [r for r in rows if r.prompt_id not in done_ids]
+    first_part = max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=-1) + 1
+    barrier(dist)  # every rank has seen what is done before any writes more
     summary: dict[str, Any] = {
         "out": str(out),
         "prompts": len(rows),
@@ -547,10 +548,12 @@ def generate_rows(
 
         from dppo.generate.decoding import Decoder
 
-        parts.mkdir(exist_ok=True)
-        write_json(parts / "settings.json", settings)
-        first_part = max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=-1) + 1
+        on_main(dist, lambda: (parts.mkdir(exist_ok=True), write_json(parts / "settings.json", settings)))
         ids = render_prompts(pending, tok_dir, decode.max_prompt_len)
+        if dist.active:  # this rank's share of the prompts, balanced by prompt length
+            share = split_by_cost([len(x) for x in ids], dist.world)[dist.rank].tolist()
+            pending, ids = [pending[i] for i in share], [ids[i] for i in share]
+        suffix = f"-r{dist.rank:03d}" if dist.active else ""
         from tokenizers import Tokenizer
 
         detok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -601,7 +604,7 @@ def generate_rows(
                     ],
                     schema=_schema(),
                 )
-                _write_table(table, parts / f"part-{first_part + b:06d}.parquet")
+                _write_table(table, parts / f"part-{first_part + b:06d}{suffix}.parquet")
                 reasons.update(c.finish_reason for c in completions)
                 summary["generated"] += len(completions)
                 summary["generated_tokens"] += sum(len(c.token_ids) for c in completions)
@@ -616,8 +619,22 @@ def generate_rows(
         if stop_after_batches is not None:
             summary["merged"] = False
             return summary
+    if dist.active:
+        from dppo.distributed import all_gather_objects
 
-    # -- merge atomically ------------------------------------------------------------------------
+        reasons_all: Counter[str] = Counter()
+        for part in all_gather_objects(dist, summary["finish_reasons"]):
+            reasons_all.update(part)
+        summary["finish_reasons"] = dict(reasons_all)
+    made = all_reduce_sum(dist, summary["generated"], summary["generated_tokens"], gen_seconds)
+    summary["generated"], summary["generated_tokens"] = int(made[0]), int(made[1])
+    gen_seconds = made[2] / dist.world
+    barrier(dist)  # every rank's parts are on disk
+
+    # -- merge atomically (rank 0) ----------------------------------------------------------------
+    if not dist.main:
+        barrier(dist)
+        return {**summary, "merged": True}
     merged = _merge(_existing(out), [r.prompt_id for r in rows])
     _write_table(merged, out)
     meta = {
@@ -648,7 +665,23 @@ def generate_rows(
             f"{summary['generated_tokens']:,} tokens{speed}",
             highlight=False,
         )
+    barrier(dist)
     return summary
+
+
+def _check_output(out: Path, parts: Path, meta_path: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Clear ``out`` for ``overwrite``; refuse to resume a file made with other settings."""
+    if overwrite:
+        for p in (out, meta_path):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    old = read_json(meta_path).get("settings") or read_json(parts / "settings.json")
+    if (out.exists() or parts.exists()) and old != settings:
+        if not old:
+            raise ConfigError(f"{out}: exists without {meta_path.name}; pass --overwrite or choose another --out")
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in settings if old.get(k) != settings[k])
+        raise ConfigError(f"{out}: made with other settings ({diff}); pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _load_quietly(model_dir: Path, dtype: str, device: str) -> Any:

@@ -1,17 +1,21 @@
-"""Atomic, verifiable checkpoints: everything an exact resume needs.
+"""Atomic, verifiable checkpoints: everything an exact resume needs, on one rank or many.
 
 ``RUN/checkpoints/step_N/`` holds
 
-    model.safetensors   the policy's parameters (fp32 master weights, tied tensors stored once)
-    optimizer.pt        the optimizer's state_dict
-    rng.pt              the random number generators: torch (CPU and CUDA), numpy, python
-    state.json          written last: step, data position, learning-rate schedule position, and the
-                        size and CRC-32 of every file above
+    model/, optim/      the policy's parameters (fp32 master weights) and the optimizer's state,
+                        written by ``torch.distributed.checkpoint``: each rank its own shard, any
+                        number of ranks (one included) can read them back
+    rng-R.pt            rank R's random number generators: torch (CPU and CUDA), numpy, python
+    state.json          written last, by rank 0: step, data position, learning-rate schedule
+                        position, the world size, and the size and CRC-32 of every file above
 
-A checkpoint is assembled in a hidden sibling ``.step_N.partial-PID/`` and renamed into place after
-every file is on disk (fsync), so a run killed at any moment leaves either a complete ``step_N`` or
-none; leftovers of a dead process are removed by the next run. Loading verifies sizes and checksums
-first: a damaged checkpoint raises :class:`CheckpointError` naming the file, never a half-loaded model.
+A checkpoint is assembled in a hidden sibling ``.step_N.partial-PID/`` (rank 0's PID) and renamed
+into place by rank 0 after every rank's files are on disk (fsync), so a job killed at any moment
+leaves either a complete ``step_N`` or none; leftovers of a dead job are removed by the next run.
+Loading verifies sizes and checksums first: a damaged checkpoint raises :class:`CheckpointError`
+naming the file, never a half-loaded model. With another world size than the one that wrote it,
+the parameters and optimizer state are resharded by ``torch.distributed.checkpoint``; the RNG
+states of ranks that did not exist start from rank 0's.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ import numpy as np
 import torch
 
 from dppo.artifacts import normal_permissions, temp_sibling
+from dppo.distributed import SINGLE, Dist, barrier, broadcast_object
 from dppo.errors import ConfigError
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "load_checkpoint", "read_state", "latest_checkpoint", "list_checkpoints", "remove_stale",
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "checkpoint_weights", "read_state", "latest_checkpoint", "list_checkpoints", "remove_stale",
 ]
 
 FORMAT = "dppo-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: torch.distributed.checkpoint shards (1: one safetensors file and optimizer.pt)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL = re.compile(r"^\.(?:step_\d+|deleting-step_\d+)\.partial-(\d+)$")
 
@@ -130,6 +135,14 @@ def remove_stale(run_dir: str | os.PathLike[str]) -> None:
 # -- save / load -------------------------------------------------------------------------------------
 
 
+def _files(folder: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "state.json"):
+        _fsync_file(path)
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
+    return files
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -137,42 +150,55 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_last: int = 0,
+    dist: Dist = SINGLE,
 ) -> Path:
-    """Write ``RUN/checkpoints/step_{step}`` atomically; then keep only the ``keep_last`` newest (0: all).
+    """Write ``RUN/checkpoints/step_{step}`` atomically (every rank calls it); then keep only the
+    ``keep_last`` newest (0: all).
 
+    ``model`` is the module the optimizer trains (sharded by FSDP2 or not; not a DDP wrapper).
     ``state`` is any JSON-able dict (the trainer's data position, schedule, ...); ``step`` is added.
     """
-    from safetensors.torch import save_model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step}"
-    work = temp_sibling(final, "partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    save_model(model, str(work / "model.safetensors"))
-    torch.save(optimizer.state_dict(), work / "optimizer.pt")
-    torch.save(_rng_state(), work / "rng.pt")
-    normal_permissions(work)
-    files = {}
-    for name in ("model.safetensors", "optimizer.pt", "rng.pt"):
-        path = work / name
-        _fsync_file(path)
-        files[name] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
-    meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "files": files}
-    with open(work / "state.json", "w") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(work)
-    if final.exists():  # the same step written again (e.g. a resumed run): replace it
-        _remove(final)
-    os.rename(work, final)
-    _fsync_dir(folder)
-    if keep_last > 0:
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            _remove(old)
+    pid = broadcast_object(dist, os.getpid())
+    work = final.with_name(f".{final.name}.partial-{pid}")
+    if dist.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    barrier(dist)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state}, checkpoint_id=str(work / "model"))
+    dcp.save({"optim": optim_state}, checkpoint_id=str(work / "optim"))
+    torch.save(_rng_state(), work / f"rng-{dist.rank}.pt")
+    barrier(dist)
+    if dist.main:
+        normal_permissions(work)
+        meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "world_size": dist.world, "files": _files(work)}
+        with open(work / "state.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(work / "state.json", 0o666 & ~_umask())
+        _fsync_dir(work)
+        if final.exists():  # the same step written again (e.g. a resumed run): replace it
+            _remove(final)
+        os.rename(work, final)
+        _fsync_dir(folder)
+        if keep_last > 0:
+            for _, old in list_checkpoints(run_dir)[:-keep_last]:
+                _remove(old)
+    barrier(dist)
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:
@@ -195,39 +221,59 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"checkpoint {path} is damaged: state.json is not a dppo checkpoint state; {hint}")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, this dppo reads {VERSION}")
-    for name in ("model.safetensors", "optimizer.pt", "rng.pt"):
-        want = meta["files"].get(name)
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, this dppo reads {VERSION} "
+                              f"(written by another dppo); {hint}")
+    for name, want in meta["files"].items():
         file = path / name
-        if want is None or not file.is_file():
+        if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; {hint}")
         size = file.stat().st_size
         if size != want.get("bytes"):
             raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, expected {want.get('bytes')}; {hint}")
         if _crc32(file) != want.get("crc32"):
             raise CheckpointError(f"checkpoint {path} is damaged: {name} fails its checksum; {hint}")
+    for needed in ("model/.metadata", "optim/.metadata", "rng-0.pt"):
+        if needed not in meta["files"]:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {needed} is missing; {hint}")
     return meta
 
 
+def checkpoint_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's model parameters as one full state dict (the model's own names, on the CPU),
+    whatever number of ranks wrote it: e.g. to export or inspect a checkpoint."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(Path(path) / "model"), f"{tmp}/model.pt")
+        state = torch.load(f"{tmp}/model.pt", map_location="cpu", weights_only=True)["model"]
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
 def load_checkpoint(
-    path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer, verify: bool = True
+    path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer, verify: bool = True,
+    dist: Dist = SINGLE,
 ) -> dict[str, Any]:
-    """Restore the model's parameters, the optimizer and the RNG states from a checkpoint.
+    """Restore the model's parameters, the optimizer and this rank's RNG states (every rank calls it).
 
     ``verify=False`` skips the checksums (for a checkpoint :func:`read_state` already checked).
     Returns the checkpoint's state (``step`` and what the trainer stored).
     """
-    from safetensors.torch import load_model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
     meta = read_state(path) if verify else json.loads((path / "state.json").read_text())
-    device = next(model.parameters()).device
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-        if missing or unexpected:
-            raise ValueError(f"parameters do not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+        model_state, optim_state = get_state_dict(model, optimizer)
+        box = {"model": model_state}
+        dcp.load(box, checkpoint_id=str(path / "model"))
+        optim = {"optim": optim_state}
+        dcp.load(optim, checkpoint_id=str(path / "optim"))
+        set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=optim["optim"])
+        rng = path / f"rng-{dist.rank}.pt"
+        _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True))
     except CheckpointError:
         raise
     except Exception as e:

@@ -36,7 +36,8 @@ TRAIN_DTYPES = ("auto", "bf16", "fp32")
 # Options that change how a run is carried out, not what it computes: `--resume` accepts a run whose
 # saved configuration differs from the new one only in these.
 RUNTIME_OPTIONS = frozenset(
-    {"resume", "overwrite", "progress", "save_every", "keep_last", "eval_every", "eval_data", "eval_samples", "peak_tflops"}
+    {"resume", "overwrite", "progress", "save_every", "keep_last", "eval_every", "eval_data", "eval_samples", "peak_tflops",
+     "parallel", "dist_timeout", "report_to", "device", "max_tokens_per_batch"}
 )
 
 _LOSS_FIELDS = ("beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm")
@@ -91,6 +92,11 @@ class TrainConfig:
         "auto", "auto|bf16|fp32. bf16: fp32 master weights, bf16 autocast compute (auto: bf16 on CUDA, fp32 elsewhere)."
     )
     device: str = _opt("auto", "auto|cpu|cuda|cuda:N (auto: CUDA when available).")
+    parallel: str = _opt(
+        "auto", "Under torchrun: fsdp (FSDP2 per decoder layer and the root) or ddp (replicas); auto: fsdp under "
+        "torchrun, none in one process (docs/distributed.md)."
+    )
+    dist_timeout: float = _opt(600.0, "Seconds a rank waits for the others (joining, and at each collective) before failing.")
     deterministic: bool = _opt(
         False, "Use deterministic kernels where they exist (torch.use_deterministic_algorithms): a resumed CUDA run "
         "then repeats an uninterrupted one bit for bit, at some speed."
@@ -113,6 +119,7 @@ class TrainConfig:
         "(saves a third of the output projection's work); 0: always recompute it."
     )
     peak_tflops: float | None = _opt(None, "Peak TFLOP/s of the accelerator for the MFU estimate (default: known GPUs).")
+    report_to: str = _opt("none", "Also log the scalars to tensorboard (RUN/tensorboard/) and/or wandb: a comma-separated list.")
     progress: bool = _opt(True, "Show a progress bar (on a terminal).")
 
     def __post_init__(self) -> None:
@@ -195,6 +202,14 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        from dppo.train.parallel import PARALLEL
+        from dppo.train.report import parse_report_to
+
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"--parallel must be one of {'|'.join(PARALLEL)}, got {self.parallel!r}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        parse_report_to(self.report_to)
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
         if self.resume and self.overwrite:

@@ -29,6 +29,7 @@ terms anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,14 +58,18 @@ from dppo.artifacts import (
     write_atomic,
     write_json,
 )
-from dppo.data import Shards, micro_batches, open_shards
+from dppo.data import Shards, open_shards
+from dppo.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, launched, on_main
+from dppo.distributed import setup as setup_distributed
 from dppo.errors import ConfigError
 from dppo.modeling import load_model
 from dppo.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
 from dppo.train.config import RUNTIME_OPTIONS, TrainConfig
 from dppo.train.losses import LOSSES, LossConfig, LossOutput, LossSpec
 from dppo.train.refcache import RefLogps, reference_logps
-from dppo.train.step import StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, forward_logps, summarize
+from dppo.train.parallel import full_state_dict, grad_norm, grad_sync, rank_micro_batches, reshard, resolve_parallel, wrap
+from dppo.train.report import Reporter
+from dppo.train.step import PolicyForward, StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, summarize
 
 __all__ = ["train", "lr_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
 
@@ -73,16 +78,20 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
 
     Writes ``RUN/config.json`` (resolved options and fingerprints), ``RUN/metrics.jsonl`` (one line
     per optimizer step), ``RUN/checkpoints/step_N/`` (every ``save_every`` steps) and ``RUN/model/``.
-    Raises :class:`~dppo.errors.ConfigError` for anything the user can fix.
+    Under torchrun every rank calls it; rank 0 writes the files and the log. Raises
+    :class:`~dppo.errors.ConfigError` for anything the user can fix.
     """
-    console = console or Console(stderr=True)
     t_start = time.perf_counter()
     _quiet_transformers()
 
     # ---------------------------------------------------------------------------------------------
-    # Setup: device and precision, data, run folder
+    # Setup: ranks, device and precision, data, run folder
     # ---------------------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
+    dist, device = setup_distributed(cfg.device, cfg.dist_timeout)
+    parallel = resolve_parallel(cfg.parallel, dist, launched())
+    console = console or Console(stderr=True)
+    if not dist.main:  # one log: rank 0's
+        console = Console(stderr=True, quiet=True)
     if cfg.deterministic:
         use_deterministic_kernels()
     # bf16 keeps fp32 master weights and runs the matmuls under bf16 autocast: at lr 1e-6 an update
@@ -109,89 +118,113 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     ref_dir = resolve_model(cfg.ref) if cfg.ref else None
     tok_dir = _find_tokenizer(cfg, init_dir, shards)
     run = Path(cfg.out)
-    resume_from = _prepare_run(cfg, run, console)
+    resume_from = on_main(dist, _prepare_run, cfg, run, console)
     fingerprints = _fingerprints(init_dir, ref_dir, shards, eval_shards)
-    _write_run_config(cfg, run, fingerprints, tok_dir, device, precision, order, n_examples, resume_from is not None)
+    on_main(dist, _write_run_config, cfg, run, fingerprints, tok_dir, device, precision, order, n_examples,
+            resume_from is not None, dist, parallel)
     seed_everything(cfg.seed)
 
     # ---------------------------------------------------------------------------------------------
-    # The policy, and the reference log-probs (one no-grad pass, cached beside the shards)
+    # The policy (sharded or replicated over the ranks), and the reference log-probs (one no-grad
+    # pass, each rank its share, cached beside the shards)
     # ---------------------------------------------------------------------------------------------
     policy = load_model(init_dir, dtype="fp32", device=device)  # eval mode: no dropout, as TRL does
-    budget = cfg.max_tokens_per_batch or token_budget(policy, device, precision)
-    _record_budget(run, budget)
+    # every rank must form the same micro-batches: the smallest budget of any rank
+    budget = cfg.max_tokens_per_batch or -int(all_reduce_max(dist, -token_budget(policy, device, precision))[0])
+    if dist.main:
+        _record_budget(run, budget)
+    lockstep = parallel == "fsdp"
+    inputs = StepInputs.of(cfg, policy, shards, loss_cfg, objective, None, device, dist, lockstep)
+    module = PolicyForward(inputs)  # the policy's whole forward of a micro-batch, one module call
+    trained = wrap(module, policy, parallel, device, precision)  # what forward and backward go through
+    optimizer = make_optimizer(cfg, module)  # on the (sharded) parameters that training updates
     ref = eval_ref = None
     t_ref = time.perf_counter()
     if objective.needs_reference or eval_objective.needs_reference:
         # The policy before its first update *is* the reference when --ref is --init: no second load.
         same = ref_dir is not None and ref_dir.resolve() == init_dir.resolve()
-        load_ref = (lambda: policy) if same else (lambda: load_model(ref_dir, dtype="fp32", device=device))
+        load_ref = (lambda: _scorer(module)) if same else (lambda: _reference_scorer(ref_dir, cfg, device, dist, parallel, precision))
         ref_pass = partial(
             _reference_pass, cfg=cfg, ref_dir=ref_dir, load=load_ref, precision=precision, autocast=autocast,
-            run=run, console=console, budget=budget,
+            run=run, console=console, budget=budget, dist=dist, lockstep=lockstep,
         )
         if objective.needs_reference:
             ref = ref_pass(shards, np.arange(n_examples), need_ygen=objective.needs_ref_ygen, what="train")
         if eval_shards is not None and eval_objective.needs_reference:
             eval_ref = ref_pass(eval_shards, np.arange(n_eval), need_ygen=eval_objective.needs_ref_ygen, what="eval")
+        reshard(module, parallel)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ref_seconds = time.perf_counter() - t_ref
+    inputs = dataclasses.replace(inputs, ref=ref)
+    module.inputs = inputs
+    eval_inputs = (StepInputs.of(cfg, policy, eval_shards, eval_cfg, eval_objective, eval_ref, device, dist, lockstep)
+                   if eval_shards else None)
 
-    optimizer = make_optimizer(cfg, policy)
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, policy, optimizer, verify=False)
+        state = load_checkpoint(resume_from, module, optimizer, verify=False, dist=dist)
         step = int(state["step"])
-        console.print(f"resumed from {resume_from} (step {step} of {order.total_steps})")
-    _truncate_metrics(run / "metrics.jsonl", step)
-    inputs = StepInputs.of(cfg, policy, shards, loss_cfg, objective, ref, device)
-    eval_inputs = StepInputs.of(cfg, policy, eval_shards, eval_cfg, eval_objective, eval_ref, device) if eval_shards else None
+        console.print(f"resumed from {resume_from} (step {step} of {order.total_steps}, "
+                      f"written by {state.get('world_size', 1)} rank(s), read by {dist.world})")
+    if dist.main:
+        _truncate_metrics(run / "metrics.jsonl", step)
     dims = ModelDims.of(policy)
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(device, precision)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     lengths = shards.lengths()
     unit = "ex/s" if objective.data == "sft" else "pairs/s"
+    # DDP and FSDP average gradients over ranks: each rank's share of the step's mean, times N
+    scale = float(dist.world)
 
     # ---------------------------------------------------------------------------------------------
     # The loop
     # ---------------------------------------------------------------------------------------------
-    bar_on = cfg.progress and console.is_terminal
+    bar_on = cfg.progress and console.is_terminal and dist.main
     progress = _progress_bar(console, enabled=bar_on)
-    with progress, open(run / "metrics.jsonl", "a") as metrics_file:
+    reporter = Reporter(run, cfg.report_to, enabled=dist.main, config=cfg.to_dict())
+    with progress, reporter:
         task = progress.add_task(cfg.method, total=order.total_steps, completed=step, loss="-", speed="-")
         while step < order.total_steps:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            # -- data: this step's examples, and each one's weight in the step's loss ---------------
+            # -- data: this step's examples, this rank's share, each one's weight in the step's loss --
             ids = order.step_examples(step)
             weights = objective.step_weights(counted_tokens(lengths, ids))  # the loss's reduction
+            plan = rank_micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size, dist)
             outputs: list[LossOutput] = []
             work = TokenCounts()
             step_loss = torch.zeros((), device=device)
-            for pos in micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size):
-                w = torch.as_tensor(weights[pos], dtype=torch.float32, device=device)
-                # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) ----
-                with autocast():
-                    logps = forward_logps(inputs, ids[pos], work)
-                # -- loss, backward: each micro-batch's graph is freed right after its backward ----
-                out = objective(loss_cfg, logps)
-                loss = (out.loss * w).sum()
-                loss.backward()
-                step_loss += loss.detach()
-                outputs.append(out)
+            for k, pos in enumerate(plan):
+                empty = pos is None  # keeps the ranks in step; an example at weight 0
+                pos = np.arange(1) if empty else pos
+                w = torch.as_tensor(0.0 * weights[pos] if empty else weights[pos] * scale, dtype=torch.float32, device=device)
+                with grad_sync(trained, parallel, sync=k == len(plan) - 1):
+                    # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) --
+                    with autocast():
+                        logps = trained(ids[pos], None if empty else work)
+                    # -- loss, backward: each micro-batch's graph is freed right after its backward --
+                    out = objective(loss_cfg, logps)
+                    loss = (out.loss * w).sum()
+                    loss.backward()
+                if not empty:
+                    step_loss += loss.detach() / scale
+                    outputs.append(out)
 
             # -- step: clip, schedule, update ---------------------------------------------------------
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            else:
+                norm = grad_norm(params)
             lr = lr_at(cfg, step, order.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_loss = step_loss.item()  # waits for the device: the step is over
+            (step_loss,) = all_reduce_sum(dist, step_loss.item())  # waits for the device: the step is over
             seconds = time.perf_counter() - t0
+            work = work.total(dist)  # tokens of every rank
 
             # -- log ------------------------------------------------------------------------------------
             record = {
@@ -199,13 +232,13 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
                 "epoch": round(order.examples_seen(step) / n_examples, 4),
                 "examples": len(ids),
                 "loss": step_loss,
-                **summarize(outputs),
+                **summarize(outputs, dist=dist),
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(norm),
                 "tokens": work.tokens,
                 "tokens_per_s": work.tokens / seconds,
                 "examples_per_s": len(ids) / seconds,
-                "mfu": dims.flops(work) / seconds / peak if peak else None,
+                "mfu": dims.flops(work) / seconds / (peak * dist.world) if peak else None,
                 "step_s": seconds,
                 "step_cpu_s": time.process_time() - cpu0,  # host CPU time, all threads (robust on a shared machine)
                 "elapsed_s": time.perf_counter() - t_start,
@@ -213,10 +246,10 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- eval -------------------------------------------------------------------------------------
             if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 with autocast():
-                    record.update(eval_loss(eval_inputs, n_eval, budget, cfg.batch_size))
+                    record.update(eval_loss(eval_inputs, n_eval, budget, cfg.batch_size, module=_eval_module(module, eval_inputs)))
+                reshard(module, parallel)
                 console.print(_eval_line(step, record), highlight=False)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            reporter.log(record)
             progress.update(task, advance=1, loss=f"{step_loss:.4f}", speed=f"{len(ids) / seconds:.2f} {unit}")
             if not bar_on and (step == order.total_steps or step % max(1, order.total_steps // 20) == 0):
                 console.print(f"step {step}/{order.total_steps} loss {step_loss:.4f} {len(ids) / seconds:.2f} {unit}")
@@ -224,18 +257,48 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- checkpoint -----------------------------------------------------------------------------
             if cfg.save_every and step % cfg.save_every == 0:
                 state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule}
-                save_checkpoint(run, step, policy, optimizer, state, keep_last=cfg.keep_last)
+                save_checkpoint(run, step, module, optimizer, state, keep_last=cfg.keep_last, dist=dist)
 
     # ---------------------------------------------------------------------------------------------
-    # The final model, in Hugging Face format with the tokenizer
+    # The final model, in Hugging Face format with the tokenizer (rank 0, from the full state dict)
     # ---------------------------------------------------------------------------------------------
-    model_dir = _save_model(policy, tok_dir, run / "model", precision)
+    model_dir = _save_model(module, policy, parallel, tok_dir, run / "model", precision, dist)
     console.print(
         f"[green]done:[/] {order.total_steps} steps in {time.perf_counter() - t_start:.1f} s "
-        f"(reference pass {ref_seconds:.1f} s); model in {model_dir}",
+        f"(reference pass {ref_seconds:.1f} s; {dist.world} rank(s), {parallel}); model in {model_dir}",
         highlight=False,
     )
+    barrier(dist)
     return model_dir
+
+
+def _eval_module(module: PolicyForward, eval_inputs: StepInputs) -> Callable[[np.ndarray], Any]:
+    """Evaluation through the policy's module (under FSDP its forward gathers the parameters)."""
+
+    def run(ids: np.ndarray) -> Any:
+        saved, module.inputs = module.inputs, eval_inputs
+        try:
+            return module(ids)
+        finally:
+            module.inputs = saved
+
+    return run
+
+
+def _scorer(module: torch.nn.Module) -> Callable[[Any], torch.Tensor]:
+    """Sums of log-probs of a packed batch through a policy module (one forward)."""
+    return lambda batch: module(batch=batch).sums
+
+
+def _reference_scorer(ref_dir: Path, cfg: TrainConfig, device: torch.device, dist: Dist, parallel: str,
+                      precision: str) -> Callable[[Any], torch.Tensor]:
+    """A reference other than --init, loaded on every rank (sharded with FSDP2 when the policy is)."""
+    lm = load_model(ref_dir, dtype="fp32", device=device)
+    module = PolicyForward(StepInputs.of(cfg, lm, None, cfg.loss_config(), LOSSES[cfg.method], None, device, dist,
+                                         parallel == "fsdp"))
+    if parallel == "fsdp":
+        wrap(module, lm, "fsdp", device, precision)
+    return _scorer(module)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -284,19 +347,17 @@ class DataOrder:
 # -------------------------------------------------------------------------------------------------
 
 
-# Bytes of saved activations per token and decoder layer, over (hidden, intermediate) sizes, in
-# 16-bit compute (doubled in fp32): residual stream and norm inputs in fp32, attention inputs and
-# outputs, the MLP's gate/up/activation outputs. A deliberate overestimate of what autograd keeps.
-_ACT_HIDDEN, _ACT_INTERMEDIATE = 20, 8
 _BUDGET_MIN, _BUDGET_MAX, _BUDGET_CPU_FRACTION, _BUDGET_GPU_FRACTION = 2048, 65536, 0.25, 0.6
 
 
 def activation_bytes_per_token(model: torch.nn.Module, precision: str) -> int:
-    """Estimated activation memory per token of a forward + backward pass (see ``_ACT_*``)."""
+    """Activation memory per token of a forward + backward pass (:mod:`dppo.train.memory`'s estimate)."""
+    from dppo.train.memory import ACT_BF16, ACT_FP32
+
     c = model.config
     inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
-    per_layer = _ACT_HIDDEN * c.hidden_size + _ACT_INTERMEDIATE * inter
-    return int(c.num_hidden_layers * per_layer * (1 if precision == "bf16" else 2))
+    a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
+    return int(c.num_hidden_layers * (a * c.hidden_size + b * inter))
 
 
 def token_budget(model: torch.nn.Module, device: torch.device, precision: str) -> int:
@@ -527,7 +588,7 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
 
 def _write_run_config(
     cfg: TrainConfig, run: Path, fingerprints: dict[str, Any], tok_dir: Path, device: torch.device, precision: str,
-    order: DataOrder, n_examples: int, resuming: bool,
+    order: DataOrder, n_examples: int, resuming: bool, dist: Dist, parallel: str,
 ) -> None:
     import transformers
 
@@ -550,6 +611,7 @@ def _write_run_config(
         "steps_per_epoch": order.steps_per_epoch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "precision": precision,
+        "distributed": {"world_size": dist.world, "backend": dist.backend, "parallel": parallel},
         "versions": {"dppo": getattr(dppo, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
     }
@@ -573,30 +635,45 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _reference_pass(
     shards: Shards, ids: np.ndarray, *, need_ygen: bool, what: str, cfg: TrainConfig, ref_dir: Path,
-    load: Callable[[], torch.nn.Module], precision: str, autocast: Callable[[], Any], run: Path, console: Console,
-    budget: int,
+    load: Callable[[], Callable[[Any], torch.Tensor]], precision: str, autocast: Callable[[], Any], run: Path,
+    console: Console, budget: int, dist: Dist, lockstep: bool,
 ) -> RefLogps:
-    progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal, rate=False)
+    progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal and dist.main, rate=False)
     with progress:
         task = progress.add_task(f"reference log-probs ({what})", total=None, loss="", speed="")
         result = reference_logps(
             ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=precision, autocast=autocast,
-            chunk_size=cfg.chunk_size, kernel=cfg.kernel, batch_tokens=budget,
-            fallback_dir=run / "refcache", on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            batch_tokens=budget, fallback_dir=run / "refcache", dist=dist, lockstep=lockstep,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     status = "reused" if result.hit else "computed"
     console.print(f"reference log-probs ({what}, {len(ids)} pairs) {status}: {result.cache_dir}", highlight=False)
     return result
 
 
-def _save_model(model: torch.nn.Module, tok_dir: Path, out: Path, precision: str) -> Path:
+def _save_model(module: torch.nn.Module, lm: torch.nn.Module, parallel: str, tok_dir: Path, out: Path, precision: str,
+                dist: Dist) -> Path:
     """``out`` in Hugging Face format (safetensors, bf16 when trained in bf16) plus the tokenizer files,
-    written beside and renamed into place."""
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    with atomic_folder(out) as work:
-        model.save_pretrained(work, safe_serialization=True)
-        copy_tokenizer_files(tok_dir, work)
+    written beside and renamed into place, by rank 0 from the full state dict."""
+    if parallel == "none":
+        state = None  # the model itself holds its full parameters
+    else:
+        state = {k.removeprefix("lm."): v for k, v in full_state_dict(module, parallel).items()}
+    if dist.main:
+        if precision == "bf16":
+            state = {k: v.to(torch.bfloat16) for k, v in (state or lm.state_dict()).items()}
+        if state is not None:  # a tied output projection is stored once, as transformers does
+            head = lm.get_output_embeddings().weight
+            tied = [k for k, v in lm.state_dict(keep_vars=True).items() if v is head]
+            for k in tied[1:] if head is lm.get_input_embeddings().weight else []:
+                state.pop(k, None)
+        with atomic_folder(out) as work:
+            if state is None:
+                lm.save_pretrained(work, safe_serialization=True)
+            else:
+                lm.save_pretrained(work, safe_serialization=True, state_dict=state)
+            copy_tokenizer_files(tok_dir, work)
+    barrier(dist)
     return out
 
 

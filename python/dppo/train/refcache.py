@@ -35,6 +35,7 @@ import torch
 
 from dppo.artifacts import model_fingerprint, resolve_model, write_atomic, write_json
 from dppo.data import Shards
+from dppo.distributed import SINGLE, Dist, all_gather_objects, barrier, on_main
 from dppo.errors import ConfigError
 
 __all__ = ["RefLogps", "reference_logps", "COLUMNS"]
@@ -122,7 +123,7 @@ def reference_logps(
     shards: Shards,
     indices: np.ndarray,
     *,
-    load: Callable[[], torch.nn.Module],
+    load: Callable[[], Any],
     need_ygen: bool,
     precision: str,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
@@ -131,6 +132,8 @@ def reference_logps(
     batch_tokens: int = 16384,
     fallback_dir: Path | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    dist: Dist = SINGLE,
+    lockstep: bool = False,
 ) -> RefLogps:
     """logp_ref of the responses of examples ``indices`` of ``shards``, from the cache or computed.
 
@@ -138,14 +141,20 @@ def reference_logps(
         ref: the reference model folder (its fingerprint keys the cache).
         shards: pairs shards.
         indices: the examples needed.
-        load: returns the reference model (packed attention, no grad needed); called only on a miss,
-            so a cache hit never loads the model.
+        load: returns the reference model (packed attention, no grad needed), or a function from a
+            ``PackedBatch`` to its sequences' summed log-probs (a sharded policy's forward); called
+            only on a miss, so a cache hit never loads the model.
         need_ygen: also logp_ref(y_gen | x) (conll).
         precision: "fp32" or "bf16": part of the cache key (the values differ).
         autocast: context manager factory the forward runs under (bf16 autocast for "bf16").
+        chunk_size, kernel: of the packed forward of a model (``dppo.modeling``).
         batch_tokens: the token budget of a micro-batch of the no-grad pass (:func:`dppo.data.micro_batches`).
         fallback_dir: cache location when the shards folder is not writable.
-        on_progress: called with (tokens done, tokens to do).
+        on_progress: called with (tokens done, tokens to do), on rank 0.
+        dist: under torchrun, the rows are dealt to the ranks; rank 0 gathers the values and writes
+            the cache, every rank returns all of them. A cache made by one process serves N ranks
+            and the reverse (the values do not depend on who computed them).
+        lockstep: every rank runs the same number of rows (a sharded model's forward is a collective).
     """
     from dppo.data import micro_batches
     from dppo.modeling import PackedBatch, sequence_logps
@@ -163,7 +172,7 @@ def reference_logps(
         "examples": n,
     }
     folder = _cache_root(shards, fallback_dir) / f"{info['ref_fingerprint']}-{precision}"
-    arrays = _open_cache(folder, info, n, columns)
+    arrays = on_main(dist, _open_cache, folder, info, n, columns)
 
     indices = np.unique(np.asarray(indices, dtype=np.int64))
     todo = {col: indices[np.isnan(arrays[col][indices])] for col in columns}
@@ -182,29 +191,54 @@ def reference_logps(
     rows = [row.tolist() for row in micro_batches(cost, batch_tokens)]
     total, done = sum(cost), 0
 
-    model = load()
-    device = next(model.parameters()).device
+    loaded = load()
+    if isinstance(loaded, torch.nn.Module):
+        device = next(loaded.parameters()).device
+
+        def score(batch: Any) -> torch.Tensor:
+            return sequence_logps(loaded, batch.to(device), chunk_size, kernel).sums
+    else:
+        score = loaded
+
+    def row_sequences(row: list[int]) -> tuple[list, list]:
+        seqs, slots = [], []
+        for k in row:
+            i = examples[k]
+            ex = shards[i]
+            for col in wanted[i]:
+                seqs.append((ex["prompt_ids"], ex[f"{col}_ids"]))
+                slots.append((col, i))
+        return seqs, slots
+
+    def flush(results: list[tuple[str, int, float]]) -> None:
+        for part in all_gather_objects(dist, results):
+            for col, i, value in part:
+                arrays[col][i] = value
+        if dist.main:
+            for col in columns:
+                _merge_save(folder / f"{col}.npy", arrays[col])
+
+    # rows dealt to the ranks in turn; under lockstep every rank runs every round (an empty turn
+    # re-runs the first row and keeps nothing)
+    rounds = -(-len(rows) // dist.world)
+    mine: list[tuple[str, int, float]] = []
     last_flush = time.monotonic()
     with torch.no_grad():
-        for row in rows:
-            seqs, slots = [], []
-            for k in row:
-                i = examples[k]
-                ex = shards[i]
-                for col in wanted[i]:
-                    seqs.append((ex["prompt_ids"], ex[f"{col}_ids"]))
-                    slots.append((col, i))
+        for k in range(rounds):
+            at = k * dist.world + dist.rank
+            if at >= len(rows) and not lockstep:
+                continue
+            seqs, slots = row_sequences(rows[at] if at < len(rows) else rows[0])
             with autocast():
-                sums = sequence_logps(model, PackedBatch.from_sequences(seqs).to(device), chunk_size, kernel).sums
-            for (col, i), value in zip(slots, sums.float().cpu().numpy(), strict=True):
-                arrays[col][i] = value
-            done += sum(cost[k] for k in row)
-            if on_progress is not None:
-                on_progress(done, total)
-            if time.monotonic() - last_flush > _FLUSH_SECONDS:  # a long pass keeps what it computed
-                for col in columns:
-                    _merge_save(folder / f"{col}.npy", arrays[col])
-                last_flush = time.monotonic()
-    for col in columns:
-        _merge_save(folder / f"{col}.npy", arrays[col])
+                sums = score(PackedBatch.from_sequences(seqs))
+            if at < len(rows):
+                mine += [(col, i, float(v)) for (col, i), v in zip(slots, sums.float().cpu().numpy(), strict=True)]
+            done += sum(cost[j] for j in rows[min(at, len(rows) - 1)]) * dist.world
+            if on_progress is not None and dist.main:
+                on_progress(min(done, total), total)
+            if not dist.active and time.monotonic() - last_flush > _FLUSH_SECONDS:  # a long pass keeps what it did
+                flush(mine)
+                mine, last_flush = [], time.monotonic()
+    flush(mine)
+    barrier(dist)
     return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=False)

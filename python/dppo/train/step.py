@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dppo.data import Shards, micro_batches
+from dppo.data import Shards
+from dppo.distributed import SINGLE, Dist, all_gather_objects, all_reduce_max, all_reduce_sum
 from dppo.modeling import PackedBatch, SeqLogps, sequence_logps
 from dppo.train.losses import LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
 from dppo.train.refcache import RefLogps
 from dppo.train.registry import YgenPlan, ygen_plan
 
-__all__ = ["StepInputs", "TokenCounts", "forward_logps", "ygen_to_run", "example_tokens", "counted_tokens",
-           "eval_loss", "summarize"]
+__all__ = ["StepInputs", "TokenCounts", "PolicyForward", "forward_logps", "ygen_to_run", "example_tokens",
+           "counted_tokens", "eval_loss", "summarize"]
 
 
 @dataclass
@@ -47,6 +48,11 @@ class TokenCounts:
         self.counted += batch.target_pos.numel()
         self.attn += int((lengths * lengths).sum())
 
+    def total(self, d: Dist) -> TokenCounts:
+        """The counts summed over ranks."""
+        t, c, a = all_reduce_sum(d, self.tokens, self.counted, self.attn)
+        return TokenCounts(int(t), int(c), int(a))
+
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -60,6 +66,9 @@ class StepInputs:
         device: where the model runs.
         ygen: which y_gen sequences run (:func:`~dppo.train.registry.ygen_plan`).
         chunk_size, kernel, keep_probs_bytes: how the packed forward runs (``dppo.modeling``).
+        dist: this rank's place in the job.
+        lockstep: every rank must run the same forwards (FSDP gathers parameters in each): the
+            second y_gen row then runs on every rank, empty where a rank needs none.
     """
 
     model: torch.nn.Module
@@ -72,13 +81,32 @@ class StepInputs:
     chunk_size: int = 1024
     kernel: str = "auto"
     keep_probs_bytes: int = 0
+    dist: Dist = SINGLE
+    lockstep: bool = False
 
     @classmethod
     def of(cls, cfg: Any, model: torch.nn.Module, shards: Shards, loss_cfg: LossConfig, objective: LossSpec,
-           ref: RefLogps | None, device: torch.device) -> StepInputs:
+           ref: RefLogps | None, device: torch.device, dist: Dist = SINGLE, lockstep: bool = False) -> StepInputs:
         """From a :class:`~dppo.train.config.TrainConfig`'s speed knobs."""
         return cls(model, shards, loss_cfg, objective, ref, device, ygen_plan(loss_cfg, cfg.skip_ygen),
-                   cfg.chunk_size, cfg.kernel, cfg.keep_probs_mb << 20)
+                   cfg.chunk_size, cfg.kernel, cfg.keep_probs_mb << 20, dist, lockstep)
+
+
+class PolicyForward(torch.nn.Module):
+    """The policy's forward as one module, so that DDP and FSDP2 see one forward per micro-batch
+    (the y_gen rows included): ``module(ids)`` is :func:`forward_logps`, ``module(batch=b)`` scores a
+    packed row (the reference pass with the policy as its own reference)."""
+
+    def __init__(self, inputs: StepInputs) -> None:
+        super().__init__()
+        self.lm = inputs.model
+        self.inputs = inputs
+
+    def forward(self, ids: np.ndarray | None = None, counts: TokenCounts | None = None,
+                batch: PackedBatch | None = None) -> LogProbs | SeqLogps:
+        if batch is not None:
+            return _run(self.inputs, batch, counts)
+        return forward_logps(self.inputs, ids, counts)
 
 
 def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, objective: LossSpec) -> np.ndarray:
@@ -99,8 +127,8 @@ def counted_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarra
     return lengths["response" if "response" in lengths else "chosen"][ids].astype(np.float64)
 
 
-def _run(inputs: StepInputs, seqs: list, counts: TokenCounts | None) -> SeqLogps:
-    batch = PackedBatch.from_sequences(seqs)
+def _run(inputs: StepInputs, seqs: list | PackedBatch, counts: TokenCounts | None) -> SeqLogps:
+    batch = seqs if isinstance(seqs, PackedBatch) else PackedBatch.from_sequences(seqs)
     if counts is not None:
         counts.add(batch)
     return sequence_logps(inputs.model, batch.to(inputs.device, non_blocking=True), inputs.chunk_size, inputs.kernel,
@@ -137,7 +165,7 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
             n_prompt = int((ex["labels"] == -100).sum())
             seqs.append((ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:]))
         out = _run(inputs, seqs, counts)
-        return LogProbs(policy_chosen=out.sums, n_chosen=out.counts)
+        return LogProbs(policy_chosen=out.sums.clone(), n_chosen=out.counts.clone())
 
     b = len(examples)
     seqs = [s for ex in examples for s in ((ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["rejected_ids"]))]
@@ -158,19 +186,26 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
         # applies, on the same fp32 values, so the two agree) and whose y_gen was not in the row.
         probe = LogProbs(policy_chosen=chosen.detach(), policy_rejected=rejected.detach(), **refs)
         missing = ~can_skip_ygen(inputs.loss_cfg, vote(inputs.loss_cfg, probe)).cpu() & ~need
-        if missing.any():
+        anywhere = bool(missing.any())
+        if inputs.lockstep:  # every rank runs the second row if any rank needs one
+            anywhere = all_reduce_max(inputs.dist, float(anywhere))[0] > 0
+        if anywhere and missing.any():
             ygen.append((_run(inputs, ygen_seqs(missing), counts), missing))
+        elif anywhere:  # a row of one example at weight 0: this rank needs none, the others do
+            pad = _run(inputs, [(examples[0]["prompt_ids"], examples[0]["ygen_ids"][:1])], None).sums.sum()
+            chosen = chosen + 0.0 * pad
 
     fields: dict[str, torch.Tensor] = {}
     if inputs.objective.needs_ygen:
         fields["ygen_token_logps"] = torch.cat([chosen.new_zeros(0)] + [s.token_logps for s, _ in ygen])
         owners = [torch.nonzero(mask)[:, 0].to(chosen.device)[s.token_seq] for s, mask in ygen]  # example of each token
         fields["ygen_index"] = torch.cat([torch.zeros(0, dtype=torch.long, device=chosen.device)] + owners)
+    # copies, not views of the row's results: FSDP2 hooks the outputs of a sharded module's forward
     return LogProbs(
-        policy_chosen=chosen,
-        n_chosen=out.counts[0 : 2 * b : 2],
-        policy_rejected=rejected,
-        n_rejected=out.counts[1 : 2 * b : 2],
+        policy_chosen=chosen.clone(),
+        n_chosen=out.counts[0 : 2 * b : 2].clone(),
+        policy_rejected=rejected.clone(),
+        n_rejected=out.counts[1 : 2 * b : 2].clone(),
         **refs,
         **fields,
     )
@@ -181,9 +216,17 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
 # -------------------------------------------------------------------------------------------------
 
 
-def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, float]:
-    """Mean statistics of a step's (or an evaluation's) examples: loss parts, rewards, the vote r
-    (mean and spread), mean f(r), the fraction of examples penalized."""
+def _stats(outputs: Sequence[LossOutput]) -> dict[str, torch.Tensor]:
+    stats: dict[str, list[torch.Tensor]] = {}
+    for out in outputs:
+        for k, v in out.stats().items():
+            stats.setdefault(k, []).append(v.detach().float().cpu())
+    return {k: torch.cat(v) for k, v in stats.items()}
+
+
+def summarize(outputs: Sequence[LossOutput], prefix: str = "", dist: Dist = SINGLE) -> dict[str, float]:
+    """Mean statistics of a step's (or an evaluation's) examples, over every rank's: loss parts,
+    rewards, the vote r (mean and spread), mean f(r), the fraction of examples penalized."""
     names = {
         "dpo_loss": "dpo_loss",
         "penalty": "penalty",
@@ -194,10 +237,11 @@ def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, floa
         "weight": "weight/mean",
         "penalized": "penalized",
     }
+    gathered = all_gather_objects(dist, _stats(outputs))
     stats: dict[str, list[torch.Tensor]] = {}
-    for out in outputs:
-        for k, v in out.stats().items():
-            stats.setdefault(k, []).append(v.detach().float().cpu())
+    for part in gathered:
+        for k, v in part.items():
+            stats.setdefault(k, []).append(v)
     record: dict[str, float] = {}
     for k, values in stats.items():
         v = torch.cat(values)
@@ -210,16 +254,23 @@ def summarize(outputs: Sequence[LossOutput], prefix: str = "") -> dict[str, floa
 
 
 @torch.no_grad()
-def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int) -> dict[str, float]:
+def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int, module: torch.nn.Module | None = None) -> dict[str, float]:
     """The loss and statistics of the first ``n`` examples (no gradients), as ``eval/*``: the same
-    reduction the loss's registry entry gives a training step, over all ``n`` examples."""
+    reduction the loss's registry entry gives a training step, over all ``n`` examples, the
+    examples dealt to the ranks as a step's are. ``module``: the (sharded) policy to run."""
+    from dppo.train.parallel import rank_micro_batches
+
     lengths = inputs.shards.lengths()
     everything = np.arange(n)
     weights = inputs.objective.step_weights(counted_tokens(lengths, everything))
+    run = module if module is not None else (lambda ids: forward_logps(inputs, ids))
     outputs, total = [], 0.0
-    for pos in micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items):
-        logps = forward_logps(inputs, everything[pos])
+    for pos in rank_micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items, inputs.dist):
+        logps = run(everything[pos if pos is not None else slice(0, 1)])
+        if pos is None:
+            continue
         out = inputs.objective(inputs.loss_cfg, logps)
         total += float((out.loss.double().cpu() * torch.from_numpy(weights[pos])).sum())
         outputs.append(out)
-    return {"eval/loss": total, **summarize(outputs, prefix="eval/")}
+    (total,) = all_reduce_sum(inputs.dist, total)
+    return {"eval/loss": total, **summarize(outputs, prefix="eval/", dist=inputs.dist)}

@@ -1,0 +1,171 @@
+"""The memory a training run needs on each rank, before it runs: ``dppo train --plan``.
+
+Per rank, for a model (read from its ``config.json``, no weights loaded), a world size, a
+parallelism, a precision and a micro-batch's token budget:
+
+- **weights**: fp32 master weights, 4 bytes per parameter; FSDP2 keeps 1/N of them per rank, and
+  while a layer computes it gathers that layer's full parameters (in bf16 on CUDA), plus the
+  root's (embedding, final norm, output projection) for the whole forward;
+- **gradients**: fp32, as the weights (sharded under FSDP2; DDP reduces in place, buckets as views);
+- **optimizer state**: AdamW's two moments (8 bytes per parameter), RMSprop's one (4), SGD none;
+- **activations**: what autograd keeps for a micro-batch's backward, per token and decoder layer
+  ``34 x hidden + 14 x intermediate`` bytes in fp32 (``20 x hidden + 8 x intermediate`` under bf16
+  autocast), measured on the CPU for dppo's packed forward (norm inputs and outputs, q/k/v and the
+  attention output, the MLP's four intermediate tensors), plus the vocabulary projection: the kept
+  softmax of the counted tokens (``--keep-probs-mb``) or two chunks of logits (``--chunk-size``).
+
+The bf16 coefficients are the fp32 ones' 16-bit share, not a GPU measurement. A test checks the
+whole plan against the memory a tiny model takes on this CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dppo.errors import ConfigError
+
+__all__ = ["MemoryPlan", "plan_memory", "param_counts", "print_plan", "ACT_FP32", "ACT_BF16"]
+
+ACT_FP32 = (34, 14)  # bytes per token and layer, per unit of (hidden, intermediate), fp32
+ACT_BF16 = (20, 8)  # the same under bf16 autocast
+COUNTED_FRACTION = 0.75  # the share of a packed row's tokens that are response tokens (projected)
+_OPTIMIZER_BYTES = {"adamw": 8, "rmsprop": 4, "sgd": 0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int  # every parameter once (tied tensors once)
+    root_params: int  # outside the decoder layers: embedding, final norm, output projection
+    layer_params: int  # one decoder layer
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+def param_counts(config: Any) -> ModelShape:
+    """Parameter counts of a causal LM built from ``config`` on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    layers = model.base_model.layers
+    layer = sum(p.numel() for p in layers[0].parameters())
+    c = config
+    return ModelShape(params=total, root_params=total - layer * len(layers), layer_params=layer, layers=len(layers),
+                      hidden=c.hidden_size, intermediate=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+                      vocab=c.vocab_size)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per rank, by what holds them."""
+
+    world: int
+    parallel: str
+    precision: str
+    tokens: int
+    rows: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    def table(self) -> list[tuple[str, str]]:
+        return [(k, _gib(v)) for k, v in self.rows.items()] + [("total per rank", _gib(self.total))]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB, or MiB / KiB below one GiB / MiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def activation_bytes(shape: ModelShape, tokens: int, precision: str, chunk_size: int = 1024,
+                     keep_probs_bytes: int = 1 << 30) -> int:
+    """Activation memory of one micro-batch of ``tokens`` tokens (see the module docstring)."""
+    a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
+    body = tokens * shape.layers * (a * shape.hidden + b * shape.intermediate)
+    counted = int(tokens * COUNTED_FRACTION)
+    kept = counted * shape.vocab * 4
+    head = kept if kept <= keep_probs_bytes else 2 * min(chunk_size, counted) * shape.vocab * 4
+    return int(body + head + counted * shape.hidden * 4)
+
+
+def plan_memory(shape: ModelShape, *, world: int = 1, parallel: str = "none", precision: str = "fp32",
+                tokens: int = 16384, optimizer: str = "adamw", chunk_size: int = 1024,
+                keep_probs_bytes: int = 1 << 30) -> MemoryPlan:
+    """The :class:`MemoryPlan` of a run (see the module docstring)."""
+    shard = world if parallel == "fsdp" else 1
+    weights = shape.params * 4 / shard
+    rows = {
+        "weights (fp32)": int(weights),
+        "gradients (fp32)": int(weights),
+        f"optimizer state ({optimizer})": int(shape.params * _OPTIMIZER_BYTES[optimizer] / shard),
+    }
+    if parallel == "fsdp" and world > 1:
+        gathered = 2 if precision == "bf16" else 4
+        # the root's parameters for the whole forward, and two layers at a time (one prefetched)
+        rows["gathered parameters (fsdp)"] = int((shape.root_params + 2 * shape.layer_params) * gathered)
+    rows[f"activations ({tokens:,} tokens)"] = activation_bytes(shape, tokens, precision, chunk_size, keep_probs_bytes)
+    return MemoryPlan(world=world, parallel=parallel, precision=precision, tokens=tokens, rows=rows)
+
+
+def _config_of(init: str) -> Any:
+    from transformers import AutoConfig
+
+    path = Path(init).expanduser()
+    if (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path))
+    from dppo.artifacts import hub_file
+
+    found = hub_file(str(init), "config.json", what="model")
+    if found is None:
+        raise ConfigError(f"{init}: no config.json")
+    return AutoConfig.from_pretrained(str(found.parent))
+
+
+def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> MemoryPlan:
+    """``dppo train --plan``: the plan of ``cfg`` on ``world`` ranks (default: the world torchrun
+    gives it, ``WORLD_SIZE``, else 1), printed as a table, then as one JSON line on stdout; nothing
+    is trained."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if world > 1 else "none")
+    import torch
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda) else "fp32"
+    shape = param_counts(_config_of(cfg.init))
+    tokens = cfg.max_tokens_per_batch or 16384
+    plan = plan_memory(shape, world=world, parallel=parallel, precision=precision, tokens=tokens,
+                       optimizer=cfg.optimizer, chunk_size=cfg.chunk_size, keep_probs_bytes=cfg.keep_probs_mb << 20)
+    t = Table(title=f"memory per rank: {cfg.init} ({_count(shape.params)} parameters), {world} rank(s), "
+                    f"{parallel}, {precision}", title_justify="left")
+    t.add_column("what")
+    t.add_column("per rank", justify="right")
+    for what, size in plan.table():
+        t.add_row(what, size)
+    console.print(t)
+    if not cfg.max_tokens_per_batch:
+        console.print("activations at 16,384 tokens per micro-batch: pass --max-tokens-per-batch to plan another budget")
+    print(json.dumps({"plan": {**plan.rows, "total": plan.total, "world": world, "parallel": parallel,
+                                       "precision": precision, "tokens": tokens}}), flush=True)
+    return plan
