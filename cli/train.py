@@ -60,6 +60,16 @@ def train_cmd(
     parallel: Annotated[Optional[str], _option("--parallel", name="parallel")] = None,
     dist_timeout: Annotated[Optional[float], _option("--dist-timeout", name="dist_timeout")] = None,
     report_to: Annotated[Optional[str], _option("--report-to", name="report_to")] = None,
+    # parameter-efficient training and memory
+    lora_r: Annotated[Optional[int], _option("--lora-r", name="lora_r")] = None,
+    lora_alpha: Annotated[Optional[float], _option("--lora-alpha", name="lora_alpha")] = None,
+    lora_dropout: Annotated[Optional[float], _option("--lora-dropout", name="lora_dropout")] = None,
+    lora_targets: Annotated[Optional[str], _option("--lora-targets", name="lora_targets")] = None,
+    lora_modules_to_save: Annotated[Optional[str], _option("--lora-modules-to-save", name="lora_modules_to_save")] = None,
+    merge: Annotated[Optional[bool], _option("--merge/--no-merge", name="merge")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool], _option("--gradient-checkpointing/--no-gradient-checkpointing", name="gradient_checkpointing")
+    ] = None,
     # evaluation
     eval_data: Annotated[Optional[Path], _option("--eval-data", name="eval_data")] = None,
     eval_every: Annotated[Optional[int], _option("--eval-every", name="eval_every")] = None,

@@ -75,7 +75,7 @@ def train_args(method: str, data: Path, init: Path, out: Path, **opts: object) -
             "save-every": 0, **{k.replace("_", "-"): v for k, v in opts.items()}}
     args = ["train", "--no-progress"]
     for k, v in base.items():
-        args += [f"--{k}", str(v)]
+        args += ([f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
     return args
 
 
@@ -295,3 +295,25 @@ def test_evaluation_on_two_ranks_equals_one_process(tmp_path, tok_dir, pairs_fil
     sa, sb = ([json.loads(x) for x in (tmp_path / d / "scores.jsonl").read_text().splitlines()] for d in ("one", "two"))
     assert len(sa) == len(sb) == 12
     assert [s["diff"] for s in sa] == pytest.approx([s["diff"] for s in sb], abs=1e-5)
+
+
+@pytest.mark.parametrize("parallel,opts", [
+    pytest.param("fsdp", {"lora_r": 4, "lora_alpha": 8.0, "gradient_checkpointing": True}, id="fsdp-lora-checkpointing"),
+    pytest.param("ddp", {"lora_r": 4, "lora_alpha": 8.0}, id="ddp-lora", marks=pytest.mark.slow),
+    pytest.param("fsdp", {"gradient_checkpointing": True}, id="fsdp-checkpointing", marks=pytest.mark.slow),
+])
+def test_lora_and_checkpointing_on_two_ranks_give_the_one_process_update(tmp_path, parallel, opts, init_dir, pair_shards):
+    pytest.importorskip("peft")
+    case = {**CASES["unll"], "max_tokens_per_batch": 160, **opts}
+    two = torchrun(train_args("unll", pair_shards, init_dir, tmp_path / "two", parallel=parallel, **case))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = one_process(train_args("unll", pair_shards, init_dir, tmp_path / "one", **case))
+    assert one.returncode == 0, one.stderr[-3000:]
+    if "lora_r" in opts:  # the adapters: B moved from zero, the same on both
+        a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        scale = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)
+        assert scale > 1e-6
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5 * max(scale, 1.0)
+    assert relative_difference(tmp_path / "one", tmp_path / "two", init_dir) < 1e-5  # the merged models

@@ -145,9 +145,12 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         if (path / "model" / "config.json").is_file():
             return path / "model"
-        if (path / "config.json").is_file():
-            return path
-        raise ConfigError(f"{path}: neither a run folder (with model/) nor a model folder (with config.json)")
+        if (path / "adapter" / "adapter_config.json").is_file():
+            return path / "adapter"  # a LoRA run trained with --no-merge (its config.json is the run's)
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return path  # a model folder, or a LoRA adapter folder (loaded with its base merged in)
+        raise ConfigError(f"{path}: neither a run folder (with model/ or adapter/) nor a model folder (with "
+                          "config.json) nor a LoRA adapter folder (with adapter_config.json)")
     if path.exists():
         raise ConfigError(f"{path}: a file, not a model folder")
     if str(model).startswith((".", "/", "~")) or os.sep in str(model).strip("/").replace("/", "", 1):
@@ -238,15 +241,38 @@ def file_fingerprint(path: Path, chunk: int = 1 << 22) -> str:
     return _FILE_HASHES[key]
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike[str]) -> bool:
+    """A LoRA adapter folder (peft's ``adapter_config.json``) rather than a full model folder."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike[str]) -> str:
+    """The base model an adapter folder was trained on (its ``base_model_name_or_path``)."""
+    try:
+        base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}/{ADAPTER_CONFIG}: unreadable ({e})") from None
+    if not base:
+        raise ConfigError(f"{path}/{ADAPTER_CONFIG}: no base_model_name_or_path: which model does it adapt?")
+    return str(base)
+
+
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """16 hex digits identifying a model folder's weights: blake2b over the names and fingerprints of
     its ``config.json`` and weight files. The one model identity of dppo (reference cache, generation
     cache, judge cache)."""
     folder = Path(model_dir)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
+    h = hashlib.blake2b(digest_size=8)
+    if is_adapter_dir(folder):  # a LoRA adapter: its own files and its base's identity
+        h.update(f"base\0{model_fingerprint(resolve_model(adapter_base(folder)))}\0".encode())
+        files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "adapter_config.json" or p.suffix in WEIGHT_SUFFIXES))
+    else:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise ConfigError(f"{folder}: no weight files (*.safetensors, *.bin) in this model folder")
-    h = hashlib.blake2b(digest_size=8)
     for p in files:
         h.update(f"{p.name}\0{file_fingerprint(p)}\0".encode())
     return h.hexdigest()

@@ -33,6 +33,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,17 @@ __all__ = [
     "packed_nll",
     "load_model",
     "pad_rows",
+    "TESTED_MODEL_TYPES",
+    "check_packed_forward",
+    "enable_activation_checkpointing",
+    "OutputProjection",
+    "logit_transform",
 ]
+
+TESTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2")
+"""Decoder families whose packed log-probs, training step and generation are tested against
+transformers' own (tests/test_families.py). Other causal LMs are checked at start by
+:func:`check_packed_forward`."""
 
 PACKED_ATTN = "dppo_packed"
 """Name under which the packed attention is registered in transformers' ``AttentionInterface``."""
@@ -238,14 +249,16 @@ def packed_attention_forward(
     if cu is None:
         if _IN_PACKED_FORWARD.get():
             raise RuntimeError("packed forward but the model did not pass `cu_seq_lens_q` to its attention")
+        if kwargs.get("softcap") is not None:  # SDPA takes no soft-cap (Gemma 2 generating): scores by hand
+            return _softcap_masked_attention(module, query, key, value, attention_mask, dropout, scaling,
+                                             kwargs["softcap"], sliding_window), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu_k = kwargs.get("cu_seq_lens_k")
     if query.shape[0] != 1 or key.shape[2] != query.shape[2] or (cu_k is not None and cu_k is not cu):
         raise ValueError("packed attention takes one row of self-attention with identical query/key boundaries")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported by the packed attention")
+    softcap = kwargs.get("softcap")
     max_len = kwargs.get("max_length_q")
     max_len = int(max_len) if max_len is not None else int((cu[1:] - cu[:-1]).max())
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -254,6 +267,13 @@ def packed_attention_forward(
     n_rep = query.shape[1] // key.shape[1]
 
     kernel = kwargs.get("packed_kernel", "auto")
+    if softcap is not None:
+        # SDPA and the flash varlen kernel take no soft-cap: the same per-sequence loop, its scores by hand
+        if kernel == "varlen":
+            raise NotImplementedError("varlen_attn does not soft-cap attention logits: use --kernel sdpa_loop or auto")
+        if kernel == "dense":
+            return _dense_attention(query, key, value, cu, scaling, sliding_window, n_rep, dropout, softcap), None
+        return _softcap_loop_attention(query, key, value, cu, scaling, sliding_window, n_rep, dropout, softcap), None
     options = _varlen_options(query, scaling, sliding_window) if kernel in ("auto", "varlen") and dropout == 0 else None
     if kernel == "auto":
         kernel = "sdpa_loop" if options is None else "varlen"
@@ -357,10 +377,65 @@ def _sdpa_loop_attention(q, k, v, cu, scaling, sliding_window, n_rep, dropout) -
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
-def _dense_attention(q, k, v, cu, scaling, sliding_window, n_rep, dropout) -> torch.Tensor:
-    """SDPA with a [T, T] block-diagonal causal mask (reference kernel)."""
+def _softcap_loop_attention(q, k, v, cu, scaling, sliding_window, n_rep, dropout, softcap) -> torch.Tensor:
+    """Attention whose scores are soft-capped (Gemma 2: ``c * tanh(s / c)`` before the mask and the
+    fp32 softmax, as its eager attention does), one sequence at a time."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2), strict=True):
+        n = qs.shape[2]
+        ks, vs = _repeat_heads(ks, n_rep, dim=1), _repeat_heads(vs, n_rep, dim=1)
+        pos = torch.arange(n, device=q.device)
+        diff = pos[:, None] - pos[None, :]
+        mask = diff >= 0
+        if sliding_window is not None:
+            mask &= diff < sliding_window
+        outs.append(_capped_scores_attention(qs, ks, vs, mask, scaling, dropout, softcap))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _capped_scores_attention(q, k, v, mask, scaling, dropout, softcap) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout, training=True)
+    return torch.matmul(weights, v)
+
+
+def _softcap_masked_attention(module, q, k, v, attention_mask, dropout, scaling, softcap, sliding_window) -> torch.Tensor:
+    """Soft-capped attention outside packed rows (generation, ordinary forwards), with the mask the
+    model built: boolean (True attends) or additive; ``None`` means causal (the last queries of the
+    keys) within ``sliding_window``. Output [B, T, Hq, D], as transformers' attention functions return."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_heads(k, n_rep, dim=1), _repeat_heads(v, n_rep, dim=1)
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scaling / softcap) * softcap
+    kv, tq = k.shape[2], q.shape[2]
+    if attention_mask is None:
+        qpos = torch.arange(kv - tq, kv, device=q.device)[:, None]
+        diff = qpos - torch.arange(kv, device=q.device)[None, :]
+        allowed = diff >= 0
+        if sliding_window is not None:
+            allowed &= diff < sliding_window
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    else:
+        mask = attention_mask[:, :, :, :kv]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout and module.training:
+        weights = F.dropout(weights, p=dropout, training=True)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous()
+
+
+def _dense_attention(q, k, v, cu, scaling, sliding_window, n_rep, dropout, softcap=None) -> torch.Tensor:
+    """SDPA with a [T, T] block-diagonal causal mask (reference kernel); scores by hand when soft-capped."""
     mask = _block_causal_mask(cu, q.shape[2], sliding_window)
     k, v = _repeat_heads(k, n_rep, dim=1), _repeat_heads(v, n_rep, dim=1)
+    if softcap is not None:
+        return _capped_scores_attention(q, k, v, mask[None, None], scaling, dropout, softcap).transpose(1, 2).contiguous()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous()
 
@@ -446,9 +521,10 @@ class _ChunkedTargetLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, keep):
+    def forward(ctx, hidden, weight, bias, targets, chunk, keep, scale=1.0, softcap=None):
         n, acc = hidden.shape[0], _acc_dtype(weight)
         compute = _projection_dtype(hidden, weight)
+        keep = keep and softcap is None  # the soft-cap's derivative needs the raw logits: recompute
         logps = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         probs = torch.empty((n, weight.shape[0]), dtype=acc, device=hidden.device) if keep else None
@@ -461,6 +537,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                     logits = torch.mm(h, w.t(), out=probs[s : s + chunk])
                 else:
                     logits = F.linear(h, w, b).to(acc)
+                logits = _transform_logits(logits, scale, softcap)[0]
                 lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
                 logps[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None])[:, 0] - lse[s : s + chunk]
                 if keep:
@@ -471,7 +548,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, targets, lse, probs)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk, ctx.compute, ctx.keep = chunk, compute, keep
+        ctx.chunk, ctx.compute, ctx.keep, ctx.scale, ctx.softcap = chunk, compute, keep, scale, softcap
         return logps
 
     @staticmethod
@@ -487,12 +564,17 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             w, b = weight.to(compute), None if bias is None else bias.to(compute)
             for s in range(0, hidden.shape[0], chunk):
                 h, g = hidden[s : s + chunk].to(compute), grad_logps[s : s + chunk, None].to(acc)
+                capped = None
                 if ctx.keep:  # overwrite the saved softmax: autograd refuses a second backward through it
                     dlogits = kept[0][s : s + chunk].mul_(-g)  # -g * softmax
                 else:
-                    dlogits = F.linear(h, w, b).to(acc)
+                    dlogits, capped = _transform_logits(F.linear(h, w, b).to(acc), ctx.scale, ctx.softcap)
                     dlogits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # -g * softmax
                 dlogits.scatter_add_(1, targets[s : s + chunk, None], g)  # + g * onehot
+                if capped is not None:  # d(c tanh(l / c)) / dl = 1 - tanh^2
+                    dlogits.mul_(1 - capped.square())
+                if ctx.scale != 1.0:
+                    dlogits.mul_(ctx.scale)
                 if need_b:
                     grad_b += dlogits.sum(0)
                 dlogits = dlogits.to(compute)
@@ -506,7 +588,18 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _transform_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own logit transform: ``logits * scale``, then ``softcap * tanh(logits / softcap)``
+    (Gemma 2); returns the transformed logits and, when capped, ``tanh(logits / softcap)``."""
+    if scale != 1.0:
+        logits = logits.mul_(scale)
+    if softcap is None:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return t * softcap, t
 
 
 def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -529,8 +622,12 @@ def chunked_target_logps(
     targets: torch.Tensor,
     chunk_size: int = 1024,
     keep_probs_bytes: int = 0,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``log_softmax(hidden @ weight.T + bias, -1)[i, targets[i]]`` without a [N, V] tensor.
+    """``log_softmax(T(hidden @ weight.T + bias), -1)[i, targets[i]]`` without a [N, V] tensor, where
+    ``T(z) = softcap * tanh(z * scale / softcap)`` (or ``z * scale`` without a soft-cap): the logit
+    transforms of Gemma 2 (soft-capping), Cohere (``logit_scale``) and Granite (``1 / logits_scaling``).
 
     Args:
         hidden: [N, H] hidden states that predict the targets.
@@ -548,20 +645,41 @@ def chunked_target_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     keep = torch.is_grad_enabled() and hidden.shape[0] * weight.shape[0] * 4 <= keep_probs_bytes
-    return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, chunk_size, keep)
+    return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, chunk_size, keep, float(scale),
+                                     None if softcap is None else float(softcap))
 
 
-def _output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``lm_head`` weight and bias (the embedding matrix itself when tied, so both get gradients)."""
-    config = model.config
-    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0)):
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            raise NotImplementedError(f"models whose logits are transformed ({name}={value}) are not supported")
+@dataclass(frozen=True)
+class OutputProjection:
+    """The LM head as the log-probs need it: ``logits = T(hidden @ weight.T + bias)`` with ``T`` the
+    model's logit transform (``scale``, then ``softcap``; see :func:`chunked_target_logps`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) of a model's logits, from its config (the text config of a multimodal one)."""
+    config = getattr(config, "text_config", None) or config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
+def _output_projection(model: torch.nn.Module) -> OutputProjection:
+    """``lm_head`` weight and bias (the embedding matrix itself when tied, so both get gradients),
+    with the model's logit transform."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise NotImplementedError(f"output layer {type(head).__name__} is not a torch.nn.Linear")
-    return head.weight, head.bias
+    scale, cap = logit_transform(model.config)
+    return OutputProjection(head.weight, head.bias, scale, cap)
 
 
 def token_logps(
@@ -572,10 +690,11 @@ def token_logps(
     Differentiable w.r.t. the model's parameters when grad is enabled.
     """
     hidden = packed_hidden_states(model, batch, kernel=kernel)
-    weight, bias = _output_projection(model)
+    head = _output_projection(model)
     predictors = hidden.index_select(0, batch.target_pos - 1)  # never crosses a boundary: see PackedBatch
     targets = batch.input_ids.index_select(0, batch.target_pos)
-    return chunked_target_logps(predictors, weight, bias, targets, chunk_size, keep_probs_bytes)
+    return chunked_target_logps(predictors, head.weight, head.bias, targets, chunk_size, keep_probs_bytes,
+                                head.scale, head.softcap)
 
 
 @dataclass(frozen=True)
@@ -697,6 +816,84 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") ->
 # Loading
 # --------------------------------------------------------------------------------------------------
 
+def check_packed_forward(model: torch.nn.Module, tolerance: float = 5e-2) -> str | None:
+    """Refuse a model whose packed forward is not each sequence's own forward (one line).
+
+    Runs two short sequences packed in one row and the second one alone (a few tokens: cheap for
+    any size) and compares the second one's final hidden states. A model whose layers carry state
+    across the row (a recurrent or state-space block, an attention that ignores the sequence
+    boundaries) fails here instead of training on sequences that see each other. Returns None for a
+    tested family, else a note naming the model type (checked, not in the tested list).
+    """
+    from dppo.errors import ConfigError
+
+    config = model.config
+    kind = getattr(config, "model_type", type(model).__name__)
+    device = next(model.parameters()).device
+    vocab = int(getattr(getattr(config, "text_config", None) or config, "vocab_size", 0) or 16)
+    first = torch.arange(3, dtype=torch.int64) % vocab + 1
+    second = (torch.arange(5, dtype=torch.int64) * 7 + 3) % vocab
+    try:
+        with torch.no_grad():
+            both = PackedBatch.from_sequences([(first[:2], first[2:]), (second[:2], second[2:])]).to(device)
+            alone = PackedBatch.from_sequences([(second[:2], second[2:])]).to(device)
+            packed = packed_hidden_states(model, both)[first.numel():].float()
+            single = packed_hidden_states(model, alone).float()
+    except (NotImplementedError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise ConfigError(f"model type {kind!r} ({type(model).__name__}) cannot train with dppo's packed forward: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; tested families: "
+                          f"{', '.join(TESTED_MODEL_TYPES)}") from None
+    scale = float(single.abs().max()) or 1.0
+    err = float((packed - single).abs().max()) / scale
+    if not math.isfinite(err) or err > tolerance:
+        raise ConfigError(f"model type {kind!r} ({type(model).__name__}): packed sequences see each other (the second "
+                          f"of two packed sequences differs from its own forward by {err:.2g} relative); dppo trains "
+                          f"on packed rows and cannot train it. Tested families: {', '.join(TESTED_MODEL_TYPES)}")
+    if kind in TESTED_MODEL_TYPES:
+        return None
+    return (f"model type {kind!r} is not among dppo's tested families ({', '.join(TESTED_MODEL_TYPES)}); its packed "
+            f"forward matched the plain one on a probe (relative difference {err:.1g})")
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each decoder layer in the backward pass (transformers' own layer checkpointing,
+    non-reentrant ``torch.utils.checkpoint``; it wraps the layers' ``forward``, so FSDP2's hooks stay
+    outside). The model stays in eval mode (no dropout): only the layers' own switch is turned on,
+    which transformers reads to decide whether to checkpoint. In place; returns the model."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from dppo.errors import ConfigError
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not getattr(model, "supports_gradient_checkpointing", False) or not layers:
+        raise ConfigError(f"{type(model).__name__}: transformers offers no layer checkpointing for this model "
+                          "(drop --gradient-checkpointing)")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for layer in layers:
+        layer.training = True  # the layer's flag alone: its submodules (dropout, attention) stay in eval mode
+    return model
+
+
+def import_peft() -> Any:
+    """peft, imported when LoRA is used (a dependency only then)."""
+    try:
+        import peft
+    except ImportError:
+        from dppo.errors import ConfigError
+
+        raise ConfigError("LoRA needs the peft package: pip install peft (or pip install 'dppo[lora]')") from None
+    return peft
+
+
+def load_adapter_model(path: Any, dtype: Any, device: Any, attn: str = PACKED_ATTN) -> torch.nn.Module:
+    """The model an adapter folder stands for: its base (``base_model_name_or_path``) with the
+    adapter merged in (``merge_and_unload``), an ordinary causal LM."""
+    from dppo.artifacts import adapter_base, resolve_model
+
+    base = load_model(resolve_model(adapter_base(path)), dtype=dtype, device=device, attn=attn)
+    return import_peft().PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+
+
 def load_model(
     path_or_config: Any,
     dtype: str | torch.dtype = "auto",
@@ -724,11 +921,25 @@ def load_model(
         dtype = torch_dtype(resolve_dtype(dtype, device))
     if attn == PACKED_ATTN:
         register_packed_attention()
-    if isinstance(path_or_config, PretrainedConfig):
-        # from_config records the attention choice on the config it gets: keep the caller's intact
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(path_or_config), dtype=dtype, attn_implementation=attn)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype, attn_implementation=attn)
+    if not isinstance(path_or_config, PretrainedConfig):
+        from dppo.artifacts import is_adapter_dir
+
+        if is_adapter_dir(path_or_config):  # a LoRA adapter folder: its base with the adapter merged
+            return load_adapter_model(path_or_config, dtype=dtype, device=device, attn=attn).to(device).eval()
+    try:
+        if isinstance(path_or_config, PretrainedConfig):
+            # from_config records the attention choice on the config it gets: keep the caller's intact
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(path_or_config), dtype=dtype, attn_implementation=attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path_or_config, dtype=dtype, attn_implementation=attn)
+    except ValueError as e:
+        if attn != PACKED_ATTN or "attention" not in str(e).lower():
+            raise
+        from dppo.errors import ConfigError
+
+        kind = getattr(path_or_config, "model_type", None) or str(path_or_config)
+        raise ConfigError(f"{kind}: this model's attention cannot be replaced by dppo's packed attention "
+                          f"({str(e).strip().splitlines()[0]}); tested families: {', '.join(TESTED_MODEL_TYPES)}") from None
     if model.config._attn_implementation != attn:
         raise ValueError(f"{type(model).__name__} did not accept attention {attn!r}")
     return model.to(device).eval()

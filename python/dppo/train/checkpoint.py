@@ -151,12 +151,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 0,
     dist: Dist = SINGLE,
+    trainable_only: bool = False,
 ) -> Path:
     """Write ``RUN/checkpoints/step_{step}`` atomically (every rank calls it); then keep only the
     ``keep_last`` newest (0: all).
 
     ``model`` is the module the optimizer trains (sharded by FSDP2 or not; not a DDP wrapper).
     ``state`` is any JSON-able dict (the trainer's data position, schedule, ...); ``step`` is added.
+    ``trainable_only``: store only the parameters that require gradients (LoRA's adapters: the frozen
+    base is the run's ``--init`` and is not copied into every checkpoint).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -170,14 +173,16 @@ def save_checkpoint(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
     barrier(dist)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+    model_state = _drop_frozen(model, model_state, trainable_only)
     dcp.save({"model": model_state}, checkpoint_id=str(work / "model"))
     dcp.save({"optim": optim_state}, checkpoint_id=str(work / "optim"))
     torch.save(_rng_state(), work / f"rng-{dist.rank}.pt")
     barrier(dist)
     if dist.main:
         normal_permissions(work)
-        meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "world_size": dist.world, "files": _files(work)}
+        meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "world_size": dist.world,
+                "trainable_only": trainable_only, "files": _files(work)}
         with open(work / "state.json", "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()
@@ -193,6 +198,22 @@ def save_checkpoint(
                 _remove(old)
     barrier(dist)
     return final
+
+
+def _options(trainable_only: bool, load: bool = False) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # loading only the trained parameters leaves the frozen ones as --init gave them: not strict
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not (load and trainable_only))
+
+
+def _drop_frozen(model: torch.nn.Module, state: dict[str, Any], trainable_only: bool) -> dict[str, Any]:
+    """``state`` without the frozen parameters (``ignore_frozen_params`` keeps a frozen weight that is
+    tied to another, such as a tied LM head: it would put the whole embedding in every checkpoint)."""
+    if not trainable_only:
+        return state
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
 def _umask() -> int:
@@ -253,7 +274,7 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(
     path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer, verify: bool = True,
-    dist: Dist = SINGLE,
+    dist: Dist = SINGLE, trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore the model's parameters, the optimizer and this rank's RNG states (every rank calls it).
 
@@ -265,13 +286,18 @@ def load_checkpoint(
 
     path = Path(path)
     meta = read_state(path) if verify else json.loads((path / "state.json").read_text())
+    if bool(meta.get("trainable_only", False)) != trainable_only:
+        kind = "only adapters (LoRA)" if meta.get("trainable_only") else "every weight"
+        raise CheckpointError(f"checkpoint {path} holds {kind}; this run trains "
+                              f"{'only adapters' if trainable_only else 'every weight'}: resume it with the options it was started with")
     try:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        box = {"model": model_state}
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+        box = {"model": _drop_frozen(model, model_state, trainable_only)}
         dcp.load(box, checkpoint_id=str(path / "model"))
         optim = {"optim": optim_state}
         dcp.load(optim, checkpoint_id=str(path / "optim"))
-        set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=optim["optim"])
+        set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=optim["optim"],
+                       options=_options(trainable_only, load=True))
         rng = path / f"rng-{dist.rank}.pt"
         _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True))
     except CheckpointError:

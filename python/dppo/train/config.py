@@ -36,8 +36,8 @@ TRAIN_DTYPES = ("auto", "bf16", "fp32")
 # Options that change how a run is carried out, not what it computes: `--resume` accepts a run whose
 # saved configuration differs from the new one only in these.
 RUNTIME_OPTIONS = frozenset(
-    {"resume", "overwrite", "progress", "save_every", "keep_last", "eval_every", "eval_data", "eval_samples", "peak_tflops",
-     "parallel", "dist_timeout", "report_to", "device", "max_tokens_per_batch"}
+    {"out", "resume", "overwrite", "progress", "save_every", "keep_last", "eval_every", "eval_data", "eval_samples", "peak_tflops",
+     "parallel", "dist_timeout", "report_to", "device", "max_tokens_per_batch", "gradient_checkpointing"}
 )
 
 _LOSS_FIELDS = ("beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm")
@@ -100,6 +100,22 @@ class TrainConfig:
     deterministic: bool = _opt(
         False, "Use deterministic kernels where they exist (torch.use_deterministic_algorithms): a resumed CUDA run "
         "then repeats an uninterrupted one bit for bit, at some speed."
+    )
+    # -- parameter-efficient training and memory ------------------------------------------------------
+    lora_r: int = _opt(0, "LoRA rank (peft): train low-rank adapters instead of every weight; 0: full fine-tuning.")
+    lora_alpha: float | None = _opt(None, "LoRA scaling alpha (the update is alpha / r * B @ A; default 2 x --lora-r).")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch's input (0: the policy's forward stays deterministic).")
+    lora_targets: str = _opt(
+        "all-linear", "Modules that get adapters: all-linear (every linear layer of the decoder, not the LM head) "
+        "or comma-separated module names (q_proj,v_proj)."
+    )
+    lora_modules_to_save: str | None = _opt(
+        None, "Comma-separated modules trained in full beside the adapters (embed_tokens,lm_head)."
+    )
+    merge: bool = _opt(True, "With LoRA: also write RUN/model/, the base model with the adapters merged in (--no-merge: RUN/adapter/ only).")
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute each decoder layer in the backward pass instead of keeping its activations (less memory, "
+        "about a third more compute; the gradients are the same)."
     )
     # -- evaluation ----------------------------------------------------------------------------------
     eval_data: str | None = _opt(None, "Shards to evaluate the loss and reward accuracy on.")
@@ -214,6 +230,22 @@ class TrainConfig:
             raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora-r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.lora_r == 0:
+            given = [n for n in ("lora_alpha", "lora_modules_to_save") if getattr(self, n) is not None]
+            given += [n for n, d in (("lora_dropout", 0.0), ("lora_targets", "all-linear"), ("merge", True)) if getattr(self, n) != d]
+            if given:
+                raise ConfigError(f"{_flag(given[0])} needs --lora-r > 0 (LoRA is off)")
+        else:
+            if self.lora_alpha is None:
+                object.__setattr__(self, "lora_alpha", float(2 * self.lora_r))
+            if not self.lora_alpha > 0:
+                raise ConfigError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            if not self.lora_targets.strip():
+                raise ConfigError("--lora-targets must name modules, or be all-linear")
         if self.eval_data is None:
             for name in ("eval_every", "eval_samples"):
                 if getattr(self, name) not in (None, 0):

@@ -62,7 +62,8 @@ from dppo.data import Shards, open_shards
 from dppo.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, launched, on_main
 from dppo.distributed import setup as setup_distributed
 from dppo.errors import ConfigError
-from dppo.modeling import load_model
+from dppo.modeling import check_packed_forward, enable_activation_checkpointing, load_model
+from dppo.train.lora import apply_lora, merge_adapter, save_adapter
 from dppo.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
 from dppo.train.config import RUNTIME_OPTIONS, TrainConfig
 from dppo.train.losses import LOSSES, LossConfig, LossOutput, LossSpec
@@ -128,7 +129,17 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     # The policy (sharded or replicated over the ranks), and the reference log-probs (one no-grad
     # pass, each rank its share, cached beside the shards)
     # ---------------------------------------------------------------------------------------------
-    policy = load_model(init_dir, dtype="fp32", device=device)  # eval mode: no dropout, as TRL does
+    # fp32 master weights; with LoRA the frozen base may stay in bf16 on CUDA (only the adapters train)
+    base_dtype = "bf16" if cfg.lora_r and precision == "bf16" else "fp32"
+    policy = load_model(init_dir, dtype=base_dtype, device=device)  # eval mode: no dropout, as TRL does
+    family_note = check_packed_forward(policy)  # a model whose packed rows would leak fails here, in one line
+    if family_note and dist.main:
+        console.print(f"[yellow]note:[/] {family_note}", highlight=False)
+    adapter = None
+    if cfg.lora_r:  # FSDP2 shards the frozen base and the adapters alike; DDP reduces the adapters' gradients
+        adapter = apply_lora(cfg, policy, base=_base_name(cfg.init, init_dir))
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(policy)
     # every rank must form the same micro-batches: the smallest budget of any rank
     budget = cfg.max_tokens_per_batch or -int(all_reduce_max(dist, -token_budget(policy, device, precision))[0])
     if dist.main:
@@ -163,7 +174,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
 
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, verify=False, dist=dist)
+        state = load_checkpoint(resume_from, module, optimizer, verify=False, dist=dist, trainable_only=adapter is not None)
         step = int(state["step"])
         console.print(f"resumed from {resume_from} (step {step} of {order.total_steps}, "
                       f"written by {state.get('world_size', 1)} rank(s), read by {dist.world})")
@@ -257,12 +268,16 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- checkpoint -----------------------------------------------------------------------------
             if cfg.save_every and step % cfg.save_every == 0:
                 state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule}
-                save_checkpoint(run, step, module, optimizer, state, keep_last=cfg.keep_last, dist=dist)
+                save_checkpoint(run, step, module, optimizer, state, keep_last=cfg.keep_last, dist=dist,
+                                trainable_only=adapter is not None)
 
     # ---------------------------------------------------------------------------------------------
     # The final model, in Hugging Face format with the tokenizer (rank 0, from the full state dict)
     # ---------------------------------------------------------------------------------------------
-    model_dir = _save_model(module, policy, parallel, tok_dir, run / "model", precision, dist)
+    if adapter is not None:
+        model_dir = _save_lora(module, adapter, parallel, tok_dir, run, precision, dist, merge=cfg.merge)
+    else:
+        model_dir = _save_model(module, policy, parallel, tok_dir, run / "model", precision, dist)
     console.print(
         f"[green]done:[/] {order.total_steps} steps in {time.perf_counter() - t_start:.1f} s "
         f"(reference pass {ref_seconds:.1f} s; {dist.world} rank(s), {parallel}); model in {model_dir}",
@@ -552,7 +567,7 @@ def _fingerprints(init_dir: Path, ref_dir: Path | None, shards: Shards, eval_sha
 
 def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
     """Check the run folder; with --resume return the checkpoint to continue from (None: start over)."""
-    markers = [run / "config.json", run / "metrics.jsonl", run / "checkpoints", run / "model"]
+    markers = [run / "config.json", run / "metrics.jsonl", run / "checkpoints", run / "model", run / "adapter"]
     if cfg.resume:
         # job scripts on preemptible machines always pass --resume: a run not started yet starts here
         run.mkdir(parents=True, exist_ok=True)
@@ -649,6 +664,29 @@ def _reference_pass(
     status = "reused" if result.hit else "computed"
     console.print(f"reference log-probs ({what}, {len(ids)} pairs) {status}: {result.cache_dir}", highlight=False)
     return result
+
+
+def _base_name(given: str, resolved: Path) -> str:
+    """What an adapter records as its base: the absolute folder for a local model, else the hub id."""
+    return str(resolved.resolve()) if Path(given).expanduser().exists() else str(given)
+
+
+def _save_lora(module: torch.nn.Module, adapter: Any, parallel: str, tok_dir: Path, run: Path, precision: str, dist: Dist,
+               merge: bool) -> Path:
+    """RUN/adapter/ (peft's format, with the tokenizer) and, with ``merge``, RUN/model/ (the base with
+    the adapters merged): by rank 0, from the full state dict under FSDP2."""
+    state = None
+    if parallel == "fsdp":
+        state = {"base_model.model." + k.removeprefix("lm."): v for k, v in full_state_dict(module, parallel).items()}
+    out = run / "adapter"
+    if dist.main:
+        with atomic_folder(out) as work:
+            save_adapter(adapter, work, state)
+            copy_tokenizer_files(tok_dir, work)
+        if merge:
+            merge_adapter(out, run / "model", torch.bfloat16 if precision == "bf16" else torch.float32, tok_dir)
+    barrier(dist)
+    return run / "model" if merge else out
 
 
 def _save_model(module: torch.nn.Module, lm: torch.nn.Module, parallel: str, tok_dir: Path, out: Path, precision: str,

@@ -94,32 +94,50 @@ def _gib(n: float) -> str:
 
 
 def activation_bytes(shape: ModelShape, tokens: int, precision: str, chunk_size: int = 1024,
-                     keep_probs_bytes: int = 1 << 30) -> int:
-    """Activation memory of one micro-batch of ``tokens`` tokens (see the module docstring)."""
+                     keep_probs_bytes: int = 1 << 30, checkpointing: bool = False) -> int:
+    """Activation memory of one micro-batch of ``tokens`` tokens (see the module docstring).
+
+    With activation checkpointing each layer keeps only its input (the fp32 residual stream) and
+    one layer at a time recomputes its activations in the backward pass, after the vocabulary
+    projection's backward has freed its buffers: the peak is the layers' inputs plus the larger of
+    the two."""
     a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
-    body = tokens * shape.layers * (a * shape.hidden + b * shape.intermediate)
+    layer = tokens * (a * shape.hidden + b * shape.intermediate)
     counted = int(tokens * COUNTED_FRACTION)
     kept = counted * shape.vocab * 4
-    head = kept if kept <= keep_probs_bytes else 2 * min(chunk_size, counted) * shape.vocab * 4
-    return int(body + head + counted * shape.hidden * 4)
+    head = (kept if kept <= keep_probs_bytes else 2 * min(chunk_size, counted) * shape.vocab * 4) + counted * shape.hidden * 4
+    if checkpointing:
+        return int(tokens * shape.layers * shape.hidden * 4 + max(layer, head))
+    return int(layer * shape.layers + head)
 
 
 def plan_memory(shape: ModelShape, *, world: int = 1, parallel: str = "none", precision: str = "fp32",
                 tokens: int = 16384, optimizer: str = "adamw", chunk_size: int = 1024,
-                keep_probs_bytes: int = 1 << 30) -> MemoryPlan:
+                keep_probs_bytes: int = 1 << 30, checkpointing: bool = False, lora_params: int = 0,
+                base_bytes: int = 4) -> MemoryPlan:
     """The :class:`MemoryPlan` of a run (see the module docstring)."""
     shard = world if parallel == "fsdp" else 1
-    weights = shape.params * 4 / shard
-    rows = {
-        "weights (fp32)": int(weights),
-        "gradients (fp32)": int(weights),
-        f"optimizer state ({optimizer})": int(shape.params * _OPTIMIZER_BYTES[optimizer] / shard),
-    }
+    if lora_params:  # LoRA: the base frozen (no gradients, no optimizer state), the adapters trained in fp32
+        base = "bf16" if base_bytes == 2 else "fp32"
+        rows = {
+            f"base weights (frozen, {base})": int(shape.params * base_bytes / shard),
+            "adapter weights (fp32)": int(lora_params * 4 / shard),
+            "gradients (fp32, adapters)": int(lora_params * 4 / shard),
+            f"optimizer state ({optimizer})": int(lora_params * _OPTIMIZER_BYTES[optimizer] / shard),
+        }
+    else:
+        weights = shape.params * 4 / shard
+        rows = {
+            "weights (fp32)": int(weights),
+            "gradients (fp32)": int(weights),
+            f"optimizer state ({optimizer})": int(shape.params * _OPTIMIZER_BYTES[optimizer] / shard),
+        }
     if parallel == "fsdp" and world > 1:
         gathered = 2 if precision == "bf16" else 4
         # the root's parameters for the whole forward, and two layers at a time (one prefetched)
         rows["gathered parameters (fsdp)"] = int((shape.root_params + 2 * shape.layer_params) * gathered)
-    rows[f"activations ({tokens:,} tokens)"] = activation_bytes(shape, tokens, precision, chunk_size, keep_probs_bytes)
+    what = f"activations ({tokens:,} tokens{', checkpointed' if checkpointing else ''})"
+    rows[what] = activation_bytes(shape, tokens, precision, chunk_size, keep_probs_bytes, checkpointing)
     return MemoryPlan(world=world, parallel=parallel, precision=precision, tokens=tokens, rows=rows)
 
 
@@ -153,10 +171,18 @@ def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> Memor
 
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda) else "fp32"
-    shape = param_counts(_config_of(cfg.init))
+    config = _config_of(cfg.init)
+    shape = param_counts(config)
     tokens = cfg.max_tokens_per_batch or 16384
+    lora = 0
+    if cfg.lora_r:
+        from dppo.train.lora import lora_param_count
+
+        lora = lora_param_count(config, cfg.lora_r, cfg.lora_targets)
     plan = plan_memory(shape, world=world, parallel=parallel, precision=precision, tokens=tokens,
-                       optimizer=cfg.optimizer, chunk_size=cfg.chunk_size, keep_probs_bytes=cfg.keep_probs_mb << 20)
+                       optimizer=cfg.optimizer, chunk_size=cfg.chunk_size, keep_probs_bytes=cfg.keep_probs_mb << 20,
+                       checkpointing=cfg.gradient_checkpointing, lora_params=lora,
+                       base_bytes=2 if cfg.lora_r and precision == "bf16" else 4)
     t = Table(title=f"memory per rank: {cfg.init} ({_count(shape.params)} parameters), {world} rank(s), "
                     f"{parallel}, {precision}", title_justify="left")
     t.add_column("what")

@@ -4,7 +4,9 @@
 //! `transformers` renders with a sandboxed jinja2 environment configured with `trim_blocks=True`,
 //! `lstrip_blocks=True` and the loop-controls extension, and passes `messages`, `tools`,
 //! `documents`, `add_generation_prompt` and the tokenizer's special tokens (`bos_token`,
-//! `eos_token`, ...) as variables, plus the global `raise_exception`. We mirror that setup;
+//! `eos_token`, ...) as variables, plus the globals `raise_exception` and `strftime_now` (the
+//! local date and time formatted by a strftime format, which Llama 3.2's template stamps into its
+//! system header). We mirror that setup;
 //! Python string methods used by templates (`.strip()`, `.startswith()`, ...) come from
 //! minijinja-contrib's pycompat layer.
 
@@ -39,6 +41,15 @@ fn raise_exception(msg: String) -> std::result::Result<Value, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// `strftime_now(format)`: `datetime.now().strftime(format)`, as transformers registers it.
+fn strftime_now(format: String) -> std::result::Result<Value, JinjaError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format))
+        .map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, format!("strftime_now: bad format {format:?}")))?;
+    Ok(Value::from(out))
+}
+
 impl ChatTemplate {
     /// Compile `source`; `special_tokens` maps names such as `bos_token` to their text.
     pub fn new(source: &str, special_tokens: BTreeMap<String, String>) -> Result<Self> {
@@ -51,6 +62,7 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| PrepError::Template(format!("the chat template does not compile: {e}")))?;
         Ok(Self { env, source: source.to_owned(), special_tokens })
@@ -215,6 +227,20 @@ mod tests {
         let err = t.render(&[Message::new("user", "x")], false).unwrap_err().to_string();
         assert!(err.contains("only user turns"), "{err}");
         assert!(ChatTemplate::new("{% if %}", BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn strftime_now_formats_todays_date_and_is_defined() {
+        let t = ChatTemplate::new(
+            "{% if strftime_now is defined %}{{ strftime_now('%Y-%m-%d|%d %b %Y') }}{% else %}undefined{% endif %}",
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let out = t.render(&[Message::new("user", "x")], false).unwrap();
+        let today = chrono::Local::now();
+        // the day may turn between the two clock reads: accept either side of midnight
+        let want = |d: chrono::DateTime<chrono::Local>| d.format("%Y-%m-%d|%d %b %Y").to_string();
+        assert!(out == want(today) || out == want(today - chrono::Duration::seconds(5)), "{out}");
     }
 
     #[test]
