@@ -185,6 +185,7 @@ def prep_prefs(
 
 
 # -- the other stages, each in its own module ----------------------------------------------------
+from dppo.cli.curriculum import curriculum_cmd  # noqa: E402
 from dppo.cli.demo import demo_cmd  # noqa: E402
 from dppo.cli.generate_eval import eval_cmd, generate_cmd  # noqa: E402
 from dppo.cli.train import train_cmd  # noqa: E402
@@ -193,6 +194,7 @@ app.command("train")(train_cmd)
 app.command("generate")(user_errors(generate_cmd))
 app.command("eval")(user_errors(eval_cmd))
 app.command("demo")(user_errors(demo_cmd))
+app.command("curriculum")(user_errors(curriculum_cmd))
 
 
 @app.command("plot")

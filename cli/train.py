@@ -41,6 +41,9 @@ def train_cmd(
     vote_norm: Annotated[Optional[str], _option("--vote-norm", name="vote_norm")] = None,
     detach_weight: Annotated[Optional[bool], _option("--detach-weight/--no-detach-weight", name="detach_weight")] = None,
     penalty_norm: Annotated[Optional[str], _option("--penalty-norm", name="penalty_norm")] = None,
+    alpha_schedule: Annotated[Optional[str], _option("--alpha-schedule", name="alpha_schedule")] = None,
+    alpha_end: Annotated[Optional[float], _option("--alpha-end", name="alpha_end")] = None,
+    alpha_steps: Annotated[Optional[str], _option("--alpha-steps", name="alpha_steps")] = None,
     # optimization
     lr: Annotated[Optional[float], _option("--lr", name="lr")] = None,
     optimizer: Annotated[Optional[str], _option("--optimizer", name="optimizer")] = None,

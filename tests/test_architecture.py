@@ -31,8 +31,8 @@ def _imports(path: Path) -> set[str]:
 def _floor(module: str) -> str:
     if module.startswith("dppo.cli") or module == "dppo.__main__":
         return "cli"
-    if module.startswith("dppo.demo"):
-        return "demo"
+    if module.startswith(("dppo.demo", "dppo.curriculum")):
+        return "demo"  # compositions of the stages
     for stage in STAGES:
         if module == stage or module.startswith(stage + "."):
             return stage

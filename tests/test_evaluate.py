@@ -118,10 +118,18 @@ def test_evaluate_end_to_end_with_caching(tmp_path, models, pairs_file, tok_dir,
     # an identical model ties everywhere
     assert (twin["wins"], twin["losses"], twin["ties"], twin["win_rate"], twin["strict_win_rate"]) == (0, 0, 9, 0.5, 0.0)
     assert twin["mean_reward_diff"] == 0
+    assert twin["lc_win_rate"] == 0.5 and twin["lc_length_slope"] == 0.0  # the same answers: no length difference
+    assert 0 <= other["lc_win_rate"] <= 1 and other["lc_se"] is not None
     assert other["wins"] + other["losses"] + other["ties"] == 9
     # the files
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     mine = {s["prompt_id"]: s["diff"] for s in scores if s["model"] == "other"}
+    from dppo.eval.lengthctl import length_controlled
+
+    rows_other = [s for s in scores if s["model"] == "other"]
+    assert all(isinstance(s["length"], int) and isinstance(s["baseline_length"], int) for s in rows_other)
+    lc = length_controlled([s["outcome"] for s in rows_other], [s["length"] - s["baseline_length"] for s in rows_other])
+    assert lc.win_rate == pytest.approx(other["lc_win_rate"])
     again = compare({p: d for p, d in mine.items()}, {p: 0.0 for p in mine})
     assert again.win_rate == pytest.approx(other["win_rate"])
     assert json.loads((out / "results.json").read_text())["models"][1]["win_rate"] == other["win_rate"]

@@ -23,7 +23,9 @@ resolves, the prompts load.
 
 Outputs in ``OUT``: ``results.json`` and ``results.md`` (one table, all models), ``scores.jsonl``
 (per model and prompt: rewards, difference, outcome), ``winrate.png``, ``reward_diff.png`` and
-``config.json``.
+``config.json``. Beside the win rate, the length-controlled win rate (``dppo.eval.lengthctl``: a
+logistic fit of the outcome on the length difference, read at equal length) and, in
+``scores.jsonl``, both answers' lengths in characters.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from rich.table import Table
 
 from dppo.artifacts import config_record, model_tokenizer_dir, resolve_device, resolve_dtype, resolve_model, write_atomic, write_json
 from dppo.errors import ConfigError, EvaluationError
+from dppo.eval.lengthctl import length_controlled
 from dppo.generate.run import DecodeConfig
 
 __all__ = ["EvalConfig", "Comparison", "compare", "evaluate", "results_markdown"]
@@ -272,6 +275,9 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
     for name in names[1:]:
         c = compare(rewards[name], rewards[base], cfg.tie_tolerance)
         lengths = [responses[name][pid]["response_tokens"] for pid in c.diffs]
+        chars = {pid: (len(responses[name][pid]["response"]), len(responses[base][pid]["response"])) for pid in c.diffs}
+        lc = length_controlled([c.outcome(pid, cfg.tie_tolerance) for pid in c.diffs],
+                               [chars[pid][0] - chars[pid][1] for pid in c.diffs])
         table.append(
             {
                 "model": name,
@@ -285,6 +291,9 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
                 "ties": c.ties,
                 "strict_win_rate": c.strict_win_rate,
                 "strict_se": c.strict_se,
+                "lc_win_rate": lc.win_rate,
+                "lc_se": lc.se,
+                "lc_length_slope": lc.slope,
                 "mean_reward": c.mean_reward,
                 "baseline_mean_reward": c.baseline_mean_reward,
                 "mean_reward_diff": c.mean_diff,
@@ -304,6 +313,8 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
                     "diff": d,
                     "outcome": c.outcome(pid, cfg.tie_tolerance),
                     "response_tokens": responses[name][pid]["response_tokens"],
+                    "length": chars[pid][0],
+                    "baseline_length": chars[pid][1],
                 }
             )
     base_lengths = [g["response_tokens"] for g in responses[base].values()]
@@ -375,6 +386,8 @@ COLUMNS = (
     ("± se", "se"),
     ("W / L / T", "wlt"),
     ("strict", "strict_win_rate"),
+    ("LC win rate", "lc_win_rate"),
+    ("± se (LC)", "lc_se"),
     ("mean reward", "mean_reward"),
     ("baseline reward", "baseline_mean_reward"),
     ("mean Δ", "mean_reward_diff"),
@@ -399,7 +412,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Judge `{results['judge']['spec']}` ({results['judge'].get('retries', 0)} retries, "
         f"{results['judge'].get('failures', 0)} failures); {results['prompts']} prompts; win rate = (wins + ties/2) / n, "
-        "n = prompts where the judge scored both answers; strict counts ties as losses.",
+        "n = prompts where the judge scored both answers; strict counts ties as losses; LC: the length-controlled "
+        "win rate (a logistic fit of the outcome on tanh(length difference / its sd), at equal length; its se "
+        "from 200 bootstrap resamples of the prompts).",
         "",
         "| " + " | ".join(h for h, _ in COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -418,13 +433,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 def _rich_table(results: Mapping[str, Any]) -> Table:
     """The console's narrower table (results.md has every column)."""
     t = Table(title=f"win rate against {results['baseline']['model']} (judge {results['judge']['spec']})")
-    for h in ("model", "n", "win rate ± se", "W / L / T", "strict", "reward (baseline)", "tokens", "failures"):
+    for h in ("model", "n", "win rate ± se", "LC ± se", "W / L / T", "strict", "reward (baseline)", "tokens", "failures"):
         t.add_column(h, justify="left" if h == "model" else "right")
     for r in results["models"]:
         t.add_row(
             r["model"],
             str(r["n"]),
             f"{_fmt(r['win_rate'])} ± {_fmt(r['se'])}",
+            f"{_fmt(r.get('lc_win_rate'))} ± {_fmt(r.get('lc_se'))}",
             _cell(r, "wlt"),
             _fmt(r["strict_win_rate"]),
             f"{_fmt(r['mean_reward'], 2)} ({_fmt(r['baseline_mean_reward'], 2)})",

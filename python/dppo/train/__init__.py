@@ -11,7 +11,7 @@
 from dppo._lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "train": "loop", "DataOrder": "loop", "lr_at": "loop", "make_optimizer": "loop", "token_budget": "loop",
+    "train": "loop", "DataOrder": "loop", "lr_at": "loop", "alpha_at": "loop", "make_optimizer": "loop", "token_budget": "loop",
     "TrainConfig": "config", "load_config": "config",
     "LOSSES": "losses", "LossConfig": "losses", "LossSpec": "losses", "LogProbs": "losses", "LossOutput": "losses",
     "register_loss": "losses",

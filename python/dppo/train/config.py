@@ -31,6 +31,7 @@ __all__ = ["TrainConfig", "load_config", "OPTIMIZERS", "LR_SCHEDULES", "TRAIN_DT
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
 TRAIN_DTYPES = ("auto", "bf16", "fp32")
 
 # Options that change how a run is carried out, not what it computes: `--resume` accepts a run whose
@@ -71,6 +72,15 @@ class TrainConfig:
     vote_norm: str | None = _opt(None, "Vote normalization: clip (clamp(r,-C,C)/C) or tanh (tanh(r/C)) (default clip).")
     detach_weight: bool | None = _opt(None, "Treat f(r) as a constant: no gradient through the weight (default off).")
     penalty_norm: str | None = _opt(None, "minll: penalize mean (length-normalized) or sum log-prob of y_gen (default mean).")
+    alpha_schedule: str = _opt(
+        "constant", "How alpha moves over the optimizer steps s = 0..S-1: constant|linear|cosine|step, from --alpha "
+        "to --alpha-end (linear: alpha + (end - alpha) s / (S - 1); cosine: end + (alpha - end)(1 + cos(pi s / (S - 1))) / 2; "
+        "step: equal moves at the --alpha-steps)."
+    )
+    alpha_end: float | None = _opt(None, "The last step's alpha under a non-constant --alpha-schedule.")
+    alpha_steps: str | None = _opt(
+        None, "--alpha-schedule step: comma-separated step indices where alpha moves (equal moves; --alpha-end at the last)."
+    )
     # -- optimization --------------------------------------------------------------------------------
     lr: float = _opt(1e-6, "Peak learning rate.")
     optimizer: str = _opt("adamw", "Optimizer: adamw|rmsprop|sgd (torch defaults otherwise; the author used rmsprop).")
@@ -230,6 +240,7 @@ class TrainConfig:
             raise ConfigError(f"{_flag('peak_tflops')} must be > 0, got {self.peak_tflops}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        self._check_alpha_schedule()
         if self.lora_r < 0:
             raise ConfigError(f"--lora-r must be >= 0 (0: no LoRA), got {self.lora_r}")
         if self.lora_r == 0:
@@ -250,6 +261,29 @@ class TrainConfig:
             for name in ("eval_every", "eval_samples"):
                 if getattr(self, name) not in (None, 0):
                     raise ConfigError(f"{_flag(name)} needs --eval-data")
+
+    def _check_alpha_schedule(self) -> None:
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise ConfigError(f"--alpha-schedule must be one of {'|'.join(ALPHA_SCHEDULES)}, got {self.alpha_schedule!r}")
+        scheduled = self.alpha_schedule != "constant"
+        if (scheduled or self.alpha_end is not None or self.alpha_steps is not None) and self.alpha is None:
+            raise ConfigError(f"--alpha-schedule, --alpha-end and --alpha-steps need a method with a penalty strength "
+                              f"alpha (minll, unll, conll), not --method {self.method}")
+        if scheduled and self.alpha_end is None:
+            raise ConfigError(f"--alpha-schedule {self.alpha_schedule} needs --alpha-end (the last step's alpha)")
+        if not scheduled and self.alpha_end is not None:
+            raise ConfigError("--alpha-end needs --alpha-schedule linear|cosine|step")
+        if self.alpha_end is not None and (not math.isfinite(self.alpha_end) or self.alpha_end < 0):
+            raise ConfigError(f"--alpha-end must be a finite number >= 0, got {self.alpha_end}")
+        if (self.alpha_schedule == "step") != (self.alpha_steps is not None):
+            raise ConfigError("--alpha-steps goes with --alpha-schedule step (and it needs them)")
+        if self.alpha_steps is not None:
+            try:
+                steps = [int(x) for x in self.alpha_steps.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"--alpha-steps must be comma-separated step indices, got {self.alpha_steps!r}") from None
+            if not steps or steps != sorted(set(steps)) or steps[0] < 0:
+                raise ConfigError(f"--alpha-steps must be increasing step indices >= 0, got {self.alpha_steps!r}")
 
     # -- derived values ------------------------------------------------------------------------------
     def loss_config(self) -> LossConfig:

@@ -72,7 +72,7 @@ from dppo.train.parallel import full_state_dict, grad_norm, grad_sync, rank_micr
 from dppo.train.report import Reporter
 from dppo.train.step import PolicyForward, StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, summarize
 
-__all__ = ["train", "lr_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
+__all__ = ["train", "lr_at", "alpha_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` from ``cfg.init``; returns the folder of the final model.
@@ -145,7 +145,10 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     if dist.main:
         _record_budget(run, budget)
     lockstep = parallel == "fsdp"
-    inputs = StepInputs.of(cfg, policy, shards, loss_cfg, objective, None, device, dist, lockstep)
+    # a scheduled alpha: plan the y_gen forwards for its largest value (a step at alpha 0 skips them all)
+    plan_cfg = loss_cfg if cfg.alpha_schedule == "constant" else dataclasses.replace(
+        loss_cfg, alpha=max(cfg.alpha, cfg.alpha_end))
+    inputs = StepInputs.of(cfg, policy, shards, plan_cfg, objective, None, device, dist, lockstep)
     module = PolicyForward(inputs)  # the policy's whole forward of a micro-batch, one module call
     trained = wrap(module, policy, parallel, device, precision)  # what forward and backward go through
     optimizer = make_optimizer(cfg, module)  # on the (sharded) parameters that training updates
@@ -200,6 +203,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             t0, cpu0 = time.perf_counter(), time.process_time()
             # -- data: this step's examples, this rank's share, each one's weight in the step's loss --
             ids = order.step_examples(step)
+            alpha = alpha_at(cfg, step, order.total_steps)
+            step_cfg = loss_cfg if alpha == loss_cfg.alpha else dataclasses.replace(loss_cfg, alpha=alpha)
+            module.inputs = dataclasses.replace(module.inputs, loss_cfg=step_cfg)
             weights = objective.step_weights(counted_tokens(lengths, ids))  # the loss's reduction
             plan = rank_micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size, dist)
             outputs: list[LossOutput] = []
@@ -214,7 +220,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
                     with autocast():
                         logps = trained(ids[pos], None if empty else work)
                     # -- loss, backward: each micro-batch's graph is freed right after its backward --
-                    out = objective(loss_cfg, logps)
+                    out = objective(step_cfg, logps)
                     loss = (out.loss * w).sum()
                     loss.backward()
                 if not empty:
@@ -245,6 +251,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
                 "loss": step_loss,
                 **summarize(outputs, dist=dist),
                 "lr": lr,
+                **({"alpha": alpha} if alpha is not None else {}),
                 "grad_norm": float(norm),
                 "tokens": work.tokens,
                 "tokens_per_s": work.tokens / seconds,
@@ -257,7 +264,10 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- eval -------------------------------------------------------------------------------------
             if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                 with autocast():
-                    record.update(eval_loss(eval_inputs, n_eval, budget, cfg.batch_size, module=_eval_module(module, eval_inputs)))
+                    now = eval_inputs
+                    if alpha is not None and eval_cfg.alpha is not None and eval_cfg.alpha != alpha:
+                        now = dataclasses.replace(eval_inputs, loss_cfg=dataclasses.replace(eval_cfg, alpha=alpha))
+                    record.update(eval_loss(now, n_eval, budget, cfg.batch_size, module=_eval_module(module, now)))
                 reshard(module, parallel)
                 console.print(_eval_line(step, record), highlight=False)
             reporter.log(record)
@@ -428,6 +438,27 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr)
+
+
+def alpha_at(cfg: TrainConfig, step: int, total_steps: int) -> float | None:
+    """Penalty strength of update ``step`` (0-based) of ``total_steps`` under ``--alpha-schedule``.
+
+    linear: alpha + (end - alpha) s / (S - 1); cosine: end + (alpha - end) (1 + cos(pi s / (S - 1))) / 2;
+    step: alpha moves by (end - alpha) / K at each of the K ``--alpha-steps`` (s >= index); S = 1: alpha.
+    None for a method without alpha.
+    """
+    a, end = cfg.alpha, cfg.alpha_end
+    if a is None or cfg.alpha_schedule == "constant":
+        return a
+    if cfg.alpha_schedule == "step":
+        marks = [int(x) for x in cfg.alpha_steps.split(",") if x.strip()]
+        return a + (end - a) * sum(step >= m for m in marks) / len(marks)
+    if total_steps <= 1:
+        return a
+    t = step / (total_steps - 1)
+    if cfg.alpha_schedule == "linear":
+        return a + (end - a) * t
+    return end + (a - end) * (1 + math.cos(math.pi * t)) / 2
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
