@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             # -- data: this step's examples, this rank's share, each one's weight in the step's loss --
             ids = order.step_examples(step)
             alpha = alpha_at(cfg, step, order.total_steps)
-            step_cfg = loss_cfg if alpha == loss_cfg.alpha else dataclasses.replace(loss_cfg, alpha=alpha)
+            step_cfg = loss_cfg if alpha is None or alpha == loss_cfg.alpha else dataclasses.replace(loss_cfg, alpha=alpha)
             module.inputs = dataclasses.replace(module.inputs, loss_cfg=step_cfg)
             weights = objective.step_weights(counted_tokens(lengths, ids))  # the loss's reduction
             plan = rank_micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size, dist)
