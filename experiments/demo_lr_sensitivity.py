@@ -1,7 +1,8 @@
-"""How the demo's comparison moves with the preference stage's learning rate, the same for every
-method. A sensitivity check beside `dppo demo`, not a tuning step: the demo's table keeps the
-learning rate fixed before any method ran (2e-4), and the rates here are judged on the same
-held-out prompts, so picking the best of them would be tuning on the test set.
+"""How the demo's comparison moves when the learning rate is one value for every method instead of
+each method's choice from the validation grid (world version 3 tunes it, docs/demo.md). A
+sensitivity check beside `dppo demo`, not a tuning step: each method's main knob is still chosen
+on the validation prompts, and the table is judged on the same held-out test prompts, so picking
+the best of these rates would be tuning on the test set.
 
     dppo demo --out runs/demo                                  # once: the world, SFT and y_gen
     python experiments/demo_lr_sensitivity.py --from runs/demo --lrs 2e-5 6e-5
@@ -31,8 +32,11 @@ def main() -> None:
 
     src = Path(a.src)
     base = json.loads((src / "results.json").read_text())
-    settings = replace(FULL, **{k: tuple(v) if isinstance(v, list) else v for k, v in base["settings"].items()})
-    tables = {settings.pref_lr: base["table"]}
+    def frozen(v):
+        return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+    settings = replace(FULL, **{k: frozen(v) for k, v in base["settings"].items()})
+    tables: dict = {"tuned": base["table"]}
     for lr in a.lrs:
         out = Path(a.out) / f"lr{lr:g}"
         if not (out / "results.json").exists():
@@ -40,11 +44,11 @@ def main() -> None:
             for part in ("world", "shards", "base", "cache"):
                 if not (out / part).exists():
                     shutil.copytree(src / part, out / part)
-        res = run_demo(out, settings=replace(settings, pref_lr=lr), console=Console(stderr=True), show_progress=False)
+        res = run_demo(out, settings=replace(settings, tune_lrs=(lr,)), console=Console(stderr=True), show_progress=False)
         tables[lr] = res["table"]
     methods = [row["method"] for row in base["table"] if row["win_rate"] is not None]
-    rates = sorted(tables)
-    print("| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |")
+    rates = ["tuned", *sorted(k for k in tables if k != "tuned")]
+    print("| method | " + " | ".join(lr if lr == "tuned" else f"lr {lr:g}" for lr in rates) + " |")
     print("| --- |" + " --- |" * len(rates))
     for m in methods:
         cells = []

@@ -15,20 +15,35 @@ def test_demo_quick_end_to_end(tmp_path):
     # every stage's artifacts
     for rel in ("world/world.json", "world/sft.parquet", "world/prefs_train.parquet", "world/prefs_test.parquet",
                 "shards/sft/meta.json", "base/sft/model/config.json", "base/ygen.parquet",
-                "shards/prefs/meta.json", "seed0/eval/results.json",
+                "shards/prefs/meta.json", "seed0/eval/results.json", "diagnostics.json", "tune/eval/results.json",
+                "tune/choices.json", "seed0/runs/curriculum/curriculum.json",
                 "results.json", "results.md", "fig_alpha.png", "fig_data_efficiency.png", "fig_reward_diff.png"):
         assert (out / rel).exists(), rel
-    for run in ("dpo", "simpo", "minll", "unll", "conll", "unll+dpo"):
+    for run in ("dpo", "simpo", "minll", "unll", "conll", "unll+dpo", "unll-linear", "curriculum"):
         assert (out / "seed0" / "runs" / run / "model" / "config.json").exists(), run
-        assert (out / "seed0" / "runs" / run / "metrics.jsonl").exists(), run
+        run_dir = out / "seed0" / "runs" / run
+        # a curriculum keeps each round's training run in round_K/
+        assert (run_dir / "metrics.jsonl").exists() or (run_dir / "round_1" / "metrics.jsonl").exists(), run
     res = json.loads((out / "results.json").read_text())
     rows = {row["method"]: row for row in res["table"]}
     assert rows["sft"]["win_rate"] == 0.5  # the SFT model judged against itself: all ties
-    assert set(rows) >= {"dpo", "simpo", "minll", "unll", "conll", "unll+dpo"}
+    assert set(rows) >= {"dpo", "simpo", "minll", "unll", "conll", "unll+dpo", "curriculum", "unll-linear"}
+    assert all(0 <= rows[m]["lc_win_rate"] <= 1 for m in ("dpo", "unll", "curriculum"))
+    # the settings each method trained with are the ones chosen on the validation prompts
+    tuning = res["tuning"]
+    assert {g["method"] for g in tuning["grid"]} == {"dpo", "simpo", "minll", "unll", "conll"}
+    for m in ("dpo", "unll"):
+        cfg = json.loads((out / "seed0" / "runs" / m / "config.json").read_text())["config"]
+        assert cfg["lr"] == tuning[m]["lr"] and cfg[tuning[m]["knob"]] == tuning[m]["value"]
+        best = max(g["val_win_rate"] for g in tuning["grid"] if g["method"] == m)
+        assert tuning[m]["val_win_rate"] == best
+    lin = json.loads((out / "seed0" / "runs" / "unll-linear" / "config.json").read_text())["config"]
+    assert lin["alpha_schedule"] == "linear" and lin["alpha_end"] == 0.0
+    assert set(res["versions"]) >= {"dppo", "torch", "transformers", "numpy", "cpu"} and res["world_version"] == 3
     assert res["settings"]["seeds"] == 1
     diag = res["diagnostics"]
     assert 0 <= diag["sft_prefers_rejected"] <= 1 and diag["pairs"] == 320
-    assert diag["mean_tokens_rejected"] > diag["mean_tokens_chosen"] > 1  # the wordy answers are rejected
+    assert diag["mean_tokens_chosen"] >= diag["mean_tokens_rejected"] > 1  # UltraFeedback's direction (world v3)
     # the same world and settings give the same table
     meta = json.loads((out / "shards" / "prefs" / "meta.json").read_text())
     assert meta["counts"]["has_ygen"]
@@ -37,7 +52,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "done:" in log and "reference log-probs" in log
     assert "step 1/" not in r.output and "done:" not in r.output
     assert "results.md" in r.output and "demo.log" in r.output
-    assert set(res["stage_seconds"]) >= {"make the world", "train sft", "generate y_gen", "seed 0: train dpo", "seed 0: eval vs sft"}
+    assert set(res["stage_seconds"]) >= {"make the world", "train sft", "generate y_gen", "sft votes on the pairs",
+                                         "tune: eval on the validation prompts", "seed 0: train dpo", "seed 0: eval vs sft"}
     # run again into the same folder: every stage is reused, the table is the same
     again = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dppo.demo import EXTERNAL, KINDS, DemoJudge, Task, demonstrator, judge, parse_prompt, random_task, split_of, write_world
-from dppo.demo.generators import FILLER, carries
+from dppo.demo.generators import FILLER, GENERATORS, carries
 from dppo.demo.judge import score_task
 from dppo.demo.tasks import LIST_KINDS, TEMPLATES, WORDS
 from dppo.demo.world import SPLIT_PATTERN
@@ -136,6 +136,8 @@ def signatures(task: Task, response: str) -> set[str]:
         s.add("ext:direction")
     if ":" in r or "\n" in r:
         s.add("ext:verbose")
+    if k in LIST_KINDS and r == " ".join(want[1:]):
+        s.add("ext:late_start")
     if "," in r:
         s.add("ext:commas")
     return s
@@ -160,12 +162,17 @@ def test_demonstrator_is_mostly_right_with_its_own_habits(tasks):
     assert all(r == t.answer or s for t, r, s in zip(tasks, responses, sigs))
 
 
-EXACT_BAND = {"mirror": (0.5, 0.8), "chatty": (0.0, 0.2), "sloppy": (0.55, 0.75), "terse": (0.9, 1.0)}
+EXACT_BAND = {"mirror": (0.5, 0.8), "chatty": (0.0, 0.2), "sloppy": (0.55, 0.75), "hasty": (0.65, 0.85), "terse": (0.9, 1.0)}
 
 
-@pytest.mark.parametrize("name,own", [("mirror", "ext:direction"), ("chatty", "ext:verbose"), ("sloppy", None), ("terse", "ext:commas")])
+def test_the_pair_generators_of_version_3():
+    assert list(EXTERNAL) == ["mirror", "sloppy", "hasty", "terse"] and set(GENERATORS) == {*EXTERNAL, "chatty"}
+
+
+@pytest.mark.parametrize("name,own", [("mirror", "ext:direction"), ("chatty", "ext:verbose"), ("sloppy", None),
+                                      ("hasty", "ext:late_start"), ("terse", "ext:commas")])
 def test_external_generators_err_differently_from_the_demonstrator(tasks, name, own):
-    gen = EXTERNAL[name]
+    gen = GENERATORS[name]
     responses = [gen(t, random.Random(i)) for i, t in enumerate(tasks)]
     sigs = [signatures(t, r) for t, r in zip(tasks, responses)]
     demo_like = sum(any(x.startswith("demo:") or x == "filler" for x in s) for s in sigs) / len(tasks)
@@ -186,7 +193,7 @@ def test_schemas_and_pairs(world):
     for row in sft:
         (u, a) = row["messages"]
         assert u["role"] == "user" and a["role"] == "assistant" and u["content"] and a["content"]
-    for key, n in (("prefs_train", SIZES["n_pairs"]), ("prefs_test", SIZES["n_test"])):
+    for key, n in (("prefs_train", SIZES["n_pairs"]), ("prefs_val", SIZES["n_test"]), ("prefs_test", SIZES["n_test"])):
         assert pq.read_schema(world[key]).names == UF_COLUMNS
         rows = read(world[key])
         assert len(rows) == n
@@ -207,23 +214,35 @@ def test_rejected_responses_are_off_policy(world):
     assert demo_like / len(rows) <= 0.02
 
 
-def test_train_and_test_prompts_are_disjoint(world):
+def test_train_validation_and_test_prompts_are_disjoint(world):
     test = {r["prompt"] for r in read(world["prefs_test"])}
+    val = {r["prompt"] for r in read(world["prefs_val"])}
     train = {r["prompt"] for r in read(world["prefs_train"])} | {r["messages"][0]["content"] for r in read(world["sft"])}
-    assert not test & train
+    assert not test & train and not val & train and not val & test
     assert all(split_of(p) == "test" for p in test) and all(split_of(p) == "train" for p in train)
+    assert all(split_of(p) == "val" for p in val)
+
+
+def test_chosen_answers_are_at_least_as_long_as_rejected_ones_on_average(world):
+    """UltraFeedback's direction (version 3): the rejected answers are not the long ones."""
+    for key in ("prefs_train", "prefs_val", "prefs_test"):
+        rows = read(world[key])
+        chosen = sum(len(r["chosen"][1]["content"].split()) for r in rows) / len(rows)
+        rejected = sum(len(r["rejected"][1]["content"].split()) for r in rows) / len(rows)
+        assert chosen >= rejected, (key, chosen, rejected)
 
 
 def test_prep_accepts_every_file_with_no_dropped_rows(world, tmp_path):
-    for kind, key in (("sft", "sft"), ("prefs", "prefs_train"), ("prefs", "prefs_test")):
+    for kind, key in (("sft", "sft"), ("prefs", "prefs_train"), ("prefs", "prefs_val"), ("prefs", "prefs_test")):
         s = prepare(PrepConfig(kind, str(world[key]), str(world["tokenizer"]), tmp_path / key), show_progress=False)
         assert s["rows_dropped"] == 0 and s["rows_kept"] == s["rows_in"] == len(read(world[key]))
 
 
 def test_world_json_and_short_sequences(world):
     meta = json.loads(world["world"].read_text())
-    assert meta["version"] == 2
-    assert meta["settings"] == {**SIZES, "split_pattern": SPLIT_PATTERN, "vocab_size": 2048, "test_fraction": 0.1}
+    assert meta["version"] == 3
+    assert meta["settings"] == {**SIZES, "n_val": SIZES["n_test"], "split_pattern": SPLIT_PATTERN, "vocab_size": 2048,
+                                "test_fraction": 0.1, "val_fraction": 0.1}
     assert set(meta["external_generators"]) == set(EXTERNAL) and meta["kinds"] == list(KINDS)
     assert 0.6 <= meta["stats"]["demonstrator_sft"]["exact"] <= 0.85
     tokens = meta["stats"]["tokens"]
@@ -234,7 +253,7 @@ def test_world_json_and_short_sequences(world):
 
 def test_same_seed_same_files_other_seed_other_data(world, tmp_path):
     again = write_world(tmp_path / "again", **SIZES)
-    for key in ("sft", "prefs_train", "prefs_test", "world"):
+    for key in ("sft", "prefs_train", "prefs_val", "prefs_test", "world"):
         assert again[key].read_bytes() == world[key].read_bytes(), key
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (again["tokenizer"] / name).read_bytes() == (world["tokenizer"] / name).read_bytes()

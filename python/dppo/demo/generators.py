@@ -4,7 +4,9 @@
   but has systematic habits of its own, so the SFT model learns them.
 - Four *external generators* write the candidate responses of the preference data (the
   UltraFeedback stand-in), each with error patterns different from the demonstrator's: the
-  preference pairs are off-policy for the SFT model, which is the paper's premise.
+  preference pairs are off-policy for the SFT model, which is the paper's premise. The SFT
+  model's own mistakes (the demonstrator's habits, which greedy decoding makes systematic) appear
+  in no rejected answer, only in y_gen.
 
 Each generator is a function ``(task, rng) -> response text``. The error rates are fixed here,
 before any training method was run, and not tuned afterwards (see docs/demo.md).
@@ -17,7 +19,7 @@ from typing import Callable
 
 from dppo.demo.tasks import LIST_KINDS, WORDS, Task
 
-__all__ = ["demonstrator", "EXTERNAL", "Generator", "is_long", "carries"]
+__all__ = ["demonstrator", "EXTERNAL", "GENERATORS", "Generator", "is_long", "carries"]
 
 Generator = Callable[[Task, random.Random], str]
 
@@ -119,6 +121,15 @@ def sloppy(task: Task, rng: random.Random) -> str:
     return " ".join(items)
 
 
+def hasty(task: Task, rng: random.Random) -> str:
+    """Starts late (p = 0.5 on the list kinds): the answer of sort, reverse and spell skips its first
+    item, so it is one item short at the front (never at the end, where the demonstrator errs).
+    Add, count and max are always right."""
+    if task.kind in LIST_KINDS and rng.random() < 0.5:
+        return " ".join(task.answer_items[1:])
+    return task.answer
+
+
 def terse(task: Task, rng: random.Random) -> str:
     """Nearly perfect and terse; its one quirk: lists come comma-separated now and then (p = 0.1)."""
     if task.kind in LIST_KINDS and rng.random() < 0.1:
@@ -126,4 +137,10 @@ def terse(task: Task, rng: random.Random) -> str:
     return task.answer
 
 
-EXTERNAL: dict[str, Generator] = {"mirror": mirror, "chatty": chatty, "sloppy": sloppy, "terse": terse}
+EXTERNAL: dict[str, Generator] = {"mirror": mirror, "sloppy": sloppy, "hasty": hasty, "terse": terse}
+"""The pair generators of world version 3. Their wrong answers are as long as the right one or
+shorter (hasty), so on average the chosen answer is at least as long as the rejected one, as in
+UltraFeedback (version 2's ``chatty``, whose wordy answers were mostly rejected, made the rejected
+three times longer). ``chatty`` stays available as a generator."""
+
+GENERATORS: dict[str, Generator] = {**EXTERNAL, "chatty": chatty}

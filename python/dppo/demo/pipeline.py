@@ -2,14 +2,18 @@
 in miniature.
 
 make the world -> ``prep sft`` -> ``train --method sft`` -> ``generate`` y_gen with the SFT model ->
-``prep prefs --ygen`` -> ``train`` dpo, simpo, minll, unll, conll and unll followed by DPO
-post-tuning (plus an alpha sweep and a data-efficiency sweep) -> ``eval`` every model against the
-SFT model with the programmatic judge; repeated over seeds, then one table and the figures.
+``prep prefs --ygen`` -> how often the SFT model votes wrong on the pairs -> **tuning**: every
+preference method trains once per point of the same small grid (learning rate x its own main knob:
+beta for dpo and simpo, alpha for the penalties) and is judged on the *validation* prompts; the
+best point of each is kept -> per seed: ``train`` dpo, simpo, minll, unll, conll with their chosen
+settings, unll followed by DPO post-tuning, a ``curriculum`` of unll rounds, unll with a linear
+alpha decay, an alpha sweep and a data-efficiency sweep -> ``eval`` every model against the SFT
+model on the *test* prompts with the programmatic judge; then one table and the figures.
 
-It calls the same library functions as the CLI commands. The settings below were fixed before any
-method was run on the world, and every preference method gets the same budget: the same learning
-rate, batch, steps and data, with the paper's default beta / alpha / weight for each method (no
-per-method tuning). They are written into ``results.json`` and ``results.md``.
+It calls the same library functions as the CLI commands. The world, the grid and the protocol
+were fixed before any test-split result was seen (docs/demo.md, "Version 3"); every method gets the
+same tuning budget. The settings, the grid, each point's validation win rate, the choices and the
+versions of the libraries are written into ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class DemoSettings:
     n_sft: int = 48000
     n_pairs: int = 1000
     n_test: int = 150
+    n_val: int = 150
     world_seed: int = 0
     vocab_size: int = 2048
     # the model: a Qwen2-architecture transformer trained from random weights by the SFT stage
@@ -64,11 +69,22 @@ class DemoSettings:
     sft_lr: float = 3e-3
     sft_batch: int = 32
     sft_warmup: int = 20
-    # every preference method: same optimizer, learning rate, batch and number of steps
+    # every preference method: same optimizer, batch and number of steps; the learning rate and the
+    # method's own knob are chosen on the validation prompts from the same grid for every method
     pref_epochs: int = 1
-    pref_lr: float = 2e-4
     pref_batch: int = 16
     pref_warmup: int = 10
+    tune_lrs: tuple[float, ...] = (3e-5, 1e-4)
+    tune_knobs: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+        ("dpo", "beta", (0.01, 0.1)),
+        ("simpo", "beta", (1.0, 2.5)),
+        ("minll", "alpha", (1.0, 10.0)),
+        ("unll", "alpha", (0.1, 1.0)),
+        ("conll", "alpha", (0.1, 1.0)),
+    )
+    # beyond the paper: rounds of unll (each round a third of the pairs: the same data budget), and
+    # unll with alpha decaying linearly from its chosen value to 0
+    curriculum_rounds: int = 3
     # the vote clip C bounds r = logp(y_w) - logp(y_l), a difference of sums over response tokens:
     # the paper's (2000 for minll/unll, 700 for conll, responses of ~250 tokens) rescaled by the
     # ratio of mean response lengths, here 14.9 tokens over chosen and rejected as written (14.6 after
@@ -86,8 +102,10 @@ class DemoSettings:
 
 FULL = DemoSettings()
 QUICK = DemoSettings(
-    n_sft=8000, n_pairs=320, n_test=48, sft_epochs=1, alphas=(0.01, 0.1), sample_sizes=(96,), seeds=1,
-    max_new_tokens=24,
+    n_sft=8000, n_pairs=320, n_test=48, n_val=48, sft_epochs=1, alphas=(0.1,), sample_sizes=(96,), seeds=1,
+    max_new_tokens=24, tune_lrs=(1e-4,), curriculum_rounds=2,
+    tune_knobs=(("dpo", "beta", (0.1,)), ("simpo", "beta", (2.5,)), ("minll", "alpha", (10.0,)),
+                ("unll", "alpha", (0.1, 1.0)), ("conll", "alpha", (0.1,))),
 )
 
 COMPARED_METHODS = ("dpo", "simpo", "minll", "unll", "conll")
@@ -174,6 +192,8 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
 
     Stages whose output already exists are reused, so an interrupted demo continues where it stopped.
     """
+    from dppo.artifacts import write_json
+    from dppo.curriculum import CurriculumConfig, curriculum
     from dppo.train.config import TrainConfig
     from dppo.demo.judge import judge as demo_judge
     from dppo.demo.world import write_world
@@ -197,11 +217,12 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     t0 = time.perf_counter()
 
     world_dir = out / "world"
-    paths = {"sft": world_dir / "sft.parquet", "prefs_train": world_dir / "prefs_train.parquet",
-             "prefs_test": world_dir / "prefs_test.parquet", "tokenizer": world_dir / "tokenizer"}
+    paths = {k: world_dir / f"{k}.parquet" for k in ("sft", "prefs_train", "prefs_val", "prefs_test")}
+    paths["tokenizer"] = world_dir / "tokenizer"
     plan = _Plan()
     plan.add("make the world", world_dir / "world.json", lambda: write_world(
-        world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, seed=s.world_seed, vocab_size=s.vocab_size))
+        world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, n_val=s.n_val, seed=s.world_seed,
+        vocab_size=s.vocab_size))
     sft_shards = out / "shards" / "sft"
     plan.add("prep sft", sft_shards / "meta.json", lambda: prepare(
         PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), console=log, show_progress=False))
@@ -216,10 +237,12 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
 
     plan.add("random init", init / "config.json", lambda: make_init_model(init, paths["tokenizer"], s))
 
-    def train_run(name: str, run: Path, method: str, data: Path, init_dir: Path, seed: int, **kw: Any) -> None:
+    def train_run(name: str, run: Path, method: str, data: Path, init_dir: Path, seed: int,
+                  options: Callable[[], dict[str, Any]]) -> None:
+        """A training stage whose options are read when it runs (the tuned ones exist only then)."""
         def go() -> Any:
             cfg = TrainConfig(method=method, data=str(data), init=str(init_dir), out=str(run), seed=seed,
-                              overwrite=True, **common(**kw))
+                              overwrite=True, **common(**options()))
             return train(cfg, console=log)
 
         plan.add(name, run / "model" / "config.json", go)
@@ -235,27 +258,66 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     prefs = out / "shards" / "prefs"
     plan.add("prep prefs --ygen", prefs / "meta.json", lambda: prepare(
         PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), console=log, show_progress=False))
+    # before any preference method: where the SFT model votes wrong (the pairs its penalties act on)
+    plan.add("sft votes on the pairs", out / "diagnostics.json", lambda: write_json(
+        out / "diagnostics.json", _sft_votes(prefs, sft_model)))
 
-    pref_kw = dict(lr=s.pref_lr, epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1,
-                   warmup_steps=s.pref_warmup)
+    pref_kw = dict(epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1, warmup_steps=s.pref_warmup)
     clip = {"minll": s.vote_clip, "unll": s.vote_clip, "conll": s.conll_vote_clip}
+
+    def method_opts(method: str, lr: float, knob: str | None = None, value: float | None = None) -> dict[str, Any]:
+        extra = {"vote_clip": clip[method]} if method in clip else {}
+        return {**pref_kw, "lr": lr, **extra, **({knob: value} if knob else {})}
+
+    # -- tuning: the same grid for every method, judged on the validation prompts (seed 0) --------
+    tune = out / "tune"
+    grid = _grid(s)
+    for method, lr, knob, value, name in grid:
+        train_run(f"tune: {name}", tune / "runs" / name, method, prefs, sft_model, 0,
+                  lambda m=method, lr=lr, k=knob, v=value: method_opts(m, lr, k, v))
+
+    def tune_eval() -> Any:
+        models = [str(sft_model)] + [str(tune / "runs" / g[-1] / "model") for g in grid]
+        return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
+                                   data=str(paths["prefs_val"]), out=tune / "eval", split=None, limit=None,
+                                   decode=decode, cache_dir=out / "cache"), console=log, show_progress=False)
+
+    plan.add("tune: eval on the validation prompts", tune / "eval" / "results.json", tune_eval)
+    plan.add("tune: choose each method's settings", tune / "choices.json", lambda: write_json(
+        tune / "choices.json", _choose(grid, json.loads((tune / "eval" / "results.json").read_text()))))
+
+    def chosen(method: str, **over: Any) -> dict[str, Any]:
+        c = json.loads((tune / "choices.json").read_text())[method]
+        return {**method_opts(method, c["lr"], c["knob"], c["value"]), **over}
+
+    # -- the test runs, per seed --------------------------------------------------------------------
     for seed in range(s.seeds):
         sd = out / f"seed{seed}"
         runs = sd / "runs"
         for m in COMPARED_METHODS:
-            extra = {"vote_clip": clip[m]} if m in clip else {}
-            train_run(f"seed {seed}: train {m}", runs / m, m, prefs, sft_model, seed, **pref_kw, **extra)
+            train_run(f"seed {seed}: train {m}", runs / m, m, prefs, sft_model, seed, lambda m=m: chosen(m))
         unll_model = runs / "unll" / "model"
-        train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", prefs, unll_model, seed, ref=str(unll_model), **pref_kw)
+        train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", prefs, unll_model, seed,
+                  lambda u=unll_model: {**chosen("dpo"), "ref": str(u)})
+        train_run(f"seed {seed}: train unll, alpha linear to 0", runs / "unll-linear", "unll", prefs, sft_model, seed,
+                  lambda: chosen("unll", alpha_schedule="linear", alpha_end=0.0))
+
+        def run_curriculum(seed: int = seed, runs: Path = runs) -> Any:
+            opts = {**common(**chosen("unll")), "seed": seed}
+            return curriculum(CurriculumConfig(
+                rounds=s.curriculum_rounds, method="unll", data=str(paths["prefs_train"]), tokenizer=str(paths["tokenizer"]),
+                init=str(sft_model), out=runs / "curriculum", split=None, pairs_per_round=s.n_pairs // s.curriculum_rounds,
+                decode=decode, train=opts, seed=seed, resume=True), console=log, show_progress=False)
+
+        plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll", runs / "curriculum" / "model" / "config.json",
+                 run_curriculum)
         for a in s.alphas:
-            if a != 0.1:  # 0.1 is the unll run above
-                train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed,
-                          alpha=a, vote_clip=s.vote_clip, **pref_kw)
+            train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed,
+                      lambda a=a: chosen("unll", alpha=a))
         for n in s.sample_sizes:
             for m in ("dpo", "unll"):
-                extra = {"vote_clip": s.vote_clip} if m == "unll" else {}
                 train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs, sft_model, seed,
-                          max_samples=n, **pref_kw, **extra)
+                          lambda m=m, n=n: chosen(m, max_samples=n))
 
         def run_eval(sd: Path = sd, runs: Path = runs) -> Any:
             models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
@@ -294,12 +356,89 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         console.print(_table(results))
         diag = results.get("diagnostics") or {}
         if "sft_prefers_rejected" in diag:
-            console.print(f"The SFT model already prefers the rejected answer on {diag['sft_prefers_rejected']:.1%} "
-                          "of the training pairs (where unll's and conll's penalties can act).", highlight=False)
+            console.print(f"Before any preference method, the SFT model prefers the rejected answer on "
+                          f"{diag['sft_prefers_rejected']:.1%} of the training pairs (where unll's and conll's penalties "
+                          "act).", highlight=False)
         console.print(f"{results['seconds']:.0f} s. Results: {out}/results.md, results.json, fig_alpha.png, "
                       f"fig_data_efficiency.png, fig_reward_diff.png; every stage's messages: {out}/demo.log",
                       highlight=False)
     return results
+
+
+# -- tuning ---------------------------------------------------------------------------------------------
+def _grid(s: DemoSettings) -> list[tuple[str, float, str, float, str]]:
+    """(method, lr, knob, value, run name) of every tuning run, in a fixed order (ties go to the first)."""
+    out = []
+    for method, knob, values in s.tune_knobs:
+        for lr in s.tune_lrs:
+            for v in values:
+                out.append((method, lr, knob, v, f"{method}-lr{lr:g}-{knob}{v:g}"))
+    return out
+
+
+def _choose(grid: list[tuple[str, float, str, float, str]], val: dict[str, Any]) -> dict[str, Any]:
+    """Each method's grid point with the highest validation win rate against the SFT model (the
+    first in grid order on a tie), and every point's figures."""
+    rows = {r["model"]: r for r in val["models"]}
+    choices: dict[str, Any] = {}
+    table = []
+    for method, lr, knob, value, name in grid:
+        r = rows.get(name, {})
+        wr = r.get("win_rate")
+        table.append({"method": method, "lr": lr, "knob": knob, "value": value, "val_win_rate": wr,
+                      "val_lc_win_rate": r.get("lc_win_rate"), "val_mean_reward": r.get("mean_reward")})
+        best = choices.get(method)
+        if wr is not None and (best is None or wr > best["val_win_rate"]):
+            choices[method] = {"lr": lr, "knob": knob, "value": value, "val_win_rate": wr, "run": name}
+    return {**choices, "grid": table}
+
+
+def _sft_votes(prefs: Path, sft_model: Path) -> dict[str, Any]:
+    """Before any preference method: how often the SFT model (the reference) already prefers the
+    rejected response (r = logp(y_w) - logp(y_l) < 0: the pairs where the DPPO penalties act), its
+    mean summed log-probs, and the mean response lengths in tokens (end of turn included). The
+    reference pass is cached beside the shards, where every method's training finds it."""
+    import numpy as np
+
+    from dppo.data import open_shards
+    from dppo.modeling import load_model
+    from dppo.train.refcache import reference_logps
+
+    shards = open_shards(prefs)
+    lengths = shards.lengths()
+    logps = reference_logps(sft_model, shards, np.arange(len(shards)), load=lambda: load_model(sft_model, dtype="fp32", device="cpu"),
+                            need_ygen=False, precision="fp32", batch_tokens=16384)
+    c, r = logps.chosen, logps.rejected
+    return {
+        "pairs": int(len(shards)),
+        "sft_prefers_rejected": round(float(np.mean(c < r)), 4),
+        "sft_mean_logp_chosen": round(float(c.mean()), 2),
+        "sft_mean_logp_rejected": round(float(r.mean()), 2),
+        "mean_tokens_chosen": round(float(lengths["chosen"].mean()), 2),
+        "mean_tokens_rejected": round(float(lengths["rejected"].mean()), 2),
+        "mean_tokens_ygen": round(float(lengths["ygen"].mean()), 2) if "ygen" in lengths else None,
+    }
+
+
+def _versions() -> dict[str, Any]:
+    import platform
+
+    import numpy
+    import torch
+    import transformers
+
+    import dppo
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import os
+
+    return {"dppo": dppo.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count()}
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -330,8 +469,11 @@ def _aggregate(
     for seed in range(s.seeds):
         res = json.loads((out / f"seed{seed}" / "eval" / "results.json").read_text())
         for row in res["models"]:
-            d = per_model.setdefault(row["model"], {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": []})
+            d = per_model.setdefault(row["model"], {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": [],
+                                                    "lc_win_rate": [], "mean_tokens": []})
             d["win_rate"].append(row["win_rate"])
+            d["lc_win_rate"].append(row.get("lc_win_rate"))
+            d["mean_tokens"].append(row.get("mean_response_tokens"))
             d["strict_win_rate"].append(row["strict_win_rate"])
             d["mean_reward"].append(row["mean_reward"])
             run_dir = out / f"seed{seed}" / "runs" / row["model"]
@@ -345,20 +487,32 @@ def _aggregate(
                 if "diff" in r and r.get("diff") is not None:
                     diffs.setdefault(r["model"], []).append(r["diff"])
         base = res["baseline"]["mean_reward"]
-        per_model.setdefault("sft (baseline)", {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": []})
+        per_model.setdefault("sft (baseline)", {"win_rate": [], "strict_win_rate": [], "mean_reward": [], "pairs_per_s": [],
+                                                "lc_win_rate": [], "mean_tokens": []})
         per_model["sft (baseline)"]["mean_reward"].append(base)
+        per_model["sft (baseline)"]["mean_tokens"].append(res["baseline"].get("mean_response_tokens"))
     table = []
     for name, d in per_model.items():
         wr, wr_se = _mean_se(d["win_rate"])
         st, st_se = _mean_se(d["strict_win_rate"])
         mr, _ = _mean_se(d["mean_reward"])
         pps, _ = _mean_se(d["pairs_per_s"])
+        lc, lc_se = _mean_se(d["lc_win_rate"])
+        toks, _ = _mean_se(d["mean_tokens"])
+        spread = [v for v in d["win_rate"] if v is not None]
         table.append({"method": name, "win_rate": wr, "se": wr_se, "strict_win_rate": st, "strict_se": st_se,
+                      "lc_win_rate": lc, "lc_se": lc_se, "mean_response_tokens": toks,
                       "mean_judge_score": mr, "train_pairs_per_s": pps, "paper_win_rate": PAPER.get(name),
-                      "per_seed_win_rates": d["win_rate"]})
+                      "per_seed_win_rates": d["win_rate"],
+                      "seed_range": (round(max(spread) - min(spread), 4) if len(spread) > 1 else None)})
     table.sort(key=lambda row: _order(row["method"]))
+    tuning = json.loads((out / "tune" / "choices.json").read_text()) if (out / "tune" / "choices.json").exists() else {}
+    diag_path = out / "diagnostics.json"
     results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table,
-               "paper": PAPER, "diagnostics": _diagnostics(out), "stage_seconds": stage_seconds or {},
+               "paper": PAPER, "diagnostics": json.loads(diag_path.read_text()) if diag_path.exists() else {},
+               "tuning": tuning, "versions": _versions(),
+               "world_version": json.loads((out / "world" / "world.json").read_text()).get("version"),
+               "stage_seconds": stage_seconds or {},
                "stages_reused": reused or [], "stage_seconds_total": round(sum((stage_seconds or {}).values()), 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(results))
@@ -368,7 +522,7 @@ def _aggregate(
 
 def _order(name: str) -> tuple[int, float, str]:
     """sft, the paper's methods in its order, unll+dpo, then the alpha and data-size sweeps."""
-    main = ["sft", *COMPARED_METHODS, "unll+dpo"]
+    main = ["sft", *COMPARED_METHODS, "unll+dpo", "curriculum", "unll-linear"]
     if name in main:
         return (0, main.index(name), "")
     if name.startswith("unll-alpha"):
@@ -379,54 +533,44 @@ def _order(name: str) -> tuple[int, float, str]:
     return (3, 0.0, name)
 
 
-def _diagnostics(out: Path) -> dict[str, Any]:
-    """What the SFT model (the reference) makes of the training pairs: how often it already prefers
-    the rejected response (r = logp(y_w) - logp(y_l) < 0, where the DPPO penalties can act), the
-    mean summed log-probs, and the mean response lengths in tokens (end of turn included) that
-    drive them. Read from the pair shards and the reference log-probs cached beside them."""
-    import numpy as np
-
-    from dppo.data import open_shards
-    from dppo.train.refcache import model_fingerprint
-
-    prefs = out / "shards" / "prefs"
-    lengths = open_shards(prefs).lengths()
-    sizes = {"mean_tokens_chosen": round(float(lengths["chosen"].mean()), 2),
-             "mean_tokens_rejected": round(float(lengths["rejected"].mean()), 2)}
-    cache = prefs / "refcache" / f"{model_fingerprint(out / 'base' / 'sft' / 'model')}-fp32"
-    if not (cache / "chosen.npy").exists():
-        return sizes
-    chosen, rejected = np.load(cache / "chosen.npy"), np.load(cache / "rejected.npy")
-    ok = ~(np.isnan(chosen) | np.isnan(rejected))
-    return {
-        "pairs": int(ok.sum()),
-        "sft_prefers_rejected": round(float(np.mean(chosen[ok] < rejected[ok])), 4),
-        "sft_mean_logp_chosen": round(float(chosen[ok].mean()), 2),
-        "sft_mean_logp_rejected": round(float(rejected[ok].mean()), 2),
-        **sizes,
-    }
-
-
 def _fmt(v: Any, nd: int = 3) -> str:
     return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
 def _markdown(r: dict[str, Any]) -> str:
+    v = r.get("versions") or {}
     lines = ["# dppo demo results", "",
-             f"{r['seeds']} seed(s); win rate against the SFT model on the held-out prompts, judged by the "
-             "programmatic judge (mean over seeds; +- standard error over seeds).", "",
-             "| method | win rate | +- | strict | mean judge score | train pairs/s (sft: examples/s) | paper |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"World version {r.get('world_version')}; {r['seeds']} seed(s); win rate against the SFT model on the held-out "
+             "test prompts, judged by the programmatic judge (mean over seeds; +- standard error over seeds; range: "
+             "the largest minus the smallest seed's win rate); LC: the length-controlled win rate. Each method's "
+             "learning rate and main knob were chosen on the validation prompts (below).", "",
+             f"dppo {v.get('dppo')}, torch {v.get('torch')}, transformers {v.get('transformers')}, numpy {v.get('numpy')}, "
+             f"Python {v.get('python')}; {v.get('cpu')} x{v.get('cores')}.", "",
+             "| method | win rate | +- | range | LC | strict | mean judge score | tokens | train pairs/s | paper |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["table"]:
-        lines.append(f"| {row['method']} | {_fmt(row['win_rate'])} | {_fmt(row['se'])} | {_fmt(row['strict_win_rate'])} | "
-                     f"{_fmt(row['mean_judge_score'], 2)} | {_fmt(row['train_pairs_per_s'], 1)} | {_fmt(row['paper_win_rate'])} |")
+        lines.append(f"| {row['method']} | {_fmt(row['win_rate'])} | {_fmt(row['se'])} | {_fmt(row.get('seed_range'))} | "
+                     f"{_fmt(row.get('lc_win_rate'))} | {_fmt(row['strict_win_rate'])} | {_fmt(row['mean_judge_score'], 2)} | "
+                     f"{_fmt(row.get('mean_response_tokens'), 1)} | {_fmt(row['train_pairs_per_s'], 1)} | {_fmt(row['paper_win_rate'])} |")
     diag = r.get("diagnostics") or {}
     if "sft_prefers_rejected" in diag:
-        lines += ["", f"The SFT model already prefers the rejected response (logp(y_w) < logp(y_l)) on "
-                      f"{diag['sft_prefers_rejected']:.1%} of the {diag['pairs']} training pairs: only there can "
-                      "unll's and conll's penalty weights (quadratic) be nonzero at the start; minll's expectile weight "
-                      "also acts where r > 0, where it rewards y_gen (mean logp of chosen "
-                      f"{diag['sft_mean_logp_chosen']}, of rejected {diag['sft_mean_logp_rejected']})."]
+        lines += ["", f"Before any preference method: the SFT model prefers the rejected response (logp(y_w) < logp(y_l)) on "
+                      f"{diag['sft_prefers_rejected']:.1%} of the {diag['pairs']} training pairs, where unll's and conll's "
+                      "penalty weights (quadratic) are nonzero at the start (minll's expectile weight also acts where r > 0, "
+                      f"rewarding y_gen). Mean logp: chosen {diag['sft_mean_logp_chosen']}, rejected "
+                      f"{diag['sft_mean_logp_rejected']}; mean tokens: chosen {diag['mean_tokens_chosen']}, rejected "
+                      f"{diag['mean_tokens_rejected']}, y_gen {diag.get('mean_tokens_ygen')}."]
+    tuning = r.get("tuning") or {}
+    if tuning.get("grid"):
+        lines += ["", "## Tuning (seed 0, validation prompts)", "",
+                  "| method | lr | knob | value | validation win rate | LC | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for g in tuning["grid"]:
+            c = tuning.get(g["method"], {})
+            mark = "yes" if (c.get("lr"), c.get("value")) == (g["lr"], g["value"]) else ""
+            lines.append(f"| {g['method']} | {g['lr']:g} | {g['knob']} | {g['value']:g} | {_fmt(g['val_win_rate'])} | "
+                         f"{_fmt(g.get('val_lc_win_rate'))} | {mark} |")
+        lines += ["", "unll+dpo uses dpo's chosen settings; curriculum, unll-linear (alpha from its chosen value to 0) and "
+                      "the alpha and data-size sweeps use unll's."]
     reused = r.get("stages_reused") or []
     total = f"Total time: {r['seconds']:.0f} s"
     if reused:
@@ -438,11 +582,12 @@ def _markdown(r: dict[str, Any]) -> str:
 
 def _table(r: dict[str, Any]) -> Table:
     t = Table(title="dppo demo: win rate vs the SFT model", title_justify="left")
-    for col in ("method", "win rate", "+-", "strict", "judge score", "pairs/s", "paper"):
+    for col in ("method", "win rate", "+-", "LC", "strict", "judge score", "tokens", "pairs/s", "paper"):
         t.add_column(col, justify="left" if col == "method" else "right")
     for row in r["table"]:
-        t.add_row(row["method"], _fmt(row["win_rate"]), _fmt(row["se"]), _fmt(row["strict_win_rate"]),
-                  _fmt(row["mean_judge_score"], 2), _fmt(row["train_pairs_per_s"], 1), _fmt(row["paper_win_rate"]))
+        t.add_row(row["method"], _fmt(row["win_rate"]), _fmt(row["se"]), _fmt(row.get("lc_win_rate")), _fmt(row["strict_win_rate"]),
+                  _fmt(row["mean_judge_score"], 2), _fmt(row.get("mean_response_tokens"), 1), _fmt(row["train_pairs_per_s"], 1),
+                  _fmt(row["paper_win_rate"]))
     return t
 
 
@@ -462,7 +607,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
         return ys, es
 
     # Fig. 2A: win rate vs alpha (unll)
-    names = ["unll" if a == 0.1 else f"unll-alpha{a:g}" for a in s.alphas]
+    names = [f"unll-alpha{a:g}" for a in s.alphas]
     ys, es = series(names)
     fig, ax = plt.subplots(figsize=(4.5, 3.4), dpi=120)
     ax.errorbar(list(s.alphas), ys, yerr=es, marker="s", capsize=3, label="unll", zorder=3)

@@ -23,6 +23,7 @@ __all__ = [
     "random_task",
     "split_of",
     "TEST_FRACTION",
+    "VAL_FRACTION",
 ]
 
 KINDS = ("sort", "reverse", "spell", "add", "count", "max")
@@ -87,14 +88,18 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 # Held-out prompts: a prompt belongs to the test split when its sha256 falls in the first
-# TEST_FRACTION of the hash space, so train and test are disjoint for every seed and size.
+# TEST_FRACTION of the hash space, to the validation split (where settings are chosen) when it falls
+# in the next VAL_FRACTION, so train, validation and test are disjoint for every seed and size.
 TEST_FRACTION = 0.1
+VAL_FRACTION = 0.1
 
 
 def split_of(prompt: str) -> str:
-    """``"test"`` or ``"train"``, from the prompt text's sha256 (independent of any seed)."""
+    """``"test"``, ``"val"`` or ``"train"``, from the prompt text's sha256 (independent of any seed)."""
     h = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16)
-    return "test" if h < TEST_FRACTION * 16**8 else "train"
+    if h < TEST_FRACTION * 16**8:
+        return "test"
+    return "val" if h < (TEST_FRACTION + VAL_FRACTION) * 16**8 else "train"
 
 
 @dataclass(frozen=True)

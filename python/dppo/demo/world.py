@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from dppo.demo.generators import EXTERNAL, FILLER, demonstrator
 from dppo.demo.judge import MAX_SCORE, score_task
-from dppo.demo.tasks import KINDS, TEMPLATES, TEST_FRACTION, WORDS, Task, random_task, split_of
+from dppo.demo.tasks import KINDS, TEMPLATES, TEST_FRACTION, VAL_FRACTION, WORDS, Task, random_task, split_of
 from dppo.synthetic import make_tokenizer, prompt_id
 
 __all__ = ["World", "build_world", "write_world", "sample_tasks", "VOCAB_SIZE", "DEFAULT_SYSTEM", "SPLIT_PATTERN"]
@@ -61,7 +61,7 @@ def _task_stream(rng: random.Random, split: str) -> Iterator[Task]:
 
 
 def sample_tasks(n: int, seed: int, split: str = "train", purpose: str = "tasks") -> list[Task]:
-    """``n`` distinct tasks of ``split`` (``"train"`` or ``"test"``)."""
+    """``n`` distinct tasks of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
     stream = _task_stream(_rng(seed, purpose, split), split)
     return [next(stream) for _ in range(n)]
 
@@ -78,6 +78,7 @@ class World:
     sft: list[dict[str, Any]]
     prefs_train: list[dict[str, Any]]
     prefs_test: list[dict[str, Any]]
+    prefs_val: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,9 +138,14 @@ def _pair_rows(n: int, seed: int, split: str) -> tuple[list[dict[str, Any]], dic
                 "score_rejected": scores[r],
             }
         )
+    def words(r: dict[str, Any], side: str) -> float:
+        return len(r[side][1]["content"].split())
+
     stats = {
         "pairs": len(rows),
         "skipped_all_tied": skipped,
+        "mean_words_chosen": _round(mean(words(r, "chosen") for r in rows)) if rows else None,
+        "mean_words_rejected": _round(mean(words(r, "rejected") for r in rows)) if rows else None,
         "kinds": dict(sorted(kinds.items())),
         "mean_score_chosen": _round(mean(r["score_chosen"] for r in rows)) if rows else None,
         "mean_score_rejected": _round(mean(r["score_rejected"] for r in rows)) if rows else None,
@@ -161,13 +167,14 @@ def _round(x: float) -> float:
     return round(float(x), 4)
 
 
-def build_world(*, n_sft: int, n_pairs: int, n_test: int, seed: int = 0) -> World:
-    """All rows of the world, in memory."""
+def build_world(*, n_sft: int, n_pairs: int, n_test: int, n_val: int | None = None, seed: int = 0) -> World:
+    """All rows of the world, in memory (``n_val``: validation pairs, default ``n_test``)."""
     sft, sft_stats = _sft_rows(n_sft, seed)
     train, train_stats = _pair_rows(n_pairs, seed, "train")
     test, test_stats = _pair_rows(n_test, seed, "test")
-    stats = {"demonstrator_sft": sft_stats, "prefs_train": train_stats, "prefs_test": test_stats}
-    return World(seed, sft, train, test, stats)
+    val, val_stats = _pair_rows(n_test if n_val is None else n_val, seed, "val")
+    stats = {"demonstrator_sft": sft_stats, "prefs_train": train_stats, "prefs_val": val_stats, "prefs_test": test_stats}
+    return World(seed, sft, train, test, val, stats)
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]], kind: str) -> None:
@@ -219,31 +226,35 @@ def _token_stats(tok_dir: Path, world: World) -> dict[str, Any]:
             "response": summary(response), "sequence": summary(full)}
 
 
-def write_world(out_dir: str | Path, *, n_sft: int = 2000, n_pairs: int = 2000, n_test: int = 300, seed: int = 0,
-                vocab_size: int = VOCAB_SIZE) -> dict[str, Path]:
+def write_world(out_dir: str | Path, *, n_sft: int = 2000, n_pairs: int = 2000, n_test: int = 300,
+                n_val: int | None = None, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict[str, Path]:
     """Write the demo world into ``out_dir``: ``sft.parquet`` (SmolTalk schema),
-    ``prefs_train.parquet`` and ``prefs_test.parquet`` (UltraFeedback-binarized schema),
-    ``tokenizer/`` and ``world.json`` (settings, seeds, measured statistics). The same arguments
-    give byte-identical files. Returns the paths by name."""
+    ``prefs_train.parquet``, ``prefs_val.parquet`` (where settings are chosen) and
+    ``prefs_test.parquet`` (UltraFeedback-binarized schema), ``tokenizer/`` and ``world.json``
+    (settings, seeds, measured statistics). The same arguments give byte-identical files. Returns
+    the paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = build_world(n_sft=n_sft, n_pairs=n_pairs, n_test=n_test, seed=seed)
+    n_val = n_test if n_val is None else n_val
+    world = build_world(n_sft=n_sft, n_pairs=n_pairs, n_test=n_test, n_val=n_val, seed=seed)
     paths = {
         "sft": out / "sft.parquet",
         "prefs_train": out / "prefs_train.parquet",
+        "prefs_val": out / "prefs_val.parquet",
         "prefs_test": out / "prefs_test.parquet",
         "tokenizer": out / "tokenizer",
         "world": out / "world.json",
     }
     _write_parquet(paths["sft"], world.sft, "sft")
     _write_parquet(paths["prefs_train"], world.prefs_train, "prefs")
+    _write_parquet(paths["prefs_val"], world.prefs_val, "prefs")
     _write_parquet(paths["prefs_test"], world.prefs_test, "prefs")
     make_tokenizer(paths["tokenizer"], _tokenizer_texts(world), vocab_size=vocab_size, pattern=SPLIT_PATTERN)
     meta = {
         "format": "dppo-demo-world",
-        "version": 2,
-        "settings": {"split_pattern": SPLIT_PATTERN, "n_sft": n_sft, "n_pairs": n_pairs, "n_test": n_test, "seed": seed, "vocab_size": vocab_size,
-                     "test_fraction": TEST_FRACTION},
+        "version": 3,
+        "settings": {"split_pattern": SPLIT_PATTERN, "n_sft": n_sft, "n_pairs": n_pairs, "n_test": n_test, "n_val": n_val,
+                     "seed": seed, "vocab_size": vocab_size, "test_fraction": TEST_FRACTION, "val_fraction": VAL_FRACTION},
         "files": {k: p.name for k, p in paths.items() if k != "world"},
         "judge": {"name": "demo", "scale": [0.0, MAX_SCORE], "doc": "docs/demo.md"},
         "kinds": list(KINDS),
