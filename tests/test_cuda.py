@@ -179,6 +179,12 @@ def test_a_bf16_step_on_the_device_moves_the_weights_as_the_fp32_cpu_step(tmp_pa
     ratio = float(a.norm() / b.norm())
     report(f"{method}_step_device_bf16_vs_cpu_fp32", cosine=cosine, norm_ratio=ratio, passed=cosine > 0.99)
     assert cosine > 0.99 and 0.9 < ratio < 1.1
+    # the device run logs its peak memory, the CPU run has no such field
+    dev_log = json.loads((tmp_path / "dev" / "metrics.jsonl").read_text().splitlines()[-1])
+    cpu_log = json.loads((tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "peak_mem_gib" not in cpu_log
+    if DEVICE.startswith("cuda"):
+        assert dev_log["peak_mem_gib"] > 0
 
 
 # -- 3. greedy generation: token-identical to transformers' generate ----------------------------------

@@ -169,6 +169,8 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
         reshard(module, parallel)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gib: the training steps', not the reference pass's
     ref_seconds = time.perf_counter() - t_ref
     inputs = dataclasses.replace(inputs, ref=ref)
     module.inputs = inputs
@@ -260,6 +262,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
                 "step_s": seconds,
                 "step_cpu_s": time.process_time() - cpu0,  # host CPU time, all threads (robust on a shared machine)
                 "elapsed_s": time.perf_counter() - t_start,
+                **({"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
             }
             # -- eval -------------------------------------------------------------------------------------
             if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
