@@ -45,7 +45,9 @@ print(json.dumps({"weights": weights, "grads": grads, "optim": optim, "act": pea
 def measure(checkpointing: bool) -> dict:
     import os
 
-    env = {**os.environ, "CKPT": "1" if checkpointing else "0"}
+    # a fixed mmap threshold: freed tensors leave the resident set, so the peak is what was live (with
+    # glibc's adaptive threshold the same run measured anywhere from 115 to 245 MB)
+    env = {**os.environ, "CKPT": "1" if checkpointing else "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, check=True, timeout=300, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,10 +94,8 @@ def test_checkpointing_lowers_the_measured_activations_and_the_plan_bounds_them(
                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
     plan = plan_memory(param_counts(cfg), tokens=ckpt["tokens"], precision="fp32", keep_probs_bytes=1 << 30,
                        checkpointing=True).rows[f"activations ({ckpt['tokens']:,} tokens, checkpointed)"]
-    assert ckpt["act"] < 0.5 * plain["act"], (ckpt["act"], plain["act"])  # 4 layers: ~4x less measured
-    # the resident-size peak of the recompute varies with what the allocator kept from the forward:
-    # the plan is its upper bound (it matched within 1% on an idle run)
-    assert ckpt["act"] <= 1.2 * plan, (ckpt["act"], plan)
+    assert ckpt["act"] < 0.5 * plain["act"], (ckpt["act"], plain["act"])  # 4 layers: ~3x less measured
+    assert abs(plan - ckpt["act"]) <= 0.2 * ckpt["act"], (ckpt["act"], plan)
 
 
 def test_checkpointing_and_lora_shrink_the_plan():

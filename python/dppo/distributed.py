@@ -11,6 +11,8 @@ line naming it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 from collections.abc import Sequence
@@ -107,6 +109,11 @@ def setup(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             if use_cuda:
                 kwargs["device_id"] = dev
             dist.init_process_group(**kwargs)
+            # Leave the group before the interpreter's teardown: a gloo/NCCL group still alive when the
+            # process exits can abort it ("terminate called without an active exception", SIGABRT)
+            # after the work is done. The group itself lasts for the process: a curriculum trains,
+            # generates and trains again in it.
+            atexit.register(_leave_group)
         except Exception as e:  # a rendezvous that does not complete, an unreachable master
             from dppo.artifacts import first_line
 
@@ -114,6 +121,14 @@ def setup(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             raise ConfigError(f"rank {rank}: could not join the process group at {where} within {timeout_s:g} s "
                               f"({type(e).__name__}: {first_line(e)})") from None
     return Dist(rank=rank, world=world, local_rank=local, backend=backend), dev
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def teardown(d: Dist) -> None:

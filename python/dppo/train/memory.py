@@ -9,13 +9,19 @@ parallelism, a precision and a micro-batch's token budget:
 - **gradients**: fp32, as the weights (sharded under FSDP2; DDP reduces in place, buckets as views);
 - **optimizer state**: AdamW's two moments (8 bytes per parameter), RMSprop's one (4), SGD none;
 - **activations**: what autograd keeps for a micro-batch's backward, per token and decoder layer
-  ``34 x hidden + 14 x intermediate`` bytes in fp32 (``20 x hidden + 8 x intermediate`` under bf16
-  autocast), measured on the CPU for dppo's packed forward (norm inputs and outputs, q/k/v and the
-  attention output, the MLP's four intermediate tensors), plus the vocabulary projection: the kept
-  softmax of the counted tokens (``--keep-probs-mb``) or two chunks of logits (``--chunk-size``).
+  ``38 x hidden + 16 x intermediate`` bytes in fp32 (``22 x hidden + 9 x intermediate`` under bf16
+  autocast: norm inputs and outputs, q/k/v and the attention output, the MLP's four intermediate
+  tensors), plus the vocabulary projection: the kept softmax of the counted tokens
+  (``--keep-probs-mb``) and one chunk of logits, or two chunks of logits (``--chunk-size``), and
+  ``16 x hidden`` bytes per token around it (the final norm, the hidden states and their gradient).
+  With activation checkpointing the layers keep only their fp32 inputs, and the layer being
+  recomputed holds its activations plus its backward's buffers (``38 x hidden + 27 x
+  intermediate`` bytes per token in fp32, ``22 x hidden + 15 x intermediate`` in bf16).
 
-The bf16 coefficients are the fp32 ones' 16-bit share, not a GPU measurement. A test checks the
-whole plan against the memory a tiny model takes on this CPU.
+The fp32 coefficients were fitted to the peak resident memory of dppo's packed forward and
+backward on the CPU (four shapes, 4,096 tokens, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
+freed tensors leave the resident set); the bf16 ones are their 16-bit share, not a GPU
+measurement. ``tests/test_memory.py`` checks the plan against what a tiny model takes on the CPU.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from dppo.errors import ConfigError
 
 __all__ = ["MemoryPlan", "plan_memory", "param_counts", "print_plan", "ACT_FP32", "ACT_BF16"]
 
-ACT_FP32 = (34, 14)  # bytes per token and layer, per unit of (hidden, intermediate), fp32
-ACT_BF16 = (20, 8)  # the same under bf16 autocast
+ACT_FP32 = (38, 16)  # bytes per token and layer, per unit of (hidden, intermediate), fp32
+ACT_BF16 = (22, 9)  # the same under bf16 autocast
+RECOMPUTE_FP32 = (38, 27)  # the layer being recomputed under checkpointing, with its backward's buffers
+RECOMPUTE_BF16 = (22, 15)
+HEAD_HIDDEN = 16  # bytes per token and unit of hidden around the vocabulary projection
 COUNTED_FRACTION = 0.75  # the share of a packed row's tokens that are response tokens (projected)
 _OPTIMIZER_BYTES = {"adamw": 8, "rmsprop": 4, "sgd": 0}
 
@@ -105,9 +114,12 @@ def activation_bytes(shape: ModelShape, tokens: int, precision: str, chunk_size:
     layer = tokens * (a * shape.hidden + b * shape.intermediate)
     counted = int(tokens * COUNTED_FRACTION)
     kept = counted * shape.vocab * 4
-    head = (kept if kept <= keep_probs_bytes else 2 * min(chunk_size, counted) * shape.vocab * 4) + counted * shape.hidden * 4
+    chunk = min(chunk_size, counted) * shape.vocab * 4
+    head = (kept + chunk if kept <= keep_probs_bytes else 2 * chunk) + tokens * shape.hidden * HEAD_HIDDEN
     if checkpointing:
-        return int(tokens * shape.layers * shape.hidden * 4 + max(layer, head))
+        ra, rb = RECOMPUTE_BF16 if precision == "bf16" else RECOMPUTE_FP32
+        recompute = tokens * (ra * shape.hidden + rb * shape.intermediate)
+        return int(tokens * shape.layers * shape.hidden * 4 + max(recompute, head))
     return int(layer * shape.layers + head)
 
 
