@@ -20,8 +20,8 @@ parallelism, a precision and a micro-batch's token budget:
 
 The fp32 coefficients were fitted to the peak resident memory of dppo's packed forward and
 backward on the CPU (four shapes, 4,096 tokens, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
-freed tensors leave the resident set); the bf16 ones are their 16-bit share, not a GPU
-measurement. ``tests/test_memory.py`` checks the plan against what a tiny model takes on the CPU.
+freed tensors leave the resident set; ``benchmarks/activation_fit.py``); the bf16 ones are their
+16-bit share, not a GPU measurement. ``tests/test_memory.py`` checks the plan against what a tiny model takes on the CPU.
 """
 
 from __future__ import annotations
