@@ -27,6 +27,26 @@ from typing import Any
 import numpy as np
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2.5's published config.json shapes: hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
+QWEN25 = {
+    "Qwen2.5-0.5B": (896, 4864, 24, 14, 2, 151936, True),
+    "Qwen2.5-1.5B": (1536, 8960, 28, 12, 2, 151936, True),
+    "Qwen2.5-3B": (2048, 11008, 36, 16, 2, 151936, True),
+    "Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, False),
+    "Qwen2.5-14B": (5120, 13824, 48, 40, 8, 152064, False),
+    "Qwen2.5-32B": (5120, 27648, 64, 40, 8, 152064, False),
+    "Qwen2.5-72B": (8192, 29568, 80, 64, 8, 152064, False),
+}
+
+
+def qwen2_config(shape: tuple) -> Any:
+    """A ``Qwen2Config`` of a ``QWEN25``-style shape tuple (Qwen2.5's rope and norm settings)."""
+    from transformers import Qwen2Config
+
+    h, i, n, heads, kv, vocab, tied = shape
+    return Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 OURS = ("ours_dpo", "ours_unll", "ours_unll_noskip", "ours_step_ratio")
 TRL = ("trl_no_ckpt", "trl_precompute", "trl_default")
 

@@ -9,16 +9,17 @@ per micro-batch. Run: ``python benchmarks/memory_plan.py``.
 
 from __future__ import annotations
 
-from transformers import Qwen2Config
+import sys
+from pathlib import Path
 
-from dppo.train.lora import lora_param_count
-from dppo.train.memory import param_counts, plan_memory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-QWEN25 = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
-    "Qwen2.5-0.5B": (896, 4864, 24, 14, 2, 151936, True),
-    "Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, False),
-    "Qwen2.5-72B": (8192, 29568, 80, 64, 8, 152064, False),
-}
+from bench_common import QWEN25, qwen2_config  # noqa: E402
+
+from dppo.train.lora import lora_param_count  # noqa: E402
+from dppo.train.memory import param_counts, plan_memory  # noqa: E402
+
+MODELS = ("Qwen2.5-0.5B", "Qwen2.5-7B", "Qwen2.5-72B")
 WORLDS = (1, 8, 16)
 TOKENS = 8192
 
@@ -29,10 +30,8 @@ def main() -> None:
     print()
     print("| model | parameters | " + " | ".join(f"{w} GPU{'s' if w > 1 else ''}" for w in WORLDS) + " |")
     print("|---|---:|" + "---:|" * len(WORLDS))
-    for name, (h, i, n, heads, kv, vocab, tied) in QWEN25.items():
-        cfg = Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
-                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
-        shape = param_counts(cfg)
+    for name in MODELS:
+        shape = param_counts(qwen2_config(QWEN25[name]))
         cells = []
         for w in WORLDS:
             plan = plan_memory(shape, world=w, parallel="fsdp" if w > 1 else "none", precision="bf16", tokens=TOKENS)
@@ -45,9 +44,8 @@ def main() -> None:
     print()
     print("| model | full | full + checkpointing | LoRA r 16 + checkpointing | LoRA parameters |")
     print("|---|---:|---:|---:|---:|")
-    for name, (h, i, n, heads, kv, vocab, tied) in QWEN25.items():
-        cfg = Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
-                          num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    for name in MODELS:
+        cfg = qwen2_config(QWEN25[name])
         shape, lora = param_counts(cfg), lora_param_count(cfg, 16)
         full = plan_memory(shape, precision="bf16", tokens=TOKENS)
         ckpt = plan_memory(shape, precision="bf16", tokens=TOKENS, checkpointing=True)

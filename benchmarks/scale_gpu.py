@@ -35,18 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import setup  # noqa: E402
+from bench_common import QWEN25, qwen2_config, setup  # noqa: E402
 
 SMALL = os.environ.get("SMALL") == "1"
-# hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings (Qwen2.5's config.json values)
-QWEN25 = {
-    "0.5B": (896, 4864, 24, 14, 2, 151936, True),
-    "1.5B": (1536, 8960, 28, 12, 2, 151936, True),
-    "3B": (2048, 11008, 36, 16, 2, 151936, True),
-    "7B": (3584, 18944, 28, 28, 4, 152064, False),
-    "14B": (5120, 13824, 48, 40, 8, 152064, False),
-    "32B": (5120, 27648, 64, 40, 8, 152064, False),
-}
+SIZES = {name.removeprefix("Qwen2.5-"): shape for name, shape in QWEN25.items() if name != "Qwen2.5-72B"}
 TINY = {  # SMALL=1: the same search on shapes a CPU trains in seconds
     "t1": (64, 128, 2, 4, 2, 151936, True),
     "t2": (128, 256, 2, 4, 2, 151936, True),
@@ -59,21 +51,12 @@ MODES = {
 }
 
 
-def qwen_config(shape: tuple):
-    from transformers import Qwen2Config
-
-    h, i, n, heads, kv, vocab, tied = shape
-    return Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
-                       num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
-
-
 def predicted_gib(shape: tuple, mode: str, tokens: int) -> float:
     """What ``dppo train --plan`` predicts for one GPU (GiB)."""
     from dppo.train.lora import lora_param_count
     from dppo.train.memory import param_counts, plan_memory
 
-    cfg = qwen_config(shape)
+    cfg = qwen2_config(shape)
     kw = {"precision": "bf16", "tokens": tokens, "checkpointing": mode != "full"}
     if mode == "lora_ckpt":
         kw.update(lora_params=lora_param_count(cfg, 16), base_bytes=2)
@@ -98,7 +81,7 @@ class Inits:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(qwen_config(shape), dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(qwen2_config(shape), dtype=torch.bfloat16)
         out = self.root / f"init-{name}"
         model.save_pretrained(out)
         del model
@@ -122,7 +105,7 @@ def trial(name: str, mode: str, init: Path, shards: str, work: Path, steps: int,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as e:
-        rc, err = None, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        rc, err = None, e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
     wall = time.perf_counter() - t
     row = {"size": name, "mode": mode, "wall_s": round(wall, 1)}
     metrics = out / "metrics.jsonl"
@@ -170,7 +153,7 @@ def search(sizes: list[str], plan: dict[str, float], memory: float, run, time_le
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ladder = TINY if SMALL else QWEN25
+    ladder = TINY if SMALL else SIZES
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--sizes", default=",".join(ladder), help=f"from {list(ladder)}, ascending")
     p.add_argument("--steps", type=int, default=2 if SMALL else 4, help="timed optimizer steps per trial")
@@ -197,7 +180,7 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="dppo_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     # the data and its tokenizer (setup also saves a tiny model of the vocabulary, unused here)
-    env = setup(work / "data", 8 * (a.warmup + a.steps), a.max_len / 1024, qwen_config(TINY["t1"]), a.max_len)
+    env = setup(work / "data", 8 * (a.warmup + a.steps), a.max_len / 1024, qwen2_config(TINY["t1"]), a.max_len)
     tokens = 2 * 8 * a.max_len  # the plan's micro-batch: 8 pairs, chosen + rejected, at most max_len each
     print(json.dumps({"setup": {"device": torch.cuda.get_device_name() if cuda else "cpu", "memory_gib": round(memory, 1),
                                 "sizes": sizes, "modes": modes, "steps": a.steps, "warmup": a.warmup,

@@ -113,7 +113,7 @@ def setup(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             # process exits can abort it ("terminate called without an active exception", SIGABRT)
             # after the work is done. The group itself lasts for the process: a curriculum trains,
             # generates and trains again in it.
-            atexit.register(_leave_group)
+            atexit.register(teardown)
         except Exception as e:  # a rendezvous that does not complete, an unreachable master
             from dppo.artifacts import first_line
 
@@ -123,20 +123,12 @@ def setup(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return Dist(rank=rank, world=world, local_rank=local, backend=backend), dev
 
 
-def _leave_group() -> None:
+def teardown(d: Dist | None = None) -> None:
+    """Leave the process group (after the last collective); ``setup`` registers it to run at exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-
-
-def teardown(d: Dist) -> None:
-    """Leave the process group (after the last collective)."""
-    if launched():
-        import torch.distributed as dist
-
-        if dist.is_initialized():
+        with contextlib.suppress(Exception):  # at exit: nothing left to report it to
             dist.destroy_process_group()
 
 
