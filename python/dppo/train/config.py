@@ -228,6 +228,8 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.kernel == "varlen":
+            self._check_varlen()
         from dppo.train.parallel import PARALLEL
         from dppo.train.report import parse_report_to
 
@@ -261,6 +263,17 @@ class TrainConfig:
             for name in ("eval_every", "eval_samples"):
                 if getattr(self, name) not in (None, 0):
                     raise ConfigError(f"{_flag(name)} needs --eval-data")
+
+    def _check_varlen(self) -> None:
+        """The flash varlen kernel runs on CUDA in bf16 only: refuse it here rather than at the first forward."""
+        import torch
+
+        cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        if not cuda:
+            where = "--device cpu" if self.device == "cpu" else "this machine has no CUDA device"
+            raise ConfigError(f"--kernel varlen runs on CUDA only ({where}): use --kernel auto, sdpa_loop or dense")
+        if self.dtype == "fp32":
+            raise ConfigError("--kernel varlen runs in bf16 only (--dtype fp32 given): use --dtype bf16 or auto, or --kernel auto")
 
     def _check_alpha_schedule(self) -> None:
         if self.alpha_schedule not in ALPHA_SCHEDULES:

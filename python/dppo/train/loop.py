@@ -66,7 +66,8 @@ from dppo.modeling import check_packed_forward, enable_activation_checkpointing,
 from dppo.train.lora import apply_lora, merge_adapter, save_adapter
 from dppo.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
 from dppo.train.config import RUNTIME_OPTIONS, TrainConfig
-from dppo.train.losses import LOSSES, LossConfig, LossOutput, LossSpec
+from dppo.train.losses import LOSSES, LossOutput, LossSpec
+from dppo.train.registry import ygen_free
 from dppo.train.refcache import RefLogps, reference_logps
 from dppo.train.parallel import full_state_dict, grad_norm, grad_sync, rank_micro_batches, reshard, resolve_parallel, wrap
 from dppo.train.report import Reporter
@@ -110,8 +111,9 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     eval_objective, eval_cfg = objective, loss_cfg
     if eval_shards is not None:
         if objective.needs_ygen and not eval_shards.has_ygen:
-            console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the DPO loss and rewards only")
-            eval_objective, eval_cfg = LOSSES["dpo"], LossConfig.defaults("dpo", beta=loss_cfg.beta)
+            eval_cfg = ygen_free(loss_cfg)  # what the method's entry evaluates without y_gen
+            eval_objective = LOSSES[eval_cfg.method]
+            console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the {eval_cfg.method} loss and rewards only")
         _check_shards(cfg, eval_objective, eval_shards, "--eval-data", ygen_required=False)
     n_eval = min(len(eval_shards), cfg.eval_samples or len(eval_shards)) if eval_shards is not None else 0
 

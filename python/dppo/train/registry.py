@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = [
     "LOSSES", "LossSpec", "LossConfig", "register_loss", "loss_spec", "needs_reference", "needs_ygen",
-    "YgenPlan", "ygen_plan", "WEIGHTS", "VOTES", "VOTE_NORMS", "PENALTY_NORMS",
+    "YgenPlan", "ygen_plan", "ygen_free", "WEIGHTS", "VOTES", "VOTE_NORMS", "PENALTY_NORMS",
 ]
 
 WEIGHTS = ("linear", "quadratic", "sqrt", "expectile")
@@ -155,6 +155,9 @@ class LossSpec:
         options: the :class:`LossConfig` fields the loss reads (``zeta`` only with the expectile
             weight); a trainer refuses the others when a user sets them.
         defaults: this method's defaults over the common ones (``docs/method.md``).
+        without_ygen: the method that evaluates this one on data without y_gen (an evaluation set
+            prepared without ``--ygen``), called with the option values the two share; None: such
+            data is refused. The DPPO methods name ``"dpo"``: the preference term and its rewards.
         reduction: how a step's per-example losses become the step's loss. ``"example"``: their mean
             over the step's examples. ``"token"``: their sum divided by the step's counted
             (response) tokens, for losses that return per-example sums over tokens (SFT: the mean
@@ -170,6 +173,7 @@ class LossSpec:
     options: tuple[str, ...] = ()
     defaults: Mapping[str, object] = field(default_factory=dict)
     reduction: str = "example"
+    without_ygen: str | None = None
 
     def __post_init__(self) -> None:
         if self.data not in ("sft", "pairs"):
@@ -217,12 +221,12 @@ LOSSES: dict[str, LossSpec] = {
     "simpo": LossSpec(_L + "simpo_loss", needs_reference=False, options=("beta", "gamma"), defaults={"beta": 2.5, "gamma": 1.0}),
     # Paper section 5: alpha 10 for minll (expectile, zeta 0.5), 0.1 for unll and conll.
     "minll": LossSpec(_L + "minll_loss", needs_ygen=True, options=(*_PENALTY_OPTIONS, "penalty_norm"),
-                      defaults={"alpha": 10.0, "weight": "expectile", "vote_clip": 2000.0}),
+                      defaults={"alpha": 10.0, "weight": "expectile", "vote_clip": 2000.0}, without_ygen="dpo"),
     "unll": LossSpec(_L + "unll_loss", needs_ygen=True, options=_PENALTY_OPTIONS,
-                     defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 2000.0}),
+                     defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 2000.0}, without_ygen="dpo"),
     # method.md names no conll weight; the author's conll script defaults to quadratic.
     "conll": LossSpec(_L + "conll_loss", needs_ygen=True, needs_ref_ygen=True, options=_PENALTY_OPTIONS,
-                      defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 700.0}),
+                      defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 700.0}, without_ygen="dpo"),
 }
 """The losses by method name (``--method``). :func:`register_loss` adds one."""
 
@@ -253,6 +257,19 @@ def needs_reference(method: str) -> bool:
 def needs_ygen(method: str) -> bool:
     """Whether ``method`` has a y_gen term (minll, unll, conll)."""
     return loss_spec(method).needs_ygen
+
+
+def ygen_free(cfg: LossConfig) -> LossConfig:
+    """The configuration that evaluates ``cfg`` on data without y_gen: its entry's ``without_ygen``
+    method, with the values of the options the two share (``ConfigError`` where the entry names none)."""
+    target = loss_spec(cfg.method).without_ygen
+    if target is None:
+        from dppo.errors import ConfigError
+
+        raise ConfigError(f"--method {cfg.method} has no evaluation without y_gen: give --eval-data with y_gen "
+                          "(`dppo prep prefs --ygen`)")
+    shared = {k: getattr(cfg, k) for k in loss_spec(target).options}
+    return LossConfig.defaults(target, **shared)
 
 
 # --------------------------------------------------------------------------------------------------
