@@ -38,7 +38,7 @@ def _floor(module: str) -> str:
             return stage
     if module == "dppo._native":
         return "native"
-    if module in SHARED or module == "dppo":
+    if module in SHARED or module.startswith(tuple(s + "." for s in SHARED)) or module == "dppo":
         return "shared"
     raise AssertionError(f"{module}: not placed in docs/architecture.md's floors")
 

@@ -70,7 +70,8 @@ def _config(vocab: int):
 
 
 def test_packed_bf16_logps_match_the_fp32_reference_within_bf16_error():
-    from dppo.modeling import PackedBatch, _varlen_fn, load_model, sequence_logps
+    from dppo.modeling import PackedBatch, load_model, sequence_logps
+    from dppo.modeling.attention import _varlen_fn
 
     torch.manual_seed(0)
     vocab = 4096

@@ -14,7 +14,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dppo import modeling
+from dppo.modeling import attention
 from dppo.data import micro_batches
 from dppo.modeling import (
     PACKED_ATTN,
@@ -22,8 +22,7 @@ from dppo.modeling import (
     chunked_target_logps,
     load_model,
     sequence_logps,
-    sequence_logps_rows,
-    packed_nll,
+    SeqLogps,
     token_logps,
     use_packed_attention,
 )
@@ -310,12 +309,26 @@ def test_lm_head_bias_and_untied_weights():
     torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def _logps_in_rows(model, seqs, max_tokens):
+    """``sequence_logps`` of many pairs, packed into rows of <= ``max_tokens`` by the trainer's
+    packing (``dppo.data.micro_batches``), put back in the order of ``seqs``."""
+    rows = micro_batches([len(p) + len(r) for p, r in seqs], max_tokens)
+    parts = [sequence_logps(model, PackedBatch.from_sequences([seqs[i] for i in row])) for row in rows]
+    placed = torch.from_numpy(np.concatenate(rows))  # placed[k]: original index of the k-th sequence
+    offsets = np.cumsum([0] + [len(row) for row in rows[:-1]])
+    token_seq = placed[torch.cat([p.token_seq + int(o) for p, o in zip(parts, offsets, strict=True)])]
+    order = torch.argsort(token_seq, stable=True)
+    inverse = torch.argsort(placed)
+    return SeqLogps(sums=torch.cat([p.sums for p in parts])[inverse], counts=torch.cat([p.counts for p in parts])[inverse],
+                    token_logps=torch.cat([p.token_logps for p in parts])[order], token_seq=token_seq[order])
+
+
 def test_rows_return_results_in_original_order():
     model, _ = model_pair()
     seqs = random_seqs([(4, 3), (9, 8), (1, 1), (6, 2), (2, 10), (3, 3)])
     with torch.no_grad():
         whole = sequence_logps(model, PackedBatch.from_sequences(seqs))
-        rows = sequence_logps_rows(model, seqs, max_tokens=14)
+        rows = _logps_in_rows(model, seqs, max_tokens=14)
     assert len(micro_batches([len(p) + len(r) for p, r in seqs], 14)) > 2
     torch.testing.assert_close(rows.sums, whole.sums, atol=1e-5, rtol=0)
     assert rows.counts.tolist() == whole.counts.tolist()
@@ -335,12 +348,12 @@ def test_select_renumbers_sequences():
     assert out.select([3, 0]).token_seq.tolist() == [0] * 4 + [1] * 3
 
 
-def test_packed_nll_is_mean_nll_of_assistant_tokens():
+def test_multi_turn_masks_count_every_assistant_token():
     model, reference = model_pair()
     rng = np.random.default_rng(5)
     ids = rng.integers(0, VOCAB, 12)
     counted = np.array([0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1], dtype=bool)  # two assistant turns
-    loss = packed_nll(model, PackedBatch.from_token_masks([(ids, counted), (ids[:4], counted[:4])]))
+    loss = -token_logps(model, PackedBatch.from_token_masks([(ids, counted), (ids[:4], counted[:4])])).mean()
     logp = torch.log_softmax(reference(torch.from_numpy(ids)[None]).logits[0], dim=-1)
     per_token = -logp[:-1].gather(1, torch.from_numpy(ids[1:])[:, None])[:, 0]
     want = torch.cat([per_token[counted[1:]], per_token[:3][counted[1:4]]]).mean()
@@ -402,8 +415,8 @@ def fake_varlen_attn(
 def test_varlen_path_plumbing(monkeypatch, params):
     """The CUDA path's layout, GQA handling and arguments, run through a CPU stand-in kernel."""
     model, reference = model_pair()
-    monkeypatch.setattr(modeling, "_varlen_fn", lambda: (fake_varlen_attn, frozenset(params)))
-    monkeypatch.setattr(modeling, "_varlen_device_ok", lambda q: True)
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: (fake_varlen_attn, frozenset(params)))
+    monkeypatch.setattr(attention, "_varlen_device_ok", lambda q: True)
     seqs = random_seqs()
     got = sequence_logps(model, PackedBatch.from_sequences(seqs), kernel="auto").sums
     want = torch.stack([w.sum() for w in plain_logps(reference, seqs)])
@@ -415,16 +428,16 @@ def test_varlen_kwargs_across_torch_signatures():
     old = frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "return_aux"})
     mid = frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale", "window_size"})
     new = mid | {"enable_gqa"}
-    assert modeling._varlen_kwargs(old, 64, d, None) == {"is_causal": True}
-    assert modeling._varlen_kwargs(old, 64, 0.1, None) is None  # no `scale` to pass
-    assert modeling._varlen_kwargs(old, 64, d, 8) is None  # no sliding window
-    assert modeling._varlen_kwargs(mid, 64, d, None) == {"window_size": (-1, 0), "scale": d}
-    assert modeling._varlen_kwargs(new, 64, d, 8) == {"window_size": (7, 0), "scale": d, "enable_gqa": True}
+    assert attention._varlen_kwargs(old, 64, d, None) == {"is_causal": True}
+    assert attention._varlen_kwargs(old, 64, 0.1, None) is None  # no `scale` to pass
+    assert attention._varlen_kwargs(old, 64, d, 8) is None  # no sliding window
+    assert attention._varlen_kwargs(mid, 64, d, None) == {"window_size": (-1, 0), "scale": d}
+    assert attention._varlen_kwargs(new, 64, d, 8) == {"window_size": (7, 0), "scale": d, "enable_gqa": True}
 
 
 def test_cpu_never_picks_varlen():
     q = torch.randn(1, 4, 5, 16, dtype=torch.bfloat16)
-    assert modeling._varlen_options(q, 0.25, None) is None
+    assert attention._varlen_options(q, 0.25, None) is None
 
 
 # --------------------------------------------------------------------------------------------------

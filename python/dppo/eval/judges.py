@@ -302,7 +302,7 @@ def _pad(batch: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any, An
     """Right-padded ids [B, T], attention mask, and each row's last real position."""
     import torch
 
-    from dppo.modeling import pad_rows
+    from dppo.generate.decoding import pad_rows
 
     ids, mask = pad_rows(batch, pad_id, side="right")
     last = torch.tensor([len(r) - 1 for r in batch], dtype=torch.long)

@@ -44,14 +44,27 @@ import torch
 import torch.nn.functional as F
 
 from dppo.errors import ConfigError
-from dppo.modeling import pad_rows
 
-__all__ = ["ENGINES", "SamplingConfig", "Completion", "Decoder", "supports_fast_decoding"]
+__all__ = ["ENGINES", "SamplingConfig", "Completion", "Decoder", "supports_fast_decoding", "pad_rows"]
 
 ENGINES = ("auto", "dppo", "hf", "vllm")
 """``auto``: ``dppo`` where the architecture is supported, else ``hf``."""
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows of unequal lengths as one padded [B, W] int64 batch and its attention mask
+    (1 on real tokens), padded on the ``right`` (scoring, prefill) or the ``left`` (``generate``)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        n = len(row)
+        at = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, at] = torch.as_tensor(list(row) if not isinstance(row, torch.Tensor) else row, dtype=torch.long)
+        mask[i, at] = 1
+    return ids, mask
 
 
 @dataclass(frozen=True)
