@@ -50,15 +50,16 @@ _OWN_NAMES = tuple(inspect.signature(_own).parameters)
 def curriculum_cmd(**options: Any) -> None:
     """Rounds of on-policy penalization (self-curriculum): y_gen from the policy entering each round, pairs prepared with it, training; every `dppo train` option applies to each round."""
     from dppo.curriculum import CurriculumConfig, curriculum
+    from dppo.data.sources import DataSource
     from dppo.generate.run import DecodeConfig
 
     own = {k: options.pop(k) for k in _OWN_NAMES}
     train_opts = {k: v for k, v in options.items() if v is not None}
     decode = DecodeConfig.from_options(max_new_tokens=own.pop("max_new_tokens"), batch_size=own.pop("gen_batch_size"),
                                        engine=own.pop("engine"))
-    curriculum(CurriculumConfig(rounds=own["rounds"], method=own["method"], data=own["data"], tokenizer=own["tokenizer"],
-                                init=own["init"], out=own["out"], split=own["split"], config=own["data_config"],
-                                revision=own["revision"], pairs_per_round=own["pairs_per_round"],
+    source = DataSource(own["data"], split=own["split"], config=own["data_config"], revision=own["revision"])
+    curriculum(CurriculumConfig(rounds=own["rounds"], method=own["method"], data=source, tokenizer=own["tokenizer"],
+                                init=own["init"], out=own["out"], pairs_per_round=own["pairs_per_round"],
                                 round_ref=own["round_ref"], max_len=own["max_len"], decode=decode, train=train_opts,
                                 seed=train_opts.get("seed", 0), resume=own["resume"], overwrite=own["overwrite"]))
 

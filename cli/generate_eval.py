@@ -1,5 +1,5 @@
 """``dppo generate`` and ``dppo eval``: parse options, call ``dppo.generate.generate`` /
-``dppo.eval.evaluate`` (both take the same ``DecodeConfig``, built once here). Registered in ``cli/main.py`` (wrapped by ``user_errors``)."""
+``dppo.eval.evaluate`` (their configurations sort the flat options: ``from_options``). Registered in ``cli/main.py`` (wrapped by ``user_errors``)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,10 @@ def generate_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming OUT (needed when settings changed).")] = False,
 ) -> None:
     """Generate a response to every prompt (y_gen for `dppo prep prefs --ygen`): greedy by default, resumable."""
-    from dppo.generate import DecodeConfig, GenConfig, SamplingConfig, generate
+    options = dict(locals())
+    from dppo.generate import GenConfig, generate
 
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    decode = DecodeConfig(sampling=sampling, batch_size=batch_size, engine=engine, dtype=dtype,
-                          max_prompt_len=max_prompt_len, tokenizer=tokenizer)
-    generate(GenConfig(model=model, data=data, out=out, split=split, config=config, revision=revision, limit=limit,
-                       decode=decode, overwrite=overwrite))
+    generate(GenConfig.from_options(**options))
 
 
 def eval_cmd(
@@ -84,15 +81,7 @@ def eval_cmd(
     The nemotron-api judge reads its key from the NVIDIA_API_KEY environment variable. Exits with
     code 1 when a model has no scored comparison (every judge call failed).
     """
+    options = {**locals(), "models": tuple(models)}
     from dppo.eval import EvalConfig, evaluate
-    from dppo.generate import DecodeConfig, SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    decode = DecodeConfig(sampling=sampling, batch_size=batch_size, engine=engine, dtype=dtype, tokenizer=tokenizer)
-    evaluate(
-        EvalConfig(
-            models=tuple(models), baseline=baseline, judge=judge, data=data, out=out, split=split, config=config,
-            revision=revision, limit=limit, decode=decode, cache_dir=cache_dir, api_base=api_base,
-            judge_batch_size=judge_batch_size, concurrency=concurrency, tie_tolerance=tie_tolerance,
-        )
-    )
+    evaluate(EvalConfig.from_options(**options))

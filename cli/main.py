@@ -151,8 +151,9 @@ def prep_sft(
 ) -> None:
     """Chat SFT data in the SmolTalk schema (`messages`): first user and first assistant turn, labels on the assistant turn."""
     from dppo.data.prep import PrepConfig, prepare
+    from dppo.data.sources import DataSource
 
-    prepare(PrepConfig("sft", data, tokenizer, out, split=split, config=config, revision=revision,
+    prepare(PrepConfig("sft", DataSource(data, split, config, revision), tokenizer, out,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
                        truncate_prompt=_truncate(truncate_prompt), strict=strict, overwrite=overwrite))
 
@@ -177,8 +178,9 @@ def prep_prefs(
 ) -> None:
     """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen."""
     from dppo.data.prep import PrepConfig, prepare
+    from dppo.data.sources import DataSource
 
-    prepare(PrepConfig("prefs", data, tokenizer, out, split=split, config=config, revision=revision, ygen=ygen,
+    prepare(PrepConfig("prefs", DataSource(data, split, config, revision), tokenizer, out, ygen=ygen,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
                        truncate_prompt=_truncate(truncate_prompt), strict=strict, allow_missing_ygen=allow_missing_ygen,
                        overwrite=overwrite))

@@ -29,7 +29,7 @@ TRAIN = dict(optimizer="sgd", lr=0.5, batch_size=2, grad_accum=2, max_steps=2, w
 
 def config(out: Path, pairs_file: Path, tok_dir: Path, init_dir: Path, **kw) -> CurriculumConfig:
     return CurriculumConfig(**{"rounds": 2, "method": "unll", "data": str(pairs_file), "tokenizer": str(tok_dir),
-                               "init": str(init_dir), "out": out, "split": None, "pairs_per_round": 16,
+                               "init": str(init_dir), "out": out, "pairs_per_round": 16,
                                "decode": DecodeConfig(sampling=SamplingConfig(max_new_tokens=8), batch_size=8),
                                "train": dict(TRAIN), **kw})
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import tiny_models as tm
+from dppo.data import DataSource
 from dppo.generate import DecodeConfig, SamplingConfig
 from dppo.generate.decoding import Decoder
 from dppo.errors import ConfigError, EvaluationError, SourceError
@@ -91,9 +92,8 @@ def config(out: Path, ms: dict[str, Path], data: Path, **kw) -> EvalConfig:
             "models": (str(ms["twin"]), str(ms["other"])),
             "baseline": str(ms["base"]),
             "judge": "test-count",
-            "data": str(data),
+            "data": DataSource(str(data)),
             "out": out,
-            "split": None,
             "limit": 10,
             "decode": DecodeConfig(sampling=SamplingConfig(max_new_tokens=12), batch_size=4),
             **kw,

@@ -412,6 +412,40 @@ def test_hub_source_offline_is_one_clear_line(monkeypatch):
     assert "HF_HUB_OFFLINE" in str(e.value)
 
 
+def test_one_data_source_for_every_stage(tmp_path, tok_dir, pairs_file):
+    """``DataSource`` is checked once, read by every stage, and saved flat in each configuration."""
+    from dppo.curriculum import CurriculumConfig
+    from dppo.data import DataSource, PrepConfig
+    from dppo.errors import ConfigError
+    from dppo.eval import EvalConfig
+    from dppo.generate import GenConfig
+
+    src = DataSource(pairs_file, split="train_prefs", config="", revision=" ")
+    assert (src.data, src.split, src.config, src.revision) == (str(pairs_file), "train_prefs", None, None)
+    for bad, match in [(dict(data=""), "--data must name"), (dict(data=None), "--data must name"),
+                       (dict(data="x", split=3), "split must be a name"), (dict(data="x", revision=["main"]), "revision")]:
+        with pytest.raises(ConfigError, match=match):
+            DataSource(**bad)
+    # a plain string names a source; each stage keeps its own default split
+    assert DataSource.of(src) is src and DataSource.of(str(pairs_file)) == DataSource(str(pairs_file))
+    assert GenConfig(model="m", data=str(pairs_file), out=tmp_path / "y.parquet").data == DataSource(str(pairs_file))
+    assert EvalConfig(models=("a",), baseline="b", judge="j", data=str(pairs_file), out=tmp_path).data.split == "test_prefs"
+    assert EvalConfig.from_options(models=("a",), baseline="b", judge="j", data="d", out=tmp_path).data.split == "test_prefs"
+    gen = GenConfig.from_options(model="m", data="d", split="s", revision="r", out=tmp_path / "y.jsonl", max_new_tokens=3)
+    assert gen.data == DataSource("d", split="s", revision="r") and gen.decode.sampling.max_new_tokens == 3
+    cur = CurriculumConfig(rounds=1, method="unll", data=src, tokenizer="t", init="i", out=tmp_path)
+    assert cur.data is src
+    # the saved records keep the fields flat, as before there was one class
+    from dppo.artifacts import config_record
+
+    flat = config_record(gen)
+    assert (flat["data"], flat["split"], flat["config"], flat["revision"]) == ("d", "s", None, "r")
+    summary = prepare(PrepConfig("prefs", src, str(tok_dir), tmp_path / "o"), show_progress=False)
+    meta = open_shards(tmp_path / "o").meta
+    assert summary["rows_kept"] > 0 and meta["config"]["data"] == str(pairs_file) and meta["config"]["split"] == "train_prefs"
+    assert "source" not in meta["config"] and meta["config"]["tokenizer"] == str(tok_dir)
+
+
 def test_hub_lookups_without_network_fail_fast_naming_offline_mode(monkeypatch):
     """No network and no HF_HUB_OFFLINE: one line within seconds, not a minute of retries."""
     import time

@@ -39,6 +39,7 @@ import numpy as np
 from rich.console import Console
 
 from dppo.artifacts import atomic_folder, config_record, resolve_model, write_json
+from dppo.data.sources import DataSource
 from dppo.errors import ConfigError
 
 __all__ = ["CurriculumConfig", "curriculum", "round_prompts"]
@@ -49,18 +50,16 @@ METHODS = ("minll", "unll", "conll")
 
 @dataclass(frozen=True)
 class CurriculumConfig:
-    """A curriculum: the rounds, the data, the generation, and the options of every round's training
+    """A curriculum: the rounds, the data (a :class:`~dppo.data.sources.DataSource`; a plain string
+    names one), the generation, and the options of every round's training
     (``train``: :class:`~dppo.train.config.TrainConfig` options other than data, init, ref, out)."""
 
     rounds: int
     method: str
-    data: str
+    data: DataSource
     tokenizer: str
     init: str
     out: Path
-    split: str | None = None
-    config: str | None = None
-    revision: str | None = None
     pairs_per_round: int | None = None
     round_ref: str = "init"
     max_len: int | None = None  # prep's max length (None: the 95th percentile, per round)
@@ -71,6 +70,7 @@ class CurriculumConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "data", DataSource.of(self.data))
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.method not in METHODS:
@@ -162,7 +162,7 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
         elif not cfg.resume:
             raise ConfigError(f"{out} already holds a curriculum: pass --resume to continue it or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    options = {"rounds": cfg.rounds, "method": cfg.method, "data": cfg.data, "tokenizer": cfg.tokenizer,
+    options = {"rounds": cfg.rounds, "method": cfg.method, "data": cfg.data.data, "tokenizer": cfg.tokenizer,
                "init": cfg.init, "pairs_per_round": cfg.pairs_per_round, "round_ref": cfg.round_ref,
                "max_len": cfg.max_len, "seed": cfg.seed, "train": cfg.train,
                "decode": config_record(cfg.decode) if cfg.decode is not None else None}
@@ -175,7 +175,7 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
     # the train options are checked once, before any generation (one line for a bad option)
     load_config(None, method=cfg.method, data="-", init=cfg.init, out="-", **cfg.train)
     decode = cfg.decode or DecodeConfig()
-    rows, _ = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision)
+    rows, _ = load_prompts(cfg.data)
     plan = round_prompts(len(rows), cfg.pairs_per_round, cfg.rounds, cfg.seed)
     init_dir = resolve_model(cfg.init)
     policy = init_dir
@@ -204,8 +204,7 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
         stamp = rdir / "shards.ygen-stamp"
         ygen_id = f"{ygen.stat().st_size}-{ygen.stat().st_mtime_ns}"
         if not ((shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == ygen_id):
-            prepare(PrepConfig("prefs", cfg.data, cfg.tokenizer, shards, split=cfg.split, config=cfg.config,
-                               revision=cfg.revision, ygen=ygen, max_len=cfg.max_len,
+            prepare(PrepConfig("prefs", cfg.data, cfg.tokenizer, shards, ygen=ygen, max_len=cfg.max_len,
                                allow_missing_ygen=len(subset) < len(rows), overwrite=True),
                     console=console, show_progress=show_progress)
             stamp.write_text(ygen_id)

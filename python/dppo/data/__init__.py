@@ -1,7 +1,8 @@
 """The data stage: raw chat and preference data -> the chat template, truncation and token ids ->
 memory-mapped shards (``dppo prep``), and the micro-batches the trainer forms from them.
 
-- :mod:`~dppo.data.sources`: hub ids and local parquet / jsonl / json / arrow files as Arrow batches;
+- :mod:`~dppo.data.sources`: where rows come from (``DataSource``: a hub id with its split, config and
+  revision, or local parquet / jsonl / json / arrow files) and reading them as Arrow batches;
 - :mod:`~dppo.data.prep`: one preparation run through the native engine (``PrepConfig``, ``prepare``);
 - :mod:`~dppo.data.shards`: reading shards without copying (``open_shards``) and ``micro_batches``,
   the one packing of dppo.
@@ -15,5 +16,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "SEG_YGEN": "shards", "SHARD_VERSION": "shards", "FLAG_PROMPT_TRUNCATED": "shards",
     "FLAG_RESPONSE_TRUNCATED": "shards", "FLAG_BOUNDARY_RESPLIT": "shards",
     "PrepConfig": "prep", "prepare": "prep", "prepare_defaults": "prep", "DEFAULTS": "prep",
-    "Source": "sources", "open_source": "sources",
+    "DataSource": "sources", "Source": "sources", "open_source": "sources",
 })

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dppo import engine
-from dppo.artifacts import file_fingerprint, meta_path_of, read_json, resolve_tokenizer, tokenizer_fingerprint
-from dppo.data.sources import open_source
+from dppo.artifacts import config_record, file_fingerprint, meta_path_of, read_json, resolve_tokenizer, tokenizer_fingerprint
+from dppo.data.sources import DataSource
 from dppo.errors import SourceError
 
 __all__ = ["PrepConfig", "prepare", "prepare_defaults", "DEFAULTS"]
@@ -34,15 +34,13 @@ DEFAULTS = {
 
 @dataclass(frozen=True)
 class PrepConfig:
-    """Everything one preparation run needs; saved into ``meta.json`` as ``config``."""
+    """Everything one preparation run needs; saved (flat) into ``meta.json`` as ``config``.
+    ``data`` is a :class:`~dppo.data.sources.DataSource` (a plain string names one)."""
 
     kind: Literal["sft", "prefs"]
-    data: str
+    data: DataSource
     tokenizer: str
     out: Path
-    split: str | None = None
-    config: str | None = None
-    revision: str | None = None
     ygen: Path | None = None
     max_len: int | None = None  # None: the `percentile` of full-sequence lengths
     percentile: float = 95.0
@@ -54,6 +52,9 @@ class PrepConfig:
     batch_rows: int = 4096
     tokenizer_fallback: bool = False
     extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", DataSource.of(self.data))
 
 
 def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tuple[Any, str]:
@@ -133,7 +134,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
     """Prepare one data set into ``cfg.out``; returns the summary (also in ``meta.json``)."""
     console = console or Console(stderr=True)
     tok_dir = resolve_tokenizer(cfg.tokenizer)
-    source = open_source(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, batch_rows=cfg.batch_rows)
+    source = cfg.data.open(cfg.batch_rows)
     prep = engine.Preparer(
         "sft" if cfg.kind == "sft" else "prefs",
         str(tok_dir),
@@ -173,7 +174,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
                 "source": source.description,
                 "tokenizer_source": str(cfg.tokenizer),
                 "ygen_source": ygen_desc,
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "extra_meta"},
+                "config": {k: v for k, v in config_record(cfg).items() if k != "extra_meta"},
                 **cfg.extra_meta,
             }
             summary = json.loads(prep.finish(json.dumps(meta), progress))
@@ -192,7 +193,9 @@ def prepare_defaults(
     Qwen2.5-0.5B tokenizer (or ``tokenizer``) into ``out`` (default ``data/``)."""
     out = Path(out or DEFAULTS["out"])
     tok = tokenizer or DEFAULTS["tokenizer"]
-    runs = [PrepConfig("sft", DEFAULTS["sft"]["data"], tok, out / "sft", split=DEFAULTS["sft"]["split"], overwrite=overwrite)]
+    sft = DataSource(DEFAULTS["sft"]["data"], split=DEFAULTS["sft"]["split"])
+    runs = [PrepConfig("sft", sft, tok, out / "sft", overwrite=overwrite)]
     for split in DEFAULTS["prefs"]["splits"]:
-        runs.append(PrepConfig("prefs", DEFAULTS["prefs"]["data"], tok, out / f"prefs-{split}", split=split, overwrite=overwrite))
+        pairs = DataSource(DEFAULTS["prefs"]["data"], split=split)
+        runs.append(PrepConfig("prefs", pairs, tok, out / f"prefs-{split}", overwrite=overwrite))
     return [prepare(r, console=console) for r in runs]

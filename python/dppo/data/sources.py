@@ -12,13 +12,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Source", "open_source", "DATA_SUFFIXES", "JSONL_COLUMN"]
+__all__ = ["DataSource", "Source", "open_source", "DATA_SUFFIXES", "JSONL_COLUMN"]
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".feather", ".ipc")
 
 
 from dppo.artifacts import file_fingerprint
-from dppo.errors import SourceError
+from dppo.errors import ConfigError, SourceError
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a stage reads its rows: a local file or folder, or a hub data set with its split,
+    configuration (subset) and revision. ``dppo prep``, ``generate``, ``eval`` and ``curriculum``
+    take one; their saved configurations hold its fields flat (``data``, ``split``, ``config``,
+    ``revision``).
+
+    ``split``, ``config`` and ``revision`` choose within a hub data set (an empty name is none: the
+    hub's ``train`` split, its default configuration, its main branch); a local source has one
+    table and reads the same whatever they are.
+    """
+
+    data: str
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, os.PathLike):
+            object.__setattr__(self, "data", os.fspath(self.data))
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ConfigError(f"--data must name a local file or folder or a hub data set, got {self.data!r}")
+        for name in ("split", "config", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"the data set's {name} must be a name, got {type(value).__name__} {value!r}")
+            if isinstance(value, str) and not value.strip():  # `--split ""`: none (a command's default cleared)
+                object.__setattr__(self, name, None)
+
+    @classmethod
+    def of(cls, value: DataSource | str | os.PathLike[str], **defaults: str | None) -> DataSource:
+        """``value`` itself if it is a ``DataSource``, else the source it names (with ``defaults``:
+        ``split=...`` and the like)."""
+        return value if isinstance(value, DataSource) else cls(value, **defaults)  # type: ignore[arg-type]
+
+    def open(self, batch_rows: int = 4096) -> Source:
+        """The source's rows in batches (:func:`open_source`)."""
+        return open_source(self.data, split=self.split, config=self.config, revision=self.revision, batch_rows=batch_rows)
+
+    def __str__(self) -> str:
+        return self.data
 
 
 @dataclass

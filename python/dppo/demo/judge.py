@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any
 
 from dppo.demo.tasks import LIST_KINDS, Task, parse_prompt
 
@@ -155,6 +154,3 @@ class DemoJudge:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [judge(p, r) for p, r in zip(prompts, responses)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "scale": [0.0, MAX_SCORE], "kind": "programmatic", "doc": "docs/demo.md"}

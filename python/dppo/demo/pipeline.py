@@ -201,6 +201,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     from dppo.generate import DecodeConfig, GenConfig, SamplingConfig, generate
     from dppo.eval.judges import register_judge
     from dppo.data.prep import PrepConfig, prepare
+    from dppo.data.sources import DataSource
     from dppo.train import train
 
     s = settings or (QUICK if quick else FULL)
@@ -279,7 +280,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     def tune_eval() -> Any:
         models = [str(sft_model)] + [str(tune / "runs" / g[-1] / "model") for g in grid]
         return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
-                                   data=str(paths["prefs_val"]), out=tune / "eval", split=None, limit=None,
+                                   data=DataSource(str(paths["prefs_val"])), out=tune / "eval", limit=None,
                                    decode=decode, cache_dir=out / "cache"), console=log, show_progress=False)
 
     plan.add("tune: eval on the validation prompts", tune / "eval" / "results.json", tune_eval)
@@ -306,7 +307,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
             opts = {**common(**chosen("unll")), "seed": seed}
             return curriculum(CurriculumConfig(
                 rounds=s.curriculum_rounds, method="unll", data=str(paths["prefs_train"]), tokenizer=str(paths["tokenizer"]),
-                init=str(sft_model), out=runs / "curriculum", split=None, pairs_per_round=s.n_pairs // s.curriculum_rounds,
+                init=str(sft_model), out=runs / "curriculum", pairs_per_round=s.n_pairs // s.curriculum_rounds,
                 decode=decode, train=opts, seed=seed, resume=True), console=log, show_progress=False)
 
         plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll", runs / "curriculum" / "model" / "config.json",
@@ -322,7 +323,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         def run_eval(sd: Path = sd, runs: Path = runs) -> Any:
             models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
             return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
-                                       data=str(paths["prefs_test"]), out=sd / "eval", split=None, limit=None,
+                                       data=DataSource(str(paths["prefs_test"])), out=sd / "eval", limit=None,
                                        decode=decode,
                                        cache_dir=out / "cache"), console=log, show_progress=False)
 

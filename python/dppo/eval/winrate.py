@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.progress import (
@@ -51,27 +51,28 @@ from rich.progress import (
 from rich.table import Table
 
 from dppo.artifacts import config_record, model_tokenizer_dir, resolve_device, resolve_dtype, resolve_model, write_atomic, write_json
+from dppo.data.sources import DataSource
 from dppo.errors import ConfigError, EvaluationError
 from dppo.eval.lengthctl import length_controlled
-from dppo.generate.run import DecodeConfig
+from dppo.generate.run import DecodeConfig, FlatOptions
 
 __all__ = ["EvalConfig", "Comparison", "compare", "evaluate", "results_markdown"]
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """One ``dppo eval`` run; saved (flat) into ``OUT/config.json``. ``decode`` says how every model
-    answers (the same :class:`~dppo.generate.DecodeConfig` as ``dppo generate``'s); ``cache_dir``
-    defaults to ``OUT/cache``."""
+class EvalConfig(FlatOptions):
+    """One ``dppo eval`` run; saved (flat) into ``OUT/config.json``. ``data`` is the prompts'
+    :class:`~dppo.data.sources.DataSource` (a plain string names one, split ``test_prefs``);
+    ``decode`` says how every model answers (the same :class:`~dppo.generate.DecodeConfig` as
+    ``dppo generate``'s); ``cache_dir`` defaults to ``OUT/cache``."""
+
+    default_split: ClassVar[str | None] = "test_prefs"
 
     models: tuple[str, ...]
     baseline: str
     judge: str
-    data: str
+    data: DataSource
     out: Path
-    split: str | None = "test_prefs"
-    config: str | None = None
-    revision: str | None = None
     limit: int | None = 1000
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     cache_dir: Path | None = None
@@ -80,14 +81,8 @@ class EvalConfig:
     concurrency: int = 8
     tie_tolerance: float = 0.0
 
-    @classmethod
-    def from_options(cls, **options: Any) -> EvalConfig:
-        """From flat options, as on the command line: those of decoding and sampling go into ``decode``."""
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(cls)}
-        own = {k: v for k, v in options.items() if k in names and k != "decode"}
-        return cls(**own, decode=DecodeConfig.from_options(**{k: v for k, v in options.items() if k not in names}))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", DataSource.of(self.data, split=self.default_split))
 
 
 @dataclass(frozen=True)
@@ -223,7 +218,7 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
     models = [cfg.baseline, *cfg.models]
     names = _labels(cfg.baseline, cfg.models)
     dirs = [(d, model_tokenizer_dir(d, cfg.decode.tokenizer)) for d in map(resolve_model, models)]
-    rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
+    rows, source = load_prompts(cfg.data, limit=cfg.limit)
     if any(r.ids is not None for r in rows):
         raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
     prompt_of = {r.prompt_id: r.prompt for r in rows}

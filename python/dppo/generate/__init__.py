@@ -10,7 +10,7 @@ from dppo._lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "generate": "run", "generate_rows": "run", "GenConfig": "run", "DecodeConfig": "run", "PromptRow": "run",
-    "load_prompts": "run", "render_prompts": "run", "read_generations": "run", "generations_meta": "run",
+    "load_prompts": "run", "render_prompts": "run", "read_generations": "run", "FlatOptions": "run",
     "generation_settings": "run", "stop_token_ids": "run", "OUTPUT_COLUMNS": "run",
     "Decoder": "decoding", "SamplingConfig": "decoding", "Completion": "decoding", "ENGINES": "decoding",
     "pad_rows": "decoding",

@@ -25,8 +25,8 @@ This produces y_gen (the reference model's greedy response to every training pro
 
 Typical use::
 
-    generate(GenConfig(model="runs/sft", data="HuggingFaceH4/ultrafeedback_binarized",
-                       split="train_prefs", out=Path("ygen.parquet"),
+    generate(GenConfig(model="runs/sft", out=Path("ygen.parquet"),
+                       data=DataSource("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
                        decode=DecodeConfig(sampling=SamplingConfig(max_new_tokens=512))))
 """
 
@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.progress import (
@@ -70,12 +70,14 @@ from dppo.artifacts import (
     write_atomic,
     write_json,
 )
+from dppo.data.sources import DataSource
 from dppo.errors import ConfigError
 from dppo.generate.decoding import ENGINES, SamplingConfig
 
 __all__ = [
     "GenConfig",
     "DecodeConfig",
+    "FlatOptions",
     "PromptRow",
     "OUTPUT_COLUMNS",
     "END_TOKENS",
@@ -86,7 +88,6 @@ __all__ = [
     "stop_token_ids",
     "read_generations",
     "generation_settings",
-    "generations_meta",
 ]
 
 OUTPUT_COLUMNS = ("prompt_id", "prompt", "response", "response_ids", "prompt_tokens", "response_tokens", "finish_reason")
@@ -140,42 +141,44 @@ class DecodeConfig:
             raise ConfigError(f"--max-prompt-len must be positive, got {self.max_prompt_len}")
 
 
+class FlatOptions:
+    """``from_options`` of a run's configuration (``GenConfig``, ``EvalConfig``): flat options, as on
+    the command line, sorted into the run's own fields, its :class:`~dppo.data.sources.DataSource`
+    (``data``, ``split``, ``config``, ``revision``) and its :class:`DecodeConfig` (the rest:
+    decoding's and sampling's). ``default_split`` is the split of a source named by a plain string."""
+
+    default_split: ClassVar[str | None] = None
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        from dppo.data.sources import DataSource
+
+        names = {f.name for f in dataclasses.fields(cls)} - {"data", "decode"}  # type: ignore[arg-type]
+        source_names = {f.name for f in dataclasses.fields(DataSource)}
+        source = {"split": cls.default_split, **{k: v for k, v in options.items() if k in source_names}}
+        own = {k: v for k, v in options.items() if k in names}
+        rest = {k: v for k, v in options.items() if k not in names and k not in source_names}
+        return cls(**own, data=DataSource(**source), decode=DecodeConfig.from_options(**rest))
+
+
 @dataclass(frozen=True)
-class GenConfig:
-    """One ``dppo generate`` run: the model, the prompts' source, the output file and how to decode;
-    saved (flat) into ``OUT.meta.json``."""
+class GenConfig(FlatOptions):
+    """One ``dppo generate`` run: the model, the prompts' source (a plain string names one), the
+    output file and how to decode; saved (flat) into ``OUT.meta.json``."""
 
     model: str
-    data: str
+    data: DataSource
     out: Path
-    split: str | None = None
-    config: str | None = None
-    revision: str | None = None
     limit: int | None = None
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     overwrite: bool = False
 
-    @classmethod
-    def from_options(cls, **options: Any) -> GenConfig:
-        """From flat options, as on the command line (``model=..., max_new_tokens=..., batch_size=...``):
-        those of decoding and sampling go into ``decode``."""
-        return cls(**_own(cls, options), decode=DecodeConfig.from_options(**_rest(cls, options)))
-
     def __post_init__(self) -> None:
+        object.__setattr__(self, "data", DataSource.of(self.data, split=self.default_split))
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
         if Path(self.out).suffix not in (".parquet", ".jsonl"):
             raise ConfigError(f"--out must end in .parquet or .jsonl, got {Path(self.out).name}")
-
-
-def _own(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"decode"}
-    return {k: v for k, v in options.items() if k in names}
-
-
-def _rest(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in options.items() if k not in names}
 
 
 @dataclass(frozen=True)
@@ -274,23 +277,16 @@ def _is_shards(path: Path) -> bool:
     return meta.get("format") == "dppo-shards"
 
 
-def load_prompts(
-    data: str,
-    *,
-    split: str | None = None,
-    config: str | None = None,
-    revision: str | None = None,
-    limit: int | None = None,
-) -> tuple[list[PromptRow], dict[str, Any]]:
+def load_prompts(source: DataSource | str, *, limit: int | None = None) -> tuple[list[PromptRow], dict[str, Any]]:
     """The distinct prompts of a data source (first ``limit`` in source order) and a summary
-    (``description``, ``rows_in``, ``skipped``, ``duplicates``)."""
+    (``description``, ``rows_in``, ``skipped``, ``duplicates``). A plain string names a source."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
+    source = DataSource.of(source)
+    data = source.data
     if _is_shards(Path(data)):
         return _shard_prompts(Path(data), limit)
-    from dppo.data.sources import open_source
-
-    src = open_source(data, split=split, config=config, revision=revision)
+    src = source.open()
     prompts: list[PromptRow] = []
     seen: set[str] = set()
     rows_in = skipped = duplicates = 0
@@ -409,11 +405,6 @@ def _read_table(path: Path) -> Any:
     return table.select(list(OUTPUT_COLUMNS)).cast(_schema())
 
 
-def generations_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``OUT.meta.json`` of a generations file (settings, model, ``tokenizer``), {} if absent."""
-    return read_json(_meta_path(Path(path)))
-
-
 def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a file written by ``generate`` (parquet or jsonl), as dicts."""
     return _read_table(Path(path)).to_pylist()
@@ -469,7 +460,7 @@ def generate(cfg: GenConfig, *, console: Console | None = None, show_progress: b
     """Generate a response to every prompt of ``cfg.data`` (resuming ``cfg.out``); returns a summary."""
     model_dir = resolve_model(cfg.model)
     tok_dir = model_tokenizer_dir(model_dir, cfg.decode.tokenizer)
-    rows, source = load_prompts(cfg.data, split=cfg.split, config=cfg.config, revision=cfg.revision, limit=cfg.limit)
+    rows, source = load_prompts(cfg.data, limit=cfg.limit)
     shard_tok = source["description"].get("tokenizer", {}).get("fingerprint") if source["description"].get("type") == "shards" else None
     if shard_tok is not None and tokenizer_fingerprint(tok_dir) != shard_tok:
         raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")
