@@ -12,7 +12,7 @@ import torch
 from conftest import write_jsonl
 from dppo import engine, synthetic as testing
 from dppo.data import open_shards
-from dppo.generate.decoding import Completion, Decoder, SamplingConfig, supports_fast_decoding
+from dppo.generate.decoding import Completion, Decoder, SamplingConfig, sample_key, supports_fast_decoding
 from dppo.errors import ConfigError
 from dppo.generate import (
     OUTPUT_COLUMNS,
@@ -140,6 +140,93 @@ def test_sampling_is_reproducible_whatever_the_batching(lm, ids_prompts):
     # a nucleus this small keeps only the most likely token: greedy again
     tiny = run(Decoder(lm, []), ids_prompts, SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1e-9), 4, keys)
     assert tiny == greedy
+
+
+def run_k(decoder: Decoder, prompts, sampling, batch_size, k, keys=None) -> dict[tuple[int, int], tuple[list[int], str]]:
+    got: dict[tuple[int, int], tuple[list[int], str]] = {}
+    for batch in decoder.run(prompts, sampling, batch_size=batch_size, keys=keys, samples=k):
+        assert len(batch) <= batch_size
+        for c in batch:
+            assert (c.index, c.sample) not in got
+            got[c.index, c.sample] = (c.token_ids, c.finish_reason)
+    assert sorted(got) == [(i, j) for i in range(len(prompts)) for j in range(k)]
+    return got
+
+
+def test_k_samples_are_k_single_runs_under_their_keys(lm, ids_prompts):
+    """One call with samples=K gives, for sample j of prompt i, exactly the single-sample run of
+    prompt i under key sample_key(keys[i], j): the K slots of a prompt share its prefill without
+    changing a token, whatever the batch size, the order of the prompts or the other prompts."""
+    k = 4
+    s = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3)
+    keys = [50 + 7 * i for i in range(len(ids_prompts))]
+    stop = sorted({t for p in ids_prompts[:4] for t in hf_greedy(lm, p, 8, [])[0][2:4]})
+    got = run_k(Decoder(lm, stop), ids_prompts, s, 6, k, keys)
+    for i, p in enumerate(ids_prompts):
+        for j in range(k):
+            alone = run(Decoder(lm, stop), [p], s, 1, [sample_key(keys[i], j)])
+            assert got[i, j] == alone[0], (i, j)
+    assert {r for _, r in got.values()} == {"stop", "length"}
+    # samples of one prompt differ (a degenerate stream would repeat sample 0)
+    assert len({tuple(got[0, j][0]) for j in range(k)}) > 1
+    # batch size, order and the other prompts change nothing: each key's stream is its own
+    for bs in (1, 5, 48):
+        assert run_k(Decoder(lm, stop), ids_prompts, s, bs, k, keys) == got
+    rev = run_k(Decoder(lm, stop), ids_prompts[::-1], s, 7, k, keys[::-1])
+    n = len(ids_prompts)
+    assert {(n - 1 - i, j): v for (i, j), v in rev.items()} == got
+    # ranks: two halves decoded apart (as two ranks would) give the same samples
+    half = n // 2
+    a = run_k(Decoder(lm, stop), ids_prompts[:half], s, 4, k, keys[:half])
+    b = run_k(Decoder(lm, stop), ids_prompts[half:], s, 4, k, keys[half:])
+    assert {**a, **{(i + half, j): v for (i, j), v in b.items()}} == got
+    # the fixed-shape step (the CUDA-graph path, run eagerly) agrees too
+    assert run_k(Decoder(lm, stop, cuda_graphs=True), ids_prompts, s, 16, k, keys) == got
+
+
+def test_k_greedy_samples_are_the_greedy_response(lm, ids_prompts):
+    """Greedy decoding has no stream: K "samples" are K copies of the greedy response, which is
+    the one-sample greedy output unchanged (transformers' greedy generate)."""
+    s = SamplingConfig(max_new_tokens=10)
+    one = run(Decoder(lm, []), ids_prompts, s, 5)
+    got = run_k(Decoder(lm, []), ids_prompts, s, 5, 3)
+    for i, p in enumerate(ids_prompts):
+        assert one[i] == (hf_greedy(lm, p, 10, [])[0], "length")
+        assert got[i, 0] == got[i, 1] == got[i, 2] == one[i]
+
+
+def test_k_samples_prefill_each_prompt_once(lm, ids_prompts, monkeypatch):
+    """The K sequences of a prompt admitted together cost one prefill row, not K."""
+    from dppo.generate import decoding
+
+    rows = []
+    orig = decoding._Forward.prefill
+
+    def counting(self, ids, last, cache, slots):
+        rows.append(ids.shape[0])
+        return orig(self, ids, last, cache, slots)
+
+    monkeypatch.setattr(decoding._Forward, "prefill", counting)
+    s = SamplingConfig(max_new_tokens=4, temperature=1.0)
+    run_k(Decoder(lm, []), ids_prompts, s, 4 * len(ids_prompts), 4)
+    assert sum(rows) == len(ids_prompts)
+
+
+def test_samples_must_be_positive(lm):
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="samples"):
+            list(Decoder(lm, []).run([[1, 2]], SamplingConfig(), samples=bad))
+    with pytest.raises(ValueError, match="keys"):
+        list(Decoder(lm, []).run([[1, 2]], SamplingConfig(), keys=[1, 2]))
+
+
+def test_sample_key_is_stable():
+    """The key of sample j is a fixed function of (key, j): files made on another machine, another
+    version or another number of ranks draw the same streams."""
+    assert sample_key(0, 0) != sample_key(0, 1) != sample_key(1, 0)
+    assert sample_key(-1, 3) == sample_key(2**64 - 1, 3)
+    assert 0 <= sample_key(12345, 2) < 2**64
+    assert sample_key(12345, 2) == 14541357495683251765  # blake2b-64 of the two little-endian u64s
 
 
 def test_engine_support_checks(lm):
