@@ -25,13 +25,11 @@ kept, training resumes from its last checkpoint).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,29 +109,10 @@ def _wrong_votes(policy: Path, shards_dir: Path, cfg: CurriculumConfig) -> float
     """Fraction of the round's pairs where ``policy`` gives the rejected answer the larger summed
     log-probability (its reference-cache entry: a cache the round's training reuses when the
     policy is its reference)."""
-    import torch
+    from dppo.train import score_pairs
 
-    from dppo.artifacts import resolve_device
-    from dppo.data import open_shards
-    from dppo.modeling import load_model
-    from dppo.train import token_budget
-    from dppo.train.refcache import reference_logps
-
-    device = resolve_device(cfg.train.get("device", "auto"))
-    dtype = cfg.train.get("dtype", "auto")
-    precision = "bf16" if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else "fp32"
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext
-    shards = open_shards(shards_dir)
-    loaded: list[Any] = []
-
-    def load() -> Any:
-        loaded.append(load_model(policy, dtype="fp32", device=device))
-        return loaded[-1]
-
-    budget = cfg.train.get("max_tokens_per_batch") or 16384
-    logps = reference_logps(policy, shards, np.arange(len(shards)), load=load, need_ygen=False, precision=precision,
-                            autocast=autocast, batch_tokens=budget)
-    del loaded
+    logps = score_pairs(policy, shards_dir, dtype=cfg.train.get("dtype", "auto"), device=cfg.train.get("device", "auto"),
+                        batch_tokens=cfg.train.get("max_tokens_per_batch") or 16384)
     return float(np.mean(logps.chosen < logps.rejected))
 
 

@@ -402,13 +402,11 @@ def _sft_votes(prefs: Path, sft_model: Path) -> dict[str, Any]:
     import numpy as np
 
     from dppo.data import open_shards
-    from dppo.modeling import load_model
-    from dppo.train.refcache import reference_logps
+    from dppo.train import score_pairs
 
     shards = open_shards(prefs)
     lengths = shards.lengths()
-    logps = reference_logps(sft_model, shards, np.arange(len(shards)), load=lambda: load_model(sft_model, dtype="fp32", device="cpu"),
-                            need_ygen=False, precision="fp32", batch_tokens=16384)
+    logps = score_pairs(sft_model, shards, dtype="fp32", device="cpu", batch_tokens=16384)
     c, r = logps.chosen, logps.rejected
     return {
         "pairs": int(len(shards)),

@@ -1,24 +1,33 @@
 """The trainer: SFT, DPO, SimPO and the three DPPO objectives (minll, unll, conll) in one loop.
 
-:func:`train` reads top to bottom, in the manner of nanoGPT's ``train.py``:
+:func:`train` reads top to bottom as the run's phases, one function each:
 
-1. **setup**: the run folder, the device and precision, the shards, the order of the examples;
-2. **reference**: logp_ref of every pair, computed once by a no-grad pass and cached beside the
-   shards (:mod:`dppo.train.refcache`), so no reference model is held in memory while training;
-3. **model and optimizer**, restored from the latest checkpoint with ``--resume``;
-4. **the loop**, one optimizer step at a time: *data* (the step's ``batch_size x grad_accum``
-   examples, grouped into micro-batches of at most ``batch_size`` examples and
-   ``max_tokens_per_batch`` tokens by :func:`dppo.data.micro_batches`, each weighted by the loss's
-   reduction), *forward* (:func:`dppo.train.step.forward_logps`: each micro-batch's sequences
-   packed into one row, log-probabilities only where labels exist), *loss* (the registry's entry
-   for ``--method``, a pure function of log-probabilities), *backward* per micro-batch, *step*
-   (clip, schedule, update), *log* (``RUN/metrics.jsonl``), *eval*, *checkpoint*;
-5. **the final model** in Hugging Face format with its tokenizer (``RUN/model``).
+1. **setup** (:func:`_setup`): the ranks, the device and precision, the shards, the order of the
+   examples, the tokenizer, the reporters: every check that needs no model;
+2. **the policy** (:func:`_load_policy`): loaded and probed (a model whose weights cannot be read,
+   or whose packed rows would see each other, fails here), LoRA and activation checkpointing on.
+   Only then is the run folder claimed (:func:`_claim_run`: ``RUN/config.json``), so a run that
+   fails a check leaves nothing behind; the token budget, the module every forward goes through
+   and the optimizer follow (:func:`_build_step`);
+3. **the reference pass** (:func:`_reference_pass`): logp_ref of every pair, computed once by a
+   no-grad pass and cached beside the shards (:mod:`dppo.train.refcache`), so no reference model is
+   held in memory while training;
+4. **the steps** (:func:`_run_steps`), restored from the latest checkpoint with ``--resume``
+   (:func:`_restore`), one optimizer step at a time (:func:`_train_step`): *data* (the step's
+   ``batch_size x grad_accum`` examples, grouped into micro-batches of at most ``batch_size``
+   examples and ``max_tokens_per_batch`` tokens by :func:`dppo.data.micro_batches`, each weighted by
+   the loss's reduction), *forward* (:func:`dppo.train.step.forward_logps`: each micro-batch's
+   sequences packed into one row, log-probabilities only where labels exist), *loss* (the registry's
+   entry for ``--method``, a pure function of log-probabilities), *backward* per micro-batch,
+   *update* (clip, schedule, optimizer); then the step's record (``RUN/metrics.jsonl``),
+   *evaluation* (:func:`_evaluate`) and the *checkpoint*;
+5. **save** (:func:`_save`): the final model in Hugging Face format with its tokenizer (``RUN/model``).
 
 The loop never branches on the method's name: what a method needs (a reference, y_gen, pairs or
 SFT data) and how its step is reduced come from its :class:`~dppo.train.registry.LossSpec`.
-The helpers below the loop do one thing each: :func:`lr_at` is the learning-rate schedule,
-:class:`DataOrder` says which examples a step uses, :func:`token_budget` sizes micro-batches.
+The helpers below the phases do one thing each: :func:`lr_at` is the learning-rate schedule,
+:class:`DataOrder` says which examples a step uses, :func:`dppo.train.memory.token_budget` sizes
+micro-batches.
 
 Where speed comes from: sequences are packed without padding and attend only within themselves
 (``dppo.modeling``); the vocabulary projection runs only on response positions, in chunks; the
@@ -29,6 +38,7 @@ terms anyway.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,7 +62,6 @@ from dppo.artifacts import (
     atomic_folder,
     copy_tokenizer_files,
     model_fingerprint,
-    resolve_device,
     resolve_model,
     tokenizer_fingerprint,
     write_atomic,
@@ -66,14 +75,17 @@ from dppo.modeling import check_packed_forward, enable_activation_checkpointing,
 from dppo.train.lora import apply_lora, merge_adapter, save_adapter
 from dppo.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_stale, save_checkpoint
 from dppo.train.config import RUNTIME_OPTIONS, TrainConfig
-from dppo.train.losses import LOSSES, LossOutput, LossSpec
+from dppo.train.losses import LOSSES, LossConfig, LossOutput, LossSpec
+from dppo.train.memory import activation_bytes_per_token, token_budget
+from dppo.train.precision import autocast_for, training_precision
 from dppo.train.registry import ygen_free
 from dppo.train.refcache import RefLogps, reference_logps
 from dppo.train.parallel import full_state_dict, grad_norm, grad_sync, rank_micro_batches, reshard, resolve_parallel, wrap
-from dppo.train.report import Reporter
+from dppo.train.report import Reporter, require_reporters
 from dppo.train.step import PolicyForward, StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, summarize
 
 __all__ = ["train", "lr_at", "alpha_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
+
 
 def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` from ``cfg.init``; returns the folder of the final model.
@@ -81,14 +93,77 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     Writes ``RUN/config.json`` (resolved options and fingerprints), ``RUN/metrics.jsonl`` (one line
     per optimizer step), ``RUN/checkpoints/step_N/`` (every ``save_every`` steps) and ``RUN/model/``.
     Under torchrun every rank calls it; rank 0 writes the files and the log. Raises
-    :class:`~dppo.errors.ConfigError` for anything the user can fix.
+    :class:`~dppo.errors.ConfigError` for anything the user can fix, before the run folder is
+    claimed wherever it can be checked without training.
     """
-    t_start = time.perf_counter()
     _quiet_transformers()
+    run = _setup(cfg, console)  # every check that needs no model
+    lm, adapter = _load_policy(run)  # the model loaded and probed: unreadable weights fail here
+    resume_from = _claim_run(run)  # only now RUN/ is written to
+    policy = _build_step(run, lm, adapter)
+    ref_seconds = _reference_pass(run, policy)
+    step = _restore(run, policy, resume_from)
+    _run_steps(run, policy, step)
+    return _save(run, policy, ref_seconds)
 
-    # ---------------------------------------------------------------------------------------------
-    # Setup: ranks, device and precision, data, run folder
-    # ---------------------------------------------------------------------------------------------
+
+# -------------------------------------------------------------------------------------------------
+# The phases
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of a run reads, decided once by :func:`_setup`."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    parallel: str
+    precision: str
+    console: Console
+    objective: LossSpec  # what the method needs and how a step reduces its loss
+    loss_cfg: LossConfig
+    shards: Shards
+    order: DataOrder
+    n_examples: int
+    eval_shards: Shards | None
+    eval_objective: LossSpec
+    eval_cfg: LossConfig
+    n_eval: int
+    init_dir: Path
+    ref_dir: Path | None
+    tok_dir: Path
+    out: Path
+    t_start: float
+
+    @property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+        return autocast_for(self.precision, self.device)
+
+    @property
+    def lockstep(self) -> bool:
+        """Every rank runs the same forwards (FSDP2 gathers parameters in each)."""
+        return self.parallel == "fsdp"
+
+
+@dataclass
+class _Policy:
+    """The trained model and what its steps go through."""
+
+    lm: torch.nn.Module  # the causal LM (with LoRA: the peft model)
+    adapter: Any  # the peft model with LoRA, else None
+    module: PolicyForward  # the policy's whole forward of a micro-batch, one module call
+    trained: torch.nn.Module  # what forward and backward go through (DDP's wrapper, or the module)
+    optimizer: torch.optim.Optimizer  # on the (sharded) parameters that training updates
+    budget: int  # tokens per micro-batch, the same on every rank
+    inputs: StepInputs  # what a training forward reads (the reference log-probs once computed)
+    eval_inputs: StepInputs | None = None
+
+
+def _setup(cfg: TrainConfig, console: Console | None) -> _Run:
+    """Ranks, device and precision, data, tokenizer and reporters: checked before anything is written."""
+    t_start = time.perf_counter()
     dist, device = setup_distributed(cfg.device, cfg.dist_timeout)
     parallel = resolve_parallel(cfg.parallel, dist, launched())
     console = console or Console(stderr=True)
@@ -96,17 +171,13 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
         console = Console(stderr=True, quiet=True)
     if cfg.deterministic:
         use_deterministic_kernels()
-    # bf16 keeps fp32 master weights and runs the matmuls under bf16 autocast: at lr 1e-6 an update
-    # is ~1e-4 of a weight, below bf16's resolution, so bf16 weights would not train at all.
-    precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda") else "fp32"
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    objective = LOSSES[cfg.method]  # what the method needs and how a step reduces its loss
-    loss_cfg = cfg.loss_config()
+    if dist.main:
+        require_reporters(cfg.report_to)  # a tracker that is not installed fails now, not after the reference pass
+    objective, loss_cfg = LOSSES[cfg.method], cfg.loss_config()
 
     shards = open_shards(cfg.data)
     _check_shards(cfg, objective, shards, "--data")
     n_examples = min(len(shards), cfg.max_samples or len(shards))
-    order = DataOrder(n_examples, cfg.step_examples, cfg.epochs, cfg.max_steps, cfg.seed)
     eval_shards = open_shards(cfg.eval_data) if cfg.eval_data else None
     eval_objective, eval_cfg = objective, loss_cfg
     if eval_shards is not None:
@@ -116,219 +187,260 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
             console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the {eval_cfg.method} loss and rewards only")
         _check_shards(cfg, eval_objective, eval_shards, "--eval-data", ygen_required=False)
     n_eval = min(len(eval_shards), cfg.eval_samples or len(eval_shards)) if eval_shards is not None else 0
-
     init_dir = resolve_model(cfg.init)
-    ref_dir = resolve_model(cfg.ref) if cfg.ref else None
-    tok_dir = _find_tokenizer(cfg, init_dir, shards)
-    run = Path(cfg.out)
-    resume_from = on_main(dist, _prepare_run, cfg, run, console)
-    fingerprints = _fingerprints(init_dir, ref_dir, shards, eval_shards)
-    on_main(dist, _write_run_config, cfg, run, fingerprints, tok_dir, device, precision, order, n_examples,
-            resume_from is not None, dist, parallel)
-    seed_everything(cfg.seed)
+    return _Run(
+        cfg=cfg, dist=dist, device=device, parallel=parallel, precision=training_precision(cfg.dtype, device),
+        console=console, objective=objective, loss_cfg=loss_cfg, shards=shards,
+        order=DataOrder(n_examples, cfg.step_examples, cfg.epochs, cfg.max_steps, cfg.seed), n_examples=n_examples,
+        eval_shards=eval_shards, eval_objective=eval_objective, eval_cfg=eval_cfg, n_eval=n_eval, init_dir=init_dir,
+        ref_dir=resolve_model(cfg.ref) if cfg.ref else None, tok_dir=_find_tokenizer(cfg, init_dir, shards),
+        out=Path(cfg.out), t_start=t_start,
+    )
 
-    # ---------------------------------------------------------------------------------------------
-    # The policy (sharded or replicated over the ranks), and the reference log-probs (one no-grad
-    # pass, each rank its share, cached beside the shards)
-    # ---------------------------------------------------------------------------------------------
-    # fp32 master weights; with LoRA the frozen base may stay in bf16 on CUDA (only the adapters train)
-    base_dtype = "bf16" if cfg.lora_r and precision == "bf16" else "fp32"
-    policy = load_model(init_dir, dtype=base_dtype, device=device)  # eval mode: no dropout, as TRL does
-    family_note = check_packed_forward(policy)  # a model whose packed rows would leak fails here, in one line
-    if family_note and dist.main:
-        console.print(f"[yellow]note:[/] {family_note}", highlight=False)
+
+def _load_policy(run: _Run) -> tuple[torch.nn.Module, Any]:
+    """The policy in fp32 master weights (with LoRA the frozen base may stay in bf16 on CUDA: only the
+    adapters train), probed for packed rows, with its adapters and activation checkpointing."""
+    cfg = run.cfg
+    seed_everything(cfg.seed)  # LoRA's initial adapters are drawn here
+    base_dtype = "bf16" if cfg.lora_r and run.precision == "bf16" else "fp32"
+    lm = load_model(run.init_dir, dtype=base_dtype, device=run.device)  # eval mode: no dropout, as TRL does
+    family_note = check_packed_forward(lm)  # a model whose packed rows would leak fails here, in one line
+    if family_note and run.dist.main:
+        run.console.print(f"[yellow]note:[/] {family_note}", highlight=False)
     adapter = None
     if cfg.lora_r:  # FSDP2 shards the frozen base and the adapters alike; DDP reduces the adapters' gradients
-        adapter = apply_lora(cfg, policy, base=_base_name(cfg.init, init_dir))
+        adapter = apply_lora(cfg, lm, base=_base_name(cfg.init, run.init_dir))
     if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(policy)
-    # every rank must form the same micro-batches: the smallest budget of any rank
-    budget = cfg.max_tokens_per_batch or -int(all_reduce_max(dist, -token_budget(policy, device, precision))[0])
-    if dist.main:
-        _record_budget(run, budget)
-    lockstep = parallel == "fsdp"
-    # a scheduled alpha: plan the y_gen forwards for its largest value (a step at alpha 0 skips them all)
-    plan_cfg = loss_cfg if cfg.alpha_schedule == "constant" else dataclasses.replace(
-        loss_cfg, alpha=max(cfg.alpha, cfg.alpha_end))
-    inputs = StepInputs.of(cfg, policy, shards, plan_cfg, objective, None, device, dist, lockstep)
-    module = PolicyForward(inputs)  # the policy's whole forward of a micro-batch, one module call
-    trained = wrap(module, policy, parallel, device, precision)  # what forward and backward go through
-    optimizer = make_optimizer(cfg, module)  # on the (sharded) parameters that training updates
-    ref = eval_ref = None
-    t_ref = time.perf_counter()
-    if objective.needs_reference or eval_objective.needs_reference:
-        # The policy before its first update *is* the reference when --ref is --init: no second load.
-        same = ref_dir is not None and ref_dir.resolve() == init_dir.resolve()
-        load_ref = (lambda: _scorer(module)) if same else (lambda: _reference_scorer(ref_dir, cfg, device, dist, parallel, precision))
-        ref_pass = partial(
-            _reference_pass, cfg=cfg, ref_dir=ref_dir, load=load_ref, precision=precision, autocast=autocast,
-            run=run, console=console, budget=budget, dist=dist, lockstep=lockstep,
-        )
-        if objective.needs_reference:
-            ref = ref_pass(shards, np.arange(n_examples), need_ygen=objective.needs_ref_ygen, what="train")
-        if eval_shards is not None and eval_objective.needs_reference:
-            eval_ref = ref_pass(eval_shards, np.arange(n_eval), need_ygen=eval_objective.needs_ref_ygen, what="eval")
-        reshard(module, parallel)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_gib: the training steps', not the reference pass's
-    ref_seconds = time.perf_counter() - t_ref
-    inputs = dataclasses.replace(inputs, ref=ref)
-    module.inputs = inputs
-    eval_inputs = (StepInputs.of(cfg, policy, eval_shards, eval_cfg, eval_objective, eval_ref, device, dist, lockstep)
-                   if eval_shards else None)
+        enable_activation_checkpointing(lm)
+    return lm, adapter
 
+
+def _claim_run(run: _Run) -> Path | None:
+    """The run folder, claimed (``RUN/config.json``); with ``--resume`` the checkpoint to continue from."""
+    dist = run.dist
+    resume_from = on_main(dist, _prepare_run, run.cfg, run.out, run.console)
+    fingerprints = _fingerprints(run.init_dir, run.ref_dir, run.shards, run.eval_shards)
+    on_main(dist, _write_run_config, run.cfg, run.out, fingerprints, run.tok_dir, run.device, run.precision, run.order,
+            run.n_examples, resume_from is not None, dist, run.parallel)
+    return resume_from
+
+
+def _build_step(run: _Run, lm: torch.nn.Module, adapter: Any) -> _Policy:
+    """The token budget, the module every forward goes through (wrapped for FSDP2 or DDP) and the optimizer."""
+    cfg, dist = run.cfg, run.dist
+    # every rank must form the same micro-batches: the smallest budget of any rank
+    budget = cfg.max_tokens_per_batch or -int(all_reduce_max(dist, -token_budget(lm, run.device, run.precision))[0])
+    if dist.main:
+        _record_budget(run.out, budget)
+    # a scheduled alpha: plan the y_gen forwards for its largest value (a step at alpha 0 skips them all)
+    plan_cfg = run.loss_cfg if cfg.alpha_schedule == "constant" else dataclasses.replace(
+        run.loss_cfg, alpha=max(cfg.alpha, cfg.alpha_end))
+    inputs = StepInputs.of(cfg, lm, run.shards, plan_cfg, run.objective, None, run.device, dist, run.lockstep)
+    module = PolicyForward(lm)
+    trained = wrap(module, lm, run.parallel, run.device, run.precision)
+    return _Policy(lm=lm, adapter=adapter, module=module, trained=trained, optimizer=make_optimizer(cfg, module),
+                   budget=budget, inputs=inputs)
+
+
+def _reference_pass(run: _Run, policy: _Policy) -> float:
+    """The reference log-probs of the training (and evaluation) pairs: one no-grad pass, each rank its
+    share, cached beside the shards; returns its seconds. The policy before its first update *is*
+    the reference when --ref is --init: no second load."""
+    cfg, t_ref = run.cfg, time.perf_counter()
+    ref = eval_ref = None
+    if run.objective.needs_reference or run.eval_objective.needs_reference:
+        same = run.ref_dir is not None and run.ref_dir.resolve() == run.init_dir.resolve()
+        if same:
+            inputs = policy.inputs
+            load_ref = lambda: _scorer(policy.module, inputs)  # noqa: E731
+        else:
+            load_ref = partial(_reference_scorer, run)
+        if run.objective.needs_reference:
+            ref = _score_with_progress(run, policy.budget, run.shards, np.arange(run.n_examples), load_ref,
+                                       need_ygen=run.objective.needs_ref_ygen, what="train")
+        if run.eval_shards is not None and run.eval_objective.needs_reference:
+            eval_ref = _score_with_progress(run, policy.budget, run.eval_shards, np.arange(run.n_eval), load_ref,
+                                            need_ygen=run.eval_objective.needs_ref_ygen, what="eval")
+        reshard(policy.module, run.parallel)
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # peak_mem_gib: the training steps', not the reference pass's
+    policy.inputs = dataclasses.replace(policy.inputs, ref=ref)
+    if run.eval_shards is not None:
+        policy.eval_inputs = StepInputs.of(cfg, policy.lm, run.eval_shards, run.eval_cfg, run.eval_objective, eval_ref,
+                                           run.device, run.dist, run.lockstep)
+    return time.perf_counter() - t_ref
+
+
+def _restore(run: _Run, policy: _Policy, resume_from: Path | None) -> int:
+    """The step to start from: the checkpoint's with --resume (its weights, optimizer and RNG loaded), else 0."""
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, module, optimizer, verify=False, dist=dist, trainable_only=adapter is not None)
+        state = load_checkpoint(resume_from, policy.module, policy.optimizer, verify=False, dist=run.dist,
+                                trainable_only=policy.adapter is not None)
         step = int(state["step"])
-        console.print(f"resumed from {resume_from} (step {step} of {order.total_steps}, "
-                      f"written by {state.get('world_size', 1)} rank(s), read by {dist.world})")
-    if dist.main:
-        _truncate_metrics(run / "metrics.jsonl", step)
-    dims = ModelDims.of(policy)
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else _peak_flops(device, precision)
-    params = [p for p in module.parameters() if p.requires_grad]
-    lengths = shards.lengths()
-    unit = "ex/s" if objective.data == "sft" else "pairs/s"
-    # DDP and FSDP average gradients over ranks: each rank's share of the step's mean, times N
-    scale = float(dist.world)
+        run.console.print(f"resumed from {resume_from} (step {step} of {run.order.total_steps}, "
+                          f"written by {state.get('world_size', 1)} rank(s), read by {run.dist.world})")
+    if run.dist.main:
+        _truncate_metrics(run.out / "metrics.jsonl", step)
+    return step
 
-    # ---------------------------------------------------------------------------------------------
-    # The loop
-    # ---------------------------------------------------------------------------------------------
-    bar_on = cfg.progress and console.is_terminal and dist.main
-    progress = _progress_bar(console, enabled=bar_on)
-    reporter = Reporter(run, cfg.report_to, enabled=dist.main, config=cfg.to_dict())
+
+def _run_steps(run: _Run, policy: _Policy, step: int) -> None:
+    """Optimizer steps until the last one: each logged, evaluated and checkpointed on its schedule."""
+    cfg, order, dist = run.cfg, run.order, run.dist
+    meter = _Meter.of(run, policy)
+    bar_on = cfg.progress and run.console.is_terminal and dist.main
+    progress = _progress_bar(run.console, enabled=bar_on)
+    reporter = Reporter(run.out, cfg.report_to, enabled=dist.main, config=cfg.to_dict())
     with progress, reporter:
         task = progress.add_task(cfg.method, total=order.total_steps, completed=step, loss="-", speed="-")
         while step < order.total_steps:
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            # -- data: this step's examples, this rank's share, each one's weight in the step's loss --
-            ids = order.step_examples(step)
-            alpha = alpha_at(cfg, step, order.total_steps)
-            step_cfg = loss_cfg if alpha is None or alpha == loss_cfg.alpha else dataclasses.replace(loss_cfg, alpha=alpha)
-            module.inputs = dataclasses.replace(module.inputs, loss_cfg=step_cfg)
-            weights = objective.step_weights(counted_tokens(lengths, ids))  # the loss's reduction
-            plan = rank_micro_batches(example_tokens(lengths, ids, objective), budget, cfg.batch_size, dist)
-            outputs: list[LossOutput] = []
-            work = TokenCounts()
-            step_loss = torch.zeros((), device=device)
-            for k, pos in enumerate(plan):
-                empty = pos is None  # keeps the ranks in step; an example at weight 0
-                pos = np.arange(1) if empty else pos
-                w = torch.as_tensor(0.0 * weights[pos] if empty else weights[pos] * scale, dtype=torch.float32, device=device)
-                with grad_sync(trained, parallel, sync=k == len(plan) - 1):
-                    # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) --
-                    with autocast():
-                        logps = trained(ids[pos], None if empty else work)
-                    # -- loss, backward: each micro-batch's graph is freed right after its backward --
-                    out = objective(step_cfg, logps)
-                    loss = (out.loss * w).sum()
-                    loss.backward()
-                if not empty:
-                    step_loss += loss.detach() / scale
-                    outputs.append(out)
-
-            # -- step: clip, schedule, update ---------------------------------------------------------
-            if cfg.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            else:
-                norm = grad_norm(params)
-            lr = lr_at(cfg, step, order.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            (step_loss,) = all_reduce_sum(dist, step_loss.item())  # waits for the device: the step is over
-            seconds = time.perf_counter() - t0
-            work = work.total(dist)  # tokens of every rank
-
-            # -- log ------------------------------------------------------------------------------------
-            record = {
-                "step": step,
-                "epoch": round(order.examples_seen(step) / n_examples, 4),
-                "examples": len(ids),
-                "loss": step_loss,
-                **summarize(outputs, dist=dist),
-                "lr": lr,
-                **({"alpha": alpha} if alpha is not None else {}),
-                "grad_norm": float(norm),
-                "tokens": work.tokens,
-                "tokens_per_s": work.tokens / seconds,
-                "examples_per_s": len(ids) / seconds,
-                "mfu": dims.flops(work) / seconds / (peak * dist.world) if peak else None,
-                "step_s": seconds,
-                "step_cpu_s": time.process_time() - cpu0,  # host CPU time, all threads (robust on a shared machine)
-                "elapsed_s": time.perf_counter() - t_start,
-                **({"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
-            }
-            # -- eval -------------------------------------------------------------------------------------
-            if eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                with autocast():
-                    now = eval_inputs
-                    if alpha is not None and eval_cfg.alpha is not None and eval_cfg.alpha != alpha:
-                        now = dataclasses.replace(eval_inputs, loss_cfg=dataclasses.replace(eval_cfg, alpha=alpha))
-                    record.update(eval_loss(now, n_eval, budget, cfg.batch_size, module=_eval_module(module, now)))
-                reshard(module, parallel)
-                console.print(_eval_line(step, record), highlight=False)
+            record = _train_step(run, policy, step, meter)
+            step = record["step"]
+            alpha = record.get("alpha")
+            if run.eval_shards is not None and (step == order.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                record.update(_evaluate(run, policy, alpha))
+                run.console.print(_eval_line(step, record), highlight=False)
             reporter.log(record)
-            progress.update(task, advance=1, loss=f"{step_loss:.4f}", speed=f"{len(ids) / seconds:.2f} {unit}")
+            rate = f"{record['examples'] / record['step_s']:.2f} {meter.unit}"
+            progress.update(task, advance=1, loss=f"{record['loss']:.4f}", speed=rate)
             if not bar_on and (step == order.total_steps or step % max(1, order.total_steps // 20) == 0):
-                console.print(f"step {step}/{order.total_steps} loss {step_loss:.4f} {len(ids) / seconds:.2f} {unit}")
-
-            # -- checkpoint -----------------------------------------------------------------------------
+                run.console.print(f"step {step}/{order.total_steps} loss {record['loss']:.4f} {rate}")
             if cfg.save_every and step % cfg.save_every == 0:
                 state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule}
-                save_checkpoint(run, step, module, optimizer, state, keep_last=cfg.keep_last, dist=dist,
-                                trainable_only=adapter is not None)
+                save_checkpoint(run.out, step, policy.module, policy.optimizer, state, keep_last=cfg.keep_last,
+                                dist=dist, trainable_only=policy.adapter is not None)
 
-    # ---------------------------------------------------------------------------------------------
-    # The final model, in Hugging Face format with the tokenizer (rank 0, from the full state dict)
-    # ---------------------------------------------------------------------------------------------
-    if adapter is not None:
-        model_dir = _save_lora(module, adapter, parallel, tok_dir, run, precision, dist, merge=cfg.merge)
+
+@dataclass(frozen=True)
+class _Meter:
+    """What a step's record needs beyond the step: FLOPs per token, the device's peak, the unit."""
+
+    dims: ModelDims
+    peak: float | None
+    params: list[torch.nn.Parameter]  # the trained parameters (clipped, their norm logged)
+    lengths: dict[str, np.ndarray]
+    unit: str
+
+    @classmethod
+    def of(cls, run: _Run, policy: _Policy) -> _Meter:
+        peak = run.cfg.peak_tflops * 1e12 if run.cfg.peak_tflops else _peak_flops(run.device, run.precision)
+        return cls(ModelDims.of(policy.lm), peak, [p for p in policy.module.parameters() if p.requires_grad],
+                   run.shards.lengths(), "ex/s" if run.objective.data == "sft" else "pairs/s")
+
+
+def _train_step(run: _Run, policy: _Policy, step: int, meter: _Meter) -> dict[str, Any]:
+    """Update ``step`` (0-based): forward and backward of each micro-batch, clip, schedule, update;
+    returns the step's record (``step`` is the number of updates done)."""
+    cfg, dist, device, objective = run.cfg, run.dist, run.device, run.objective
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    # -- data: this step's examples, this rank's share, each one's weight in the step's loss --
+    ids = run.order.step_examples(step)
+    alpha = alpha_at(cfg, step, run.order.total_steps)
+    step_cfg = run.loss_cfg if alpha is None or alpha == run.loss_cfg.alpha else dataclasses.replace(run.loss_cfg, alpha=alpha)
+    inputs = dataclasses.replace(policy.inputs, loss_cfg=step_cfg)
+    weights = objective.step_weights(counted_tokens(meter.lengths, ids))  # the loss's reduction
+    plan = rank_micro_batches(example_tokens(meter.lengths, ids, objective), policy.budget, cfg.batch_size, dist)
+    outputs: list[LossOutput] = []
+    work = TokenCounts()
+    step_loss = torch.zeros((), device=device)
+    scale = float(dist.world)  # DDP and FSDP average gradients over ranks: each rank's share of the step's mean, times N
+    for k, pos in enumerate(plan):
+        empty = pos is None  # keeps the ranks in step; an example at weight 0
+        pos = np.arange(1) if empty else pos
+        w = torch.as_tensor(0.0 * weights[pos] if empty else weights[pos] * scale, dtype=torch.float32, device=device)
+        with grad_sync(policy.trained, run.parallel, sync=k == len(plan) - 1):
+            # -- forward: one packed row per micro-batch (two with a policy-vote y_gen skip) --
+            with run.autocast():
+                logps = policy.trained(inputs, ids[pos], None if empty else work)
+            # -- loss, backward: each micro-batch's graph is freed right after its backward --
+            out = objective(step_cfg, logps)
+            loss = (out.loss * w).sum()
+            loss.backward()
+        if not empty:
+            step_loss += loss.detach() / scale
+            outputs.append(out)
+
+    # -- update: clip, schedule, optimizer ------------------------------------------------------------
+    if cfg.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(meter.params, cfg.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     else:
-        model_dir = _save_model(module, policy, parallel, tok_dir, run / "model", precision, dist)
-    console.print(
-        f"[green]done:[/] {order.total_steps} steps in {time.perf_counter() - t_start:.1f} s "
-        f"(reference pass {ref_seconds:.1f} s; {dist.world} rank(s), {parallel}); model in {model_dir}",
+        norm = grad_norm(meter.params)
+    lr = lr_at(cfg, step, run.order.total_steps)
+    for group in policy.optimizer.param_groups:
+        group["lr"] = lr
+    policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    (step_loss,) = all_reduce_sum(dist, step_loss.item())  # waits for the device: the step is over
+    seconds = time.perf_counter() - t0
+    work = work.total(dist)  # tokens of every rank
+    return {
+        "step": step + 1,
+        "epoch": round(run.order.examples_seen(step + 1) / run.n_examples, 4),
+        "examples": len(ids),
+        "loss": step_loss,
+        **summarize(outputs, dist=dist),
+        "lr": lr,
+        **({"alpha": alpha} if alpha is not None else {}),
+        "grad_norm": float(norm),
+        "tokens": work.tokens,
+        "tokens_per_s": work.tokens / seconds,
+        "examples_per_s": len(ids) / seconds,
+        "mfu": meter.dims.flops(work) / seconds / (meter.peak * dist.world) if meter.peak else None,
+        "step_s": seconds,
+        "step_cpu_s": time.process_time() - cpu0,  # host CPU time, all threads (robust on a shared machine)
+        "elapsed_s": time.perf_counter() - run.t_start,
+        **({"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
+    }
+
+
+def _evaluate(run: _Run, policy: _Policy, alpha: float | None) -> dict[str, float]:
+    """``eval/*``: the loss and statistics of the held-out pairs, at this step's alpha, through the
+    policy's module (under FSDP2 its forward gathers the parameters)."""
+    now = policy.eval_inputs
+    if alpha is not None and run.eval_cfg.alpha is not None and run.eval_cfg.alpha != alpha:
+        now = dataclasses.replace(now, loss_cfg=dataclasses.replace(run.eval_cfg, alpha=alpha))
+    with run.autocast():
+        out = eval_loss(now, run.n_eval, policy.budget, run.cfg.batch_size, module=partial(policy.module, now))
+    reshard(policy.module, run.parallel)
+    return out
+
+
+def _save(run: _Run, policy: _Policy, ref_seconds: float) -> Path:
+    """The final model, in Hugging Face format with the tokenizer (rank 0, from the full state dict)."""
+    if policy.adapter is not None:
+        model_dir = _save_lora(policy.module, policy.adapter, run.parallel, run.tok_dir, run.out, run.precision,
+                               run.dist, merge=run.cfg.merge)
+    else:
+        model_dir = _save_model(policy.module, policy.lm, run.parallel, run.tok_dir, run.out / "model", run.precision,
+                                run.dist)
+    run.console.print(
+        f"[green]done:[/] {run.order.total_steps} steps in {time.perf_counter() - run.t_start:.1f} s "
+        f"(reference pass {ref_seconds:.1f} s; {run.dist.world} rank(s), {run.parallel}); model in {model_dir}",
         highlight=False,
     )
-    barrier(dist)
+    barrier(run.dist)
     return model_dir
 
 
-def _eval_module(module: PolicyForward, eval_inputs: StepInputs) -> Callable[[np.ndarray], Any]:
-    """Evaluation through the policy's module (under FSDP its forward gathers the parameters)."""
-
-    def run(ids: np.ndarray) -> Any:
-        saved, module.inputs = module.inputs, eval_inputs
-        try:
-            return module(ids)
-        finally:
-            module.inputs = saved
-
-    return run
-
-
-def _scorer(module: torch.nn.Module) -> Callable[[Any], torch.Tensor]:
+def _scorer(module: torch.nn.Module, inputs: StepInputs) -> Callable[[Any], torch.Tensor]:
     """Sums of log-probs of a packed batch through a policy module (one forward)."""
-    return lambda batch: module(batch=batch).sums
+    return lambda batch: module(inputs, batch=batch).sums
 
 
-def _reference_scorer(ref_dir: Path, cfg: TrainConfig, device: torch.device, dist: Dist, parallel: str,
-                      precision: str) -> Callable[[Any], torch.Tensor]:
+def _reference_scorer(run: _Run) -> Callable[[Any], torch.Tensor]:
     """A reference other than --init, loaded on every rank (sharded with FSDP2 when the policy is)."""
-    lm = load_model(ref_dir, dtype="fp32", device=device)
-    module = PolicyForward(StepInputs.of(cfg, lm, None, cfg.loss_config(), LOSSES[cfg.method], None, device, dist,
-                                         parallel == "fsdp"))
-    if parallel == "fsdp":
-        wrap(module, lm, "fsdp", device, precision)
-    return _scorer(module)
+    cfg = run.cfg
+    lm = load_model(run.ref_dir, dtype="fp32", device=run.device)
+    module = PolicyForward(lm)
+    inputs = StepInputs.of(cfg, lm, None, run.loss_cfg, run.objective, None, run.device, run.dist, run.lockstep)
+    if run.parallel == "fsdp":
+        wrap(module, lm, "fsdp", run.device, run.precision)
+    return _scorer(module, inputs)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -370,45 +482,6 @@ class DataOrder:
     def examples_seen(self, step: int) -> int:
         epoch, k = divmod(step, self.steps_per_epoch)
         return epoch * self.n + min(k * self.per_step, self.n)
-
-
-# -------------------------------------------------------------------------------------------------
-# Micro-batches: which examples share a forward pass
-# -------------------------------------------------------------------------------------------------
-
-
-_BUDGET_MIN, _BUDGET_MAX, _BUDGET_CPU_FRACTION, _BUDGET_GPU_FRACTION = 2048, 65536, 0.25, 0.6
-
-
-def activation_bytes_per_token(model: torch.nn.Module, precision: str) -> int:
-    """Activation memory per token of a forward + backward pass (:mod:`dppo.train.memory`'s estimate)."""
-    from dppo.train.memory import ACT_BF16, ACT_FP32
-
-    c = model.config
-    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
-    a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
-    return int(c.num_hidden_layers * (a * c.hidden_size + b * inter))
-
-
-def token_budget(model: torch.nn.Module, device: torch.device, precision: str) -> int:
-    """The default ``--max-tokens-per-batch``: the tokens whose activations fit in the memory left.
-
-    On CUDA: 60% of the free memory after the weights, less the gradients and AdamW's two moments
-    still to come (3 fp32 copies of the parameters); on the CPU: 25% of the available RAM. Divided
-    by :func:`activation_bytes_per_token`, clamped to [2048, 65536], rounded down to a multiple of 256.
-    """
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        spare = _BUDGET_GPU_FRACTION * (free - 3 * params)
-    else:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            available = 8 << 30
-        spare = _BUDGET_CPU_FRACTION * (available - 3 * params)
-    tokens = int(spare // max(1, activation_bytes_per_token(model, precision)))
-    return max(_BUDGET_MIN, min(_BUDGET_MAX, tokens)) // 256 * 256
 
 
 def _record_budget(run: Path, budget: int) -> None:
@@ -626,8 +699,11 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
             read_state(ckpt)  # verify it now, before the reference pass: a damaged checkpoint fails fast
         return ckpt
     if any(p.exists() for p in markers):
-        if not cfg.overwrite:
+        if not cfg.overwrite and _did_a_step(run):
             raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        if not cfg.overwrite:  # a run that failed before its first step left nothing worth keeping
+            console.print(f"[yellow]note:[/] {run} holds a run that ended before its first step; starting it again",
+                          highlight=False)
         for p in markers:
             if p.is_dir():
                 shutil.rmtree(p)
@@ -635,6 +711,17 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
                 p.unlink()
     run.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _did_a_step(run: Path) -> bool:
+    """Whether the run in ``run`` got anywhere: a step logged, a checkpoint or a saved model."""
+    if (run / "model").exists() or (run / "adapter").exists() or latest_checkpoint(run) is not None:
+        return True
+    metrics = run / "metrics.jsonl"
+    try:
+        return metrics.is_file() and bool(metrics.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return True  # unreadable: leave it to --overwrite
 
 
 def _write_run_config(
@@ -684,17 +771,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
-def _reference_pass(
-    shards: Shards, ids: np.ndarray, *, need_ygen: bool, what: str, cfg: TrainConfig, ref_dir: Path,
-    load: Callable[[], Callable[[Any], torch.Tensor]], precision: str, autocast: Callable[[], Any], run: Path,
-    console: Console, budget: int, dist: Dist, lockstep: bool,
-) -> RefLogps:
+def _score_with_progress(run: _Run, budget: int, shards: Shards, ids: np.ndarray, load: Callable[[], Any], *,
+                         need_ygen: bool, what: str) -> RefLogps:
+    """:func:`reference_logps` of examples ``ids`` with a progress bar, and a line saying whether they were cached."""
+    cfg, console, dist = run.cfg, run.console, run.dist
     progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal and dist.main, rate=False)
     with progress:
         task = progress.add_task(f"reference log-probs ({what})", total=None, loss="", speed="")
         result = reference_logps(
-            ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=precision, autocast=autocast,
-            batch_tokens=budget, fallback_dir=run / "refcache", dist=dist, lockstep=lockstep,
+            run.ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=run.precision, autocast=run.autocast,
+            batch_tokens=budget, fallback_dir=run.out / "refcache", dist=dist, lockstep=run.lockstep,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     status = "reused" if result.hit else "computed"

@@ -34,7 +34,8 @@ from typing import Any
 
 from dppo.errors import ConfigError
 
-__all__ = ["MemoryPlan", "plan_memory", "param_counts", "print_plan", "ACT_FP32", "ACT_BF16"]
+__all__ = ["MemoryPlan", "plan_memory", "param_counts", "print_plan", "token_budget", "activation_bytes_per_token",
+           "ACT_FP32", "ACT_BF16"]
 
 ACT_FP32 = (38, 16)  # bytes per token and layer, per unit of (hidden, intermediate), fp32
 ACT_BF16 = (22, 9)  # the same under bf16 autocast
@@ -102,6 +103,12 @@ def _gib(n: float) -> str:
     return f"{n / 2**10:,.1f} KiB"
 
 
+def _layer_bytes_per_token(hidden: int, intermediate: int, precision: str) -> int:
+    """What autograd keeps per token in one decoder layer (the fitted coefficients above)."""
+    a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
+    return a * hidden + b * intermediate
+
+
 def activation_bytes(shape: ModelShape, tokens: int, precision: str, chunk_size: int = 1024,
                      keep_probs_bytes: int = 1 << 30, checkpointing: bool = False) -> int:
     """Activation memory of one micro-batch of ``tokens`` tokens (see the module docstring).
@@ -110,8 +117,7 @@ def activation_bytes(shape: ModelShape, tokens: int, precision: str, chunk_size:
     one layer at a time recomputes its activations in the backward pass, after the vocabulary
     projection's backward has freed its buffers: the peak is the layers' inputs plus the larger of
     the two."""
-    a, b = ACT_BF16 if precision == "bf16" else ACT_FP32
-    layer = tokens * (a * shape.hidden + b * shape.intermediate)
+    layer = tokens * _layer_bytes_per_token(shape.hidden, shape.intermediate, precision)
     counted = int(tokens * COUNTED_FRACTION)
     kept = counted * shape.vocab * 4
     chunk = min(chunk_size, counted) * shape.vocab * 4
@@ -181,8 +187,10 @@ def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> Memor
     parallel = cfg.parallel if cfg.parallel != "auto" else ("fsdp" if world > 1 else "none")
     import torch
 
+    from dppo.train.precision import training_precision
+
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    precision = "bf16" if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda) else "fp32"
+    precision = training_precision(cfg.dtype, "cuda" if cuda else "cpu")
     config = _config_of(cfg.init)
     shape = param_counts(config)
     tokens = cfg.max_tokens_per_batch or 16384
@@ -207,3 +215,41 @@ def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> Memor
     print(json.dumps({"plan": {**plan.rows, "total": plan.total, "world": world, "parallel": parallel,
                                        "precision": precision, "tokens": tokens}}), flush=True)
     return plan
+
+
+# -------------------------------------------------------------------------------------------------
+# The default token budget of a micro-batch, from the same activation estimate
+# -------------------------------------------------------------------------------------------------
+
+_BUDGET_MIN, _BUDGET_MAX, _BUDGET_CPU_FRACTION, _BUDGET_GPU_FRACTION = 2048, 65536, 0.25, 0.6
+
+
+def activation_bytes_per_token(model: Any, precision: str) -> int:
+    """Activation memory per token of a forward + backward pass through ``model``'s decoder layers
+    (the per-layer term of :func:`activation_bytes`)."""
+    c = model.config
+    inter = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    return int(c.num_hidden_layers * _layer_bytes_per_token(c.hidden_size, inter, precision))
+
+
+def token_budget(model: Any, device: Any, precision: str) -> int:
+    """The default ``--max-tokens-per-batch``: the tokens whose activations fit in the memory left.
+
+    On CUDA: 60% of the free memory after the weights, less the gradients and AdamW's two moments
+    still to come (3 fp32 copies of the parameters); on the CPU: 25% of the available RAM. Divided
+    by :func:`activation_bytes_per_token`, clamped to [2048, 65536], rounded down to a multiple of 256.
+    """
+    import torch
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        spare = _BUDGET_GPU_FRACTION * (free - 3 * params)
+    else:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+        spare = _BUDGET_CPU_FRACTION * (available - 3 * params)
+    tokens = int(spare // max(1, activation_bytes_per_token(model, precision)))
+    return max(_BUDGET_MIN, min(_BUDGET_MAX, tokens)) // 256 * 256

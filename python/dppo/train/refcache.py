@@ -38,7 +38,7 @@ from dppo.data import Shards
 from dppo.distributed import SINGLE, Dist, all_gather_objects, barrier, on_main
 from dppo.errors import ConfigError
 
-__all__ = ["RefLogps", "reference_logps", "COLUMNS"]
+__all__ = ["RefLogps", "reference_logps", "score_pairs", "COLUMNS"]
 
 COLUMNS = ("chosen", "rejected", "ygen")
 _FLUSH_SECONDS = 120.0
@@ -118,6 +118,38 @@ def _open_cache(folder: Path, info: dict[str, Any], n: int, columns: Sequence[st
     return arrays
 
 
+def score_pairs(
+    model: str | os.PathLike[str],
+    shards: Shards | str | os.PathLike[str],
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    need_ygen: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_tokens: int = 16384,
+) -> RefLogps:
+    """Score the pairs of ``shards`` with ``model`` as the reference: logp(chosen), logp(rejected) (and
+    logp(y_gen)) of examples ``indices`` (default: all), summed over response tokens.
+
+    The values are the reference cache a ``dppo train --ref MODEL`` run on these shards with the same
+    ``--dtype`` reads (and the reverse), computed for what is missing; the model is loaded only then.
+    ``dtype`` decides the precision as training does (:func:`dppo.train.precision.training_precision`).
+    """
+    from dppo.artifacts import resolve_device
+    from dppo.data import open_shards
+    from dppo.modeling import load_model
+    from dppo.train.precision import autocast_for, training_precision
+
+    if not isinstance(shards, Shards):
+        shards = open_shards(shards)
+    where = resolve_device(device)
+    precision = training_precision(dtype, where)
+    ids = np.arange(len(shards)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return reference_logps(model, shards, ids, load=lambda: load_model(resolve_model(model), dtype="fp32", device=where),
+                           need_ygen=need_ygen, precision=precision, autocast=autocast_for(precision, where),
+                           batch_tokens=batch_tokens)
+
+
 def reference_logps(
     ref: str | os.PathLike[str],
     shards: Shards,
@@ -156,9 +188,6 @@ def reference_logps(
             and the reverse (the values do not depend on who computed them).
         lockstep: every rank runs the same number of rows (a sharded model's forward is a collective).
     """
-    from dppo.data import micro_batches
-    from dppo.modeling import PackedBatch, sequence_logps
-
     n = len(shards)
     columns = ("chosen", "rejected", "ygen") if need_ygen else ("chosen", "rejected")
     if need_ygen and not shards.has_ygen:
@@ -173,72 +202,101 @@ def reference_logps(
     }
     folder = _cache_root(shards, fallback_dir) / f"{info['ref_fingerprint']}-{precision}"
     arrays = on_main(dist, _open_cache, folder, info, n, columns)
+    todo = _Missing.of(shards, arrays, indices, columns, batch_tokens)
+    if todo.rows:
+        score = _scorer(load(), chunk_size, kernel)
+        _score_missing(todo, score, shards, arrays, folder, autocast=autocast, on_progress=on_progress, dist=dist,
+                       lockstep=lockstep)
+    return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=not todo.rows)
 
-    indices = np.unique(np.asarray(indices, dtype=np.int64))
-    todo = {col: indices[np.isnan(arrays[col][indices])] for col in columns}
-    if all(len(v) == 0 for v in todo.values()):
-        return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=True)
 
-    # Every (example, column) still missing becomes one (prompt, response) sequence; sequences of the
-    # same example stay in one row so that its prompt is read once.
-    wanted: dict[int, list[str]] = {}
-    for col in columns:
-        for i in todo[col].tolist():
-            wanted.setdefault(i, []).append(col)
-    examples = sorted(wanted)
-    lengths = shards.lengths()
-    cost = [sum(int(lengths["prompt"][i]) + int(lengths[c][i]) for c in wanted[i]) for i in examples]
-    rows = [row.tolist() for row in micro_batches(cost, batch_tokens)]
-    total, done = sum(cost), 0
+@dataclass(frozen=True)
+class _Missing:
+    """The (example, column) values not in the cache yet, as rows of the no-grad pass: the sequences
+    of one example stay in one row, so that its prompt is read once."""
 
-    loaded = load()
-    if isinstance(loaded, torch.nn.Module):
-        device = next(loaded.parameters()).device
+    columns: tuple[str, ...]
+    examples: list[int]  # the examples with a missing value
+    wanted: dict[int, list[str]]  # example -> its missing columns
+    cost: list[int]  # tokens of each example's sequences
+    rows: list[list[int]]  # positions into ``examples``, by :func:`dppo.data.micro_batches`
 
-        def score(batch: Any) -> torch.Tensor:
-            return sequence_logps(loaded, batch.to(device), chunk_size, kernel).sums
-    else:
-        score = loaded
+    @classmethod
+    def of(cls, shards: Shards, arrays: dict[str, np.ndarray], indices: np.ndarray, columns: Sequence[str],
+           batch_tokens: int) -> _Missing:
+        from dppo.data import micro_batches
 
-    def row_sequences(row: list[int]) -> tuple[list, list]:
+        indices = np.unique(np.asarray(indices, dtype=np.int64))
+        wanted: dict[int, list[str]] = {}
+        for col in columns:
+            for i in indices[np.isnan(arrays[col][indices])].tolist():
+                wanted.setdefault(i, []).append(col)
+        examples = sorted(wanted)
+        lengths = shards.lengths()
+        cost = [sum(int(lengths["prompt"][i]) + int(lengths[c][i]) for c in wanted[i]) for i in examples]
+        rows = [row.tolist() for row in micro_batches(cost, batch_tokens)]
+        return cls(tuple(columns), examples, wanted, cost, rows)
+
+    def sequences(self, shards: Shards, row: list[int]) -> tuple[list, list[tuple[str, int]]]:
+        """The row's (prompt, response) sequences and the (column, example) each one fills."""
         seqs, slots = [], []
         for k in row:
-            i = examples[k]
+            i = self.examples[k]
             ex = shards[i]
-            for col in wanted[i]:
+            for col in self.wanted[i]:
                 seqs.append((ex["prompt_ids"], ex[f"{col}_ids"]))
                 slots.append((col, i))
         return seqs, slots
+
+
+def _scorer(loaded: Any, chunk_size: int, kernel: str) -> Callable[[Any], torch.Tensor]:
+    """A packed batch -> its sequences' summed log-probs: through a loaded model, or the given function."""
+    if not isinstance(loaded, torch.nn.Module):
+        return loaded
+    from dppo.modeling import sequence_logps
+
+    device = next(loaded.parameters()).device
+    return lambda batch: sequence_logps(loaded, batch.to(device), chunk_size, kernel).sums
+
+
+def _score_missing(
+    todo: _Missing, score: Callable[[Any], torch.Tensor], shards: Shards, arrays: dict[str, np.ndarray], folder: Path, *,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]], on_progress: Callable[[int, int], None] | None,
+    dist: Dist, lockstep: bool,
+) -> None:
+    """Run the missing rows (dealt to the ranks in turn) and store their values in ``arrays`` and the cache.
+
+    Under lockstep every rank runs every round (an empty turn re-runs the first row and keeps nothing).
+    One process stores what it has every couple of minutes, so a long pass keeps what it did."""
+    from dppo.modeling import PackedBatch
+
+    rows, total, done = todo.rows, sum(todo.cost), 0
 
     def flush(results: list[tuple[str, int, float]]) -> None:
         for part in all_gather_objects(dist, results):
             for col, i, value in part:
                 arrays[col][i] = value
         if dist.main:
-            for col in columns:
+            for col in todo.columns:
                 _merge_save(folder / f"{col}.npy", arrays[col])
 
-    # rows dealt to the ranks in turn; under lockstep every rank runs every round (an empty turn
-    # re-runs the first row and keeps nothing)
-    rounds = -(-len(rows) // dist.world)
     mine: list[tuple[str, int, float]] = []
     last_flush = time.monotonic()
     with torch.no_grad():
-        for k in range(rounds):
+        for k in range(-(-len(rows) // dist.world)):
             at = k * dist.world + dist.rank
             if at >= len(rows) and not lockstep:
                 continue
-            seqs, slots = row_sequences(rows[at] if at < len(rows) else rows[0])
+            seqs, slots = todo.sequences(shards, rows[at] if at < len(rows) else rows[0])
             with autocast():
                 sums = score(PackedBatch.from_sequences(seqs))
             if at < len(rows):
                 mine += [(col, i, float(v)) for (col, i), v in zip(slots, sums.float().cpu().numpy(), strict=True)]
-            done += sum(cost[j] for j in rows[min(at, len(rows) - 1)]) * dist.world
+            done += sum(todo.cost[j] for j in rows[min(at, len(rows) - 1)]) * dist.world
             if on_progress is not None and dist.main:
                 on_progress(min(done, total), total)
-            if not dist.active and time.monotonic() - last_flush > _FLUSH_SECONDS:  # a long pass keeps what it did
+            if not dist.active and time.monotonic() - last_flush > _FLUSH_SECONDS:
                 flush(mine)
                 mine, last_flush = [], time.monotonic()
     flush(mine)
     barrier(dist)
-    return RefLogps(arrays["chosen"], arrays["rejected"], arrays.get("ygen"), folder, hit=False)

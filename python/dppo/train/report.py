@@ -10,7 +10,7 @@ from typing import Any
 
 from dppo.errors import ConfigError
 
-__all__ = ["Reporter", "REPORTERS"]
+__all__ = ["Reporter", "REPORTERS", "require_reporters"]
 
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -21,6 +21,26 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"--report-to takes {', '.join(REPORTERS)} (comma-separated), got {', '.join(unknown)}")
     return names
+
+
+def _import_tracker(name: str) -> Any:
+    """The tracker's writer (tensorboard's ``SummaryWriter``, the ``wandb`` module), or a one-line error."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter
+        import wandb
+
+        return wandb
+    except ImportError:
+        raise ConfigError(f"--report-to {name} needs the {name} package: pip install {name}") from None
+
+
+def require_reporters(report_to: str) -> None:
+    """Check that every tracker ``report_to`` names can be imported (before a run writes anything)."""
+    for name in parse_report_to(report_to):
+        _import_tracker(name)
 
 
 class Reporter:
@@ -38,18 +58,10 @@ class Reporter:
             return self
         self._file = open(self.run / "metrics.jsonl", "a")  # noqa: SIM115 (closed in __exit__)
         if "tensorboard" in self.names:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self._tb = SummaryWriter(log_dir=str(self.run / "tensorboard"))
+            self._tb = _import_tracker("tensorboard")(log_dir=str(self.run / "tensorboard"))
         if "wandb" in self.names:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--report-to wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(project="dppo", name=self.run.name, dir=str(self.run), config=self.config,
-                                     resume="allow")
+            self._wandb = _import_tracker("wandb").init(project="dppo", name=self.run.name, dir=str(self.run),
+                                                         config=self.config, resume="allow")
         return self
 
     def log(self, record: dict[str, Any]) -> None:

@@ -94,19 +94,19 @@ class StepInputs:
 
 class PolicyForward(torch.nn.Module):
     """The policy's forward as one module, so that DDP and FSDP2 see one forward per micro-batch
-    (the y_gen rows included): ``module(ids)`` is :func:`forward_logps`, ``module(batch=b)`` scores a
-    packed row (the reference pass with the policy as its own reference)."""
+    (the y_gen rows included): ``module(inputs, ids)`` is :func:`forward_logps`, ``module(inputs,
+    batch=b)`` scores a packed row (the reference pass with the policy as its own reference). The
+    inputs travel with each call (a step's alpha, the evaluation's shards), never stored on the module."""
 
-    def __init__(self, inputs: StepInputs) -> None:
+    def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
-        self.lm = inputs.model
-        self.inputs = inputs
+        self.lm = lm
 
-    def forward(self, ids: np.ndarray | None = None, counts: TokenCounts | None = None,
+    def forward(self, inputs: StepInputs, ids: np.ndarray | None = None, counts: TokenCounts | None = None,
                 batch: PackedBatch | None = None) -> LogProbs | SeqLogps:
         if batch is not None:
-            return _run(self.inputs, batch, counts)
-        return forward_logps(self.inputs, ids, counts)
+            return _run(inputs, batch, counts)
+        return forward_logps(inputs, ids, counts)
 
 
 def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, objective: LossSpec) -> np.ndarray:
