@@ -257,8 +257,9 @@ def test_corrupt_checkpoint_fails_with_a_clear_error(tmp_path, init_dir, pair_sh
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"step_2 is damaged: model/__0_0.distcp fails its checksum"):
+    with pytest.raises(CheckpointError, match=r"step_2 is damaged: model/__0_0.distcp fails its checksum") as error:
         run_train(run, resume=True, **opts)
+    assert "start over with --overwrite" in str(error.value)  # the advice names an option that is accepted
     (run / "checkpoints" / "step_2" / "state.json").write_text('{"format": "dppo-chec')
     result = CliRunner().invoke(_app(), ["train", "--method", "dpo", "--data", str(pair_shards), "--init", str(init_dir),
                                          "--out", str(run), "--resume", "--max-samples", "8", "--max-steps", "2",
@@ -581,3 +582,153 @@ def test_the_reference_cache_and_generation_agree_on_a_models_fingerprint(tmp_pa
     assert saved["init"]["fingerprint"] == settings["model_fingerprint"] == model_fingerprint(init_dir)
     caches = [p.name for p in (pair_shards / "refcache").iterdir()]
     assert f"{settings['model_fingerprint']}-fp32" in caches
+
+
+# -- failed starts and full disks ------------------------------------------------------------------
+
+
+def test_a_model_whose_weights_cannot_be_read_is_refused_before_the_run_folder_is_claimed(tmp_path, init_dir, pair_shards):
+    import shutil
+
+    bad = tmp_path / "bad_model"
+    shutil.copytree(init_dir, bad)
+    weights = bad / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[:8] = b"\xff" * 8  # the header's length: far beyond the file
+    weights.write_bytes(bytes(raw))
+    run = tmp_path / "run"
+    opts = dict(method="dpo", data=pair_shards, max_samples=4, max_steps=1)
+    result = CliRunner().invoke(_app(), _flags({**opts, "init": bad}, run))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors: not a readable safetensors file" in lines[0], result.output
+    assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
+    # the same command with a readable model: no --overwrite needed, nothing was claimed
+    result = CliRunner().invoke(_app(), _flags({**opts, "init": init_dir}, run))
+    assert result.exit_code == 0, result.output
+    assert len(read_metrics(run)) == 1
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_the_reference_pass(tmp_path, monkeypatch, init_dir, pair_shards):
+    import shutil
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    shards = tmp_path / "shards"
+    shutil.copytree(pair_shards, shards, ignore=shutil.ignore_patterns("refcache"))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(_app(), _flags(dict(method="dpo", data=shards, init=init_dir, max_samples=4, max_steps=1,
+                                                    report_to="wandb"), run))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--report-to wandb needs the wandb package" in lines[0], result.output
+    assert not (run / "config.json").exists() and not (shards / "refcache").exists()
+
+
+def test_a_run_that_ended_before_its_first_step_starts_again_without_overwrite(tmp_path, init_dir, pair_shards):
+    opts = dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=4, max_steps=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"config": {}}')  # what a run that failed in its reference pass leaves
+    (run / "metrics.jsonl").write_text("")
+    run_train(run, **opts)
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert json.loads((run / "config.json").read_text())["config"]["method"] == "dpo"
+    with pytest.raises(ConfigError, match="already holds a run"):  # one that did a step still needs a word
+        run_train(run, **opts)
+
+
+def _ckpt_opts(pair_shards, init_dir) -> dict:
+    return dict(method="dpo", data=str(pair_shards), init=str(init_dir), max_samples=12, max_steps=3, save_every=1)
+
+
+def _check_full_disk_then_resume(run: Path, opts: dict, error: pytest.ExceptionInfo, monkeypatch) -> None:
+    """One line naming the checkpoints folder and the cause, step_1 intact, no leftovers; --resume continues."""
+    import errno
+
+    from dppo.train.checkpoint import read_state
+
+    assert error.value.errno == errno.ENOSPC
+    assert str(run / "checkpoints") in str(error.value) and "no space left" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+    read_state(run / "checkpoints" / "step_1")  # sizes and checksums as written
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()  # space freed
+    run_train(run, resume=True, **opts)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert list_checkpoints(run)[-1][0] == 3
+
+
+def test_a_full_disk_before_a_checkpoint_ends_in_one_line_and_resume_continues(tmp_path, monkeypatch, init_dir, pair_shards):
+    from dppo.train import checkpoint
+
+    calls = []
+
+    def free_bytes(folder):  # room for the first checkpoint only
+        calls.append(folder)
+        return 1 << 40 if len(calls) == 1 else 4096
+
+    monkeypatch.setattr(checkpoint, "_free_bytes", free_bytes)
+    run = tmp_path / "run"
+    opts = _ckpt_opts(pair_shards, init_dir)
+    with pytest.raises(OSError) as error:
+        run_train(run, **opts)
+    _check_full_disk_then_resume(run, opts, error, monkeypatch)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_ends_in_one_line_and_resume_continues(tmp_path, monkeypatch, init_dir, pair_shards):
+    import torch.distributed.checkpoint as dcp
+
+    from dppo.train import checkpoint
+
+    save, saves, free_calls = dcp.save, [], []
+
+    def save_until_full(state, checkpoint_id):  # the second checkpoint's weights hit a full disk half-way
+        saves.append(checkpoint_id)
+        if len(saves) == 3:
+            Path(checkpoint_id).mkdir(parents=True)
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\0" * 598)
+            raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 704 vs 598")
+        return save(state, checkpoint_id=checkpoint_id)
+
+    def free_bytes(folder):  # plenty before each write; nothing once the write has failed
+        free_calls.append(folder)
+        return 1 << 40 if len(saves) < 3 else 0
+
+    monkeypatch.setattr(dcp, "save", save_until_full)
+    monkeypatch.setattr(checkpoint, "_free_bytes", free_bytes)
+    run = tmp_path / "run"
+    opts = _ckpt_opts(pair_shards, init_dir)
+    with pytest.raises(OSError) as error:
+        run_train(run, **opts)
+    assert isinstance(error.value.__cause__, RuntimeError)  # the writer's own error stays in the chain
+    _check_full_disk_then_resume(run, opts, error, monkeypatch)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_full_disk_keeps_earlier_checkpoints_and_resume_continues(tmp_path, init_dir, pair_shards):
+    import errno
+
+    first = tmp_path / "first"
+    run_train(first, **{**_ckpt_opts(pair_shards, init_dir), "max_steps": 1})
+    size = sum(p.stat().st_size for p in (first / "checkpoints" / "step_1").rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    room = int(size * 1.5) + (64 << 10)  # one checkpoint and the run's small files, not two checkpoints
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run = disk / "run"
+        opts = _ckpt_opts(pair_shards, init_dir)
+        with pytest.raises(OSError) as error:
+            run_train(run, **opts)
+        assert error.value.errno == errno.ENOSPC and str(run / "checkpoints") in str(error.value)
+        assert [s for s, _ in list_checkpoints(run)] == [1]
+        from dppo.train.checkpoint import read_state
+
+        read_state(run / "checkpoints" / "step_1")
+        subprocess.run(["mount", "-o", f"remount,size={room * 4}", str(disk)], check=True)  # space freed
+        run_train(run, resume=True, **opts)
+        assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -33,6 +33,7 @@ from dppo.modeling.attention import (
 from dppo.modeling.loading import (
     TESTED_MODEL_TYPES,
     check_packed_forward,
+    check_weight_files,
     enable_activation_checkpointing,
     import_peft,
     load_adapter_model,
@@ -65,6 +66,7 @@ __all__ = [
     "import_peft",
     "TESTED_MODEL_TYPES",
     "check_packed_forward",
+    "check_weight_files",
     "enable_activation_checkpointing",
     "OutputProjection",
     "logit_transform",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from dppo.modeling.attention import PACKED_ATTN, packed_hidden_states, register_
 from dppo.modeling.packing import PackedBatch
 
 __all__ = ["TESTED_MODEL_TYPES", "load_model", "load_adapter_model", "check_packed_forward",
-           "enable_activation_checkpointing", "import_peft"]
+           "enable_activation_checkpointing", "import_peft", "check_weight_files"]
 
 TESTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2")
 """Decoder families whose packed log-probs, training step and generation are tested against
@@ -98,6 +100,22 @@ def load_adapter_model(path: Any, dtype: Any, device: Any, attn: str = PACKED_AT
     return import_peft().PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
 
 
+def check_weight_files(folder: str | os.PathLike[str]) -> None:
+    """Refuse, in one line naming the file, a model folder whose ``*.safetensors`` headers cannot be
+    read (a truncated download, a corrupt copy): only the headers are parsed, not the weights."""
+    from safetensors import safe_open
+
+    from dppo.errors import SourceError
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, or OSError)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"{path}: not a readable safetensors file ({why})") from None
+
+
 def load_model(
     path_or_config: Any,
     dtype: str | torch.dtype = "auto",
@@ -128,6 +146,8 @@ def load_model(
     if not isinstance(path_or_config, PretrainedConfig):
         from dppo.artifacts import is_adapter_dir
 
+        if Path(path_or_config).is_dir():
+            check_weight_files(path_or_config)
         if is_adapter_dir(path_or_config):  # a LoRA adapter folder: its base with the adapter merged
             return load_adapter_model(path_or_config, dtype=dtype, device=device, attn=attn).to(device).eval()
     try:

@@ -20,6 +20,7 @@ states of ranks that did not exist start from rank 0's.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from dppo.artifacts import normal_permissions, temp_sibling
-from dppo.distributed import SINGLE, Dist, barrier, broadcast_object
+from dppo.distributed import SINGLE, Dist, all_reduce_max, barrier, broadcast_object
 from dppo.errors import ConfigError
 
 __all__ = [
@@ -175,29 +176,112 @@ def save_checkpoint(
     barrier(dist)
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     model_state = _drop_frozen(model, model_state, trainable_only)
-    dcp.save({"model": model_state}, checkpoint_id=str(work / "model"))
-    dcp.save({"optim": optim_state}, checkpoint_id=str(work / "optim"))
-    torch.save(_rng_state(), work / f"rng-{dist.rank}.pt")
-    barrier(dist)
-    if dist.main:
-        normal_permissions(work)
-        meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "world_size": dist.world,
-                "trainable_only": trainable_only, "files": _files(work)}
-        with open(work / "state.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(work / "state.json", 0o666 & ~_umask())
-        _fsync_dir(work)
-        if final.exists():  # the same step written again (e.g. a resumed run): replace it
-            _remove(final)
-        os.rename(work, final)
-        _fsync_dir(folder)
-        if keep_last > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep_last]:
-                _remove(old)
-    barrier(dist)
+    # -- every rank's files, or none: a failure anywhere (a full disk) leaves the earlier checkpoints as they were
+    need = int((_tensor_bytes(model_state) + _tensor_bytes(optim_state)) * 1.01) + (64 << 10)  # + metadata, RNG
+    if all_reduce_max(dist, float(_free_bytes(folder) < need))[0] > 0:
+        _give_up(work, dist)
+        raise _disk_error(None, folder, final, full=True)
+    failed: BaseException | None = None
+    try:
+        dcp.save({"model": model_state}, checkpoint_id=str(work / "model"))
+        dcp.save({"optim": optim_state}, checkpoint_id=str(work / "optim"))
+        torch.save(_rng_state(), work / f"rng-{dist.rank}.pt")
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the next run removes the working folder
+    except BaseException as e:  # noqa: BLE001 (dcp's CheckpointException is a BaseException)
+        failed = e
+    if all_reduce_max(dist, float(failed is not None))[0] == 0 and dist.main:
+        try:
+            _seal(work, final, folder, run_dir, step, state, dist, trainable_only, keep_last)
+        except OSError as e:
+            failed = e
+    if all_reduce_max(dist, float(failed is not None))[0] > 0:
+        full = _free_bytes(folder) < (1 << 20)  # measured before the working folder goes
+        _give_up(work, dist)
+        raise _disk_error(failed, folder, final, full=full) from (failed if isinstance(failed, Exception) else None)
     return final
+
+
+def _seal(work: Path, final: Path, folder: Path, run_dir: Any, step: int, state: dict[str, Any], dist: Dist,
+          trainable_only: bool, keep_last: int) -> None:
+    """Rank 0, once every rank's files are on disk: ``state.json`` (sizes and checksums), then the rename
+    into place, then the checkpoints beyond ``keep_last`` removed."""
+    normal_permissions(work)
+    meta = {"format": FORMAT, "version": VERSION, **state, "step": step, "world_size": dist.world,
+            "trainable_only": trainable_only, "files": _files(work)}
+    with open(work / "state.json", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(work / "state.json", 0o666 & ~_umask())
+    _fsync_dir(work)
+    if final.exists():  # the same step written again (e.g. a resumed run): replace it
+        _remove(final)
+    os.rename(work, final)
+    _fsync_dir(folder)
+    if keep_last > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            _remove(old)
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict, this rank's shards of sharded ones."""
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes this process can still write under ``folder`` (root may use the blocks kept for it)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62  # unknown: let the write itself tell
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def _give_up(work: Path, dist: Dist) -> None:
+    """Remove the working folder of a checkpoint that cannot be completed (every rank waits for it)."""
+    if dist.main:
+        shutil.rmtree(work, ignore_errors=True)
+    barrier(dist)
+
+
+def _disk_error(error: BaseException | None, folder: Path, final: Path, *, full: bool) -> BaseException:
+    """The error a failed checkpoint ends in: one line naming the folder and the cause where it is the
+    disk (no space left, read-only, no permission), else the write's own error."""
+    found = _os_error(error)
+    code = errno.ENOSPC if full else (found.errno if found is not None else None)
+    if code is not None:
+        why = "no space left on device" if code == errno.ENOSPC else os.strerror(code).lower()
+        return OSError(code, f"{why}: checkpoint {final.name} was not written; the earlier checkpoints are intact "
+                             f"(free space, then --resume)", str(folder))
+    if error is None:
+        return OSError(errno.EIO, f"another rank could not write its part of checkpoint {final.name}", str(folder))
+    return error
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error`` (its causes, or a failure dcp collected from a rank), if any."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # dcp's CheckpointException: rank -> (error, trace)
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
 
 
 def _options(trainable_only: bool, load: bool = False) -> Any:
@@ -232,7 +316,7 @@ def _remove(path: Path) -> None:
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``state.json`` of a checkpoint, after checking that every file is present and intact."""
     path = Path(path)
-    hint = f"remove {path} to resume from an earlier checkpoint, or start over without --resume"
+    hint = f"remove {path} to resume from an earlier checkpoint, or start over with --overwrite"
     try:
         meta = json.loads((path / "state.json").read_text())
     except FileNotFoundError:
