@@ -6,12 +6,38 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+
+class _Commands(TyperGroup):
+    """The top-level group: ``dppo train`` is built when it runs (``--help`` included), after the
+    losses other packages declare (``dppo.losses`` entry points) are registered, so their options
+    are options of the command; ``dppo --help`` and the other commands never load them."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name == "train":
+            from dppo.cli.train import train_command
+            from dppo.train.registry import load_entry_points
+
+            user_errors(load_entry_points)()
+            command = typer.main.get_command(_single(train_command()))
+            command.name = "train"
+        return name, command, rest
+
+
+def _single(fn: Callable[..., object]) -> typer.Typer:
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command("train")(fn)
+    return one
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="dppo",
     help="Align language models with preference data: DPO plus direct on-policy penalization (DPPO).",
     no_args_is_help=True,
@@ -190,9 +216,9 @@ def prep_prefs(
 from dppo.cli.curriculum import curriculum_cmd  # noqa: E402
 from dppo.cli.demo import demo_cmd  # noqa: E402
 from dppo.cli.generate_eval import eval_cmd, generate_cmd  # noqa: E402
-from dppo.cli.train import train_cmd  # noqa: E402
+from dppo.cli.train import train_command  # noqa: E402
 
-app.command("train")(train_cmd)
+app.command("train")(train_command())  # rebuilt with the installed losses' options when it runs
 app.command("generate")(user_errors(generate_cmd))
 app.command("eval")(user_errors(eval_cmd))
 app.command("demo")(user_errors(demo_cmd))

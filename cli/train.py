@@ -2,17 +2,23 @@
 
 Every option defaults to "not given" (None) here, so that a value from the TOML file is overridden
 only by an option that was actually typed; the real defaults live in :class:`dppo.train.config.TrainConfig`
-and its help texts (shown by ``dppo train --help``).
+and its help texts (shown by ``dppo train --help``). The loss options are not written here: they
+are the registry's declarations (:mod:`dppo.train.registry`), turned into options by
+:func:`train_command` (one help panel per set of methods that use them), so a loss registered in
+Python or through the ``dppo.losses`` entry points gets its options on the command line.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from dppo.train.config import HELP
+from dppo.train.registry import known_options, option_help, option_users
 
 
 def _option(*names: str, name: str) -> typer.models.OptionInfo:
@@ -30,17 +36,7 @@ def train_cmd(
         Optional[Path],
         typer.Option("--config", help="TOML file whose keys mirror these options (grad_accum = 8); options given here override it."),
     ] = None,
-    # the loss
-    beta: Annotated[Optional[float], _option("--beta", name="beta")] = None,
-    gamma: Annotated[Optional[float], _option("--gamma", name="gamma")] = None,
-    alpha: Annotated[Optional[float], _option("--alpha", name="alpha")] = None,
-    weight: Annotated[Optional[str], _option("--weight", name="weight")] = None,
-    zeta: Annotated[Optional[float], _option("--zeta", name="zeta")] = None,
-    vote: Annotated[Optional[str], _option("--vote", name="vote")] = None,
-    vote_clip: Annotated[Optional[float], _option("--vote-clip", name="vote_clip")] = None,
-    vote_norm: Annotated[Optional[str], _option("--vote-norm", name="vote_norm")] = None,
-    detach_weight: Annotated[Optional[bool], _option("--detach-weight/--no-detach-weight", name="detach_weight")] = None,
-    penalty_norm: Annotated[Optional[str], _option("--penalty-norm", name="penalty_norm")] = None,
+    # the loss's options come from the registry (train_command); its schedule
     alpha_schedule: Annotated[Optional[str], _option("--alpha-schedule", name="alpha_schedule")] = None,
     alpha_end: Annotated[Optional[float], _option("--alpha-end", name="alpha_end")] = None,
     alpha_steps: Annotated[Optional[str], _option("--alpha-steps", name="alpha_steps")] = None,
@@ -99,12 +95,14 @@ def train_cmd(
         bool, typer.Option("--plan", help="Print the memory each rank needs (parameters, gradients, optimizer state, "
                            "activations) for these options on this many ranks (--nproc-per-node, WORLD_SIZE under torchrun, else 1), and train nothing."),
     ] = False,
+    **loss_options: Any,
 ) -> None:
     """Train a policy: sft, dpo, simpo, or DPPO's minll, unll, conll (defaults: docs/method.md).
 
     Writes OUT/model (Hugging Face format + tokenizer), OUT/config.json, OUT/metrics.jsonl and resumable OUT/checkpoints/step_N.
     """
-    options = {k: v for k, v in locals().items() if k not in ("config", "nproc_per_node", "plan") and v is not None}
+    given = {**{k: v for k, v in locals().items() if k != "loss_options"}, **loss_options}
+    options = {k: v for k, v in given.items() if k not in ("config", "nproc_per_node", "plan") and v is not None}
     from dppo.cli.main import user_errors  # imported here: main.py imports this module
 
     if nproc_per_node is not None and not plan:
@@ -139,3 +137,29 @@ def _train(config: Path | None, options: dict, plan: bool, world: int | None = N
     from dppo.train import train
 
     train(cfg)
+
+
+def train_command() -> Callable[..., None]:
+    """:func:`train_cmd` with one option per loss option the registry declares now, each in the help
+    panel of the methods that use it (``Loss: minll, unll, conll``), after ``--config``."""
+    signature = inspect.signature(train_cmd, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = [p.name for p in fixed].index("config") + 1
+    params = fixed[:at] + [_loss_parameter(name) for name in known_options()] + fixed[at:]
+
+    @functools.wraps(train_cmd)
+    def command(**options: Any) -> None:
+        train_cmd(**options)
+
+    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _loss_parameter(name: str) -> inspect.Parameter:
+    opt = known_options()[name]
+    decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
+    info = typer.Option(decl, help=option_help(name), show_default=False,
+                        rich_help_panel="Loss: " + ", ".join(option_users(name)))
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                             annotation=Annotated[Optional[opt.type], info])  # type: ignore[name-defined]

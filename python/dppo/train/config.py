@@ -1,9 +1,12 @@
 """The training configuration: every option of ``dppo train``, its default, and its validation.
 
-One frozen dataclass, :class:`TrainConfig`, holds the resolved values. The loss options left at
-``None`` take the method's defaults from :meth:`dppo.train.registry.LossConfig.defaults` (``docs/method.md``:
-beta 0.01; alpha 10 for minll, 0.1 for unll and conll; ...), so the configuration saved beside a run
-(``RUN/config.json``) always shows the values that were used.
+One frozen dataclass, :class:`TrainConfig`, holds the resolved values. Its fields are the run's own
+options; the loss's options are those the method's registry entry declares
+(:mod:`dppo.train.registry`): given as keywords like the others, checked by their declarations,
+the method's defaults filling in the ones not given (``docs/method.md``: beta 0.01; alpha 10 for
+minll, 0.1 for unll and conll; ...), held in ``loss_options`` and read as attributes. Options of
+other losses are refused; in ``RUN/config.json`` every registered loss option appears, None where
+the method does not use it, so the saved configuration always shows the values that were used.
 
     cfg = TrainConfig(method="unll", data="data/prefs", init="runs/sft/model", out="runs/unll")
     cfg.alpha, cfg.ref          # 0.1, "runs/sft/model" (the reference defaults to --init)
@@ -25,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from dppo.errors import ConfigError
-from dppo.train.registry import BUILTIN, LOSSES, LossConfig  # torch-free: the CLI starts fast
+from dppo.train.registry import BUILTIN, LOSSES, LossConfig, known_options, loss_spec, option_users  # torch-free
 
-__all__ = ["TrainConfig", "load_config", "OPTIMIZERS", "LR_SCHEDULES", "TRAIN_DTYPES", "RUNTIME_OPTIONS", "HELP"]
+__all__ = ["TrainConfig", "load_config", "option_names", "OPTIMIZERS", "LR_SCHEDULES", "TRAIN_DTYPES",
+           "RUNTIME_OPTIONS", "HELP", "TRAIN_FIELDS"]
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -41,19 +45,22 @@ RUNTIME_OPTIONS = frozenset(
      "parallel", "dist_timeout", "report_to", "device", "max_tokens_per_batch", "gradient_checkpointing"}
 )
 
-_LOSS_FIELDS = ("beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm")
-
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class TrainConfig:
-    """Every option of one training run (``dppo train --help`` shows the same texts)."""
+    """Every option of one training run (``dppo train --help`` shows the same texts).
+
+    ``TrainConfig(**options)`` takes the fields below and the loss options of the registry's entries
+    (``beta=0.1``), read back as attributes (``cfg.beta``; None for an option the method does not use).
+    """
 
     # -- what to train ------------------------------------------------------------------------------
-    method: str = _opt(None, f"Training objective: {'|'.join(BUILTIN)}, or a loss registered with register_loss.")
+    method: str = _opt(None, f"Training objective: {'|'.join(BUILTIN)}, or a loss registered with register_loss "
+                             "or installed through the dppo.losses entry points.")
     data: str = _opt(None, "Prepared shards folder (`dppo prep sft` for sft, `dppo prep prefs` for the others).")
     init: str = _opt(None, "Initial policy: a Hugging Face model folder or hub id.")
     out: str = _opt(None, "Run folder: model/, config.json, metrics.jsonl, checkpoints/.")
@@ -61,17 +68,8 @@ class TrainConfig:
     tokenizer: str | None = _opt(
         None, "Tokenizer folder saved with the model (default: --init's, else the one the shards were prepared with)."
     )
-    # -- the loss (None: the method's default from docs/method.md) ----------------------------------
-    beta: float | None = _opt(None, "Inverse temperature of the sigmoid (default 0.01; simpo 2.5).")
-    gamma: float | None = _opt(None, "SimPO target reward margin (default 1.0).")
-    alpha: float | None = _opt(None, "Penalty strength (default 10 for minll, 0.1 for unll and conll).")
-    weight: str | None = _opt(None, "Weight f(r): linear|quadratic|sqrt|expectile (default expectile for minll, else quadratic).")
-    zeta: float | None = _opt(None, "Expectile level of --weight expectile (default 0.5).")
-    vote: str | None = _opt(None, "Whose log-probs form the vote r: policy|ref (default policy).")
-    vote_clip: float | None = _opt(None, "C of the vote normalization (default 2000 for minll and unll, 700 for conll).")
-    vote_norm: str | None = _opt(None, "Vote normalization: clip (clamp(r,-C,C)/C) or tanh (tanh(r/C)) (default clip).")
-    detach_weight: bool | None = _opt(None, "Treat f(r) as a constant: no gradient through the weight (default off).")
-    penalty_norm: str | None = _opt(None, "minll: penalize mean (length-normalized) or sum log-prob of y_gen (default mean).")
+    # -- the loss: the options the method's registry entry declares (None: not given / not used) -----
+    loss_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "the loss's options by name"})
     alpha_schedule: str = _opt(
         "constant", "How alpha moves over the optimizer steps s = 0..S-1: constant|linear|cosine|step, from --alpha "
         "to --alpha-end (linear: alpha + (end - alpha) s / (S - 1); cosine: end + (alpha - end)(1 + cos(pi s / (S - 1))) / 2; "
@@ -148,6 +146,27 @@ class TrainConfig:
     report_to: str = _opt("none", "Also log the scalars to tensorboard (RUN/tensorboard/) and/or wandb: a comma-separated list.")
     progress: bool = _opt(True, "Show a progress bar (on a terminal).")
 
+    def __init__(self, **options: Any) -> None:
+        loss = dict(options.pop("loss_options", None) or {})
+        known = known_options()
+        loss.update({k: options.pop(k) for k in list(options) if k in known})
+        unknown = sorted(set(options) - set(TRAIN_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {[_flag(k) for k in unknown]}")
+        for f in dataclasses.fields(self):
+            if f.name != "loss_options":
+                object.__setattr__(self, f.name, options.get(f.name, f.default))
+        object.__setattr__(self, "loss_options", loss)
+        self.__post_init__()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.to_dict().items())))
+
+    def __getattr__(self, name: str) -> Any:  # a loss option: its value, None where the method does not use it
+        if not name.startswith("_") and name != "loss_options" and name in known_options():
+            return self.loss_options.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __post_init__(self) -> None:
         for name in ("method", "data", "init", "out"):
             if getattr(self, name) in (None, ""):
@@ -155,39 +174,22 @@ class TrainConfig:
         if self.method not in LOSSES:
             raise ConfigError(f"{_flag('method')} must be one of {'|'.join(LOSSES)}, got {self.method!r}")
         self._check_types()
-        # The loss options: the method's defaults for the ones not given, validated by LossConfig;
-        # an option the method does not read is refused (and recorded as None, never as if used).
-        given = {k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None}
-        used = set(LOSSES[self.method].options)
-        unused = [k for k in given if k not in used]
-        if unused:
-            users = sorted(m for m, spec in LOSSES.items() if unused[0] in spec.options)
-            raise ConfigError(
-                f"{_flag(unused[0])} is not used by --method {self.method}"
-                + (f" (it applies to {', '.join(users)})" if users else "")
-            )
-        try:
-            loss = LossConfig.defaults(self.method, **given)
-        except ValueError as e:
-            name = str(e).split(" ")[0]
-            raise ConfigError(f"{_flag(name)}: {e}" if name in _LOSS_FIELDS else str(e)) from None
-        if "zeta" in given and loss.weight != "expectile":
-            raise ConfigError(f"--zeta is used by --weight expectile only (this run's weight is {loss.weight})")
-        for k in _LOSS_FIELDS:
-            keep = k in used and not (k == "zeta" and loss.weight != "expectile")
-            object.__setattr__(self, k, getattr(loss, k) if keep else None)
+        object.__setattr__(self, "loss_options", _resolve_loss_options(self.method, self.loss_options))
         for name in ("data", "init", "out", "ref", "tokenizer", "eval_data"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, os.fspath(value))
         # The reference defaults to the initial policy; methods without one refuse --ref.
-        if not LOSSES[self.method].needs_reference and self.ref is not None:
+        spec = loss_spec(self.method)
+        if not spec.needs_reference and self.ref is not None:
             raise ConfigError(f"--ref is not used by --method {self.method} (it has no reference model)")
-        object.__setattr__(self, "ref", (self.ref or self.init) if LOSSES[self.method].needs_reference else None)
+        object.__setattr__(self, "ref", (self.ref or self.init) if spec.needs_reference else None)
         self._check_values()
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
+            if f.name == "loss_options":
+                continue
             value = getattr(self, f.name)
             kind = f.type if isinstance(f.type, str) else str(f.type)
             if value is None:
@@ -281,7 +283,7 @@ class TrainConfig:
         scheduled = self.alpha_schedule != "constant"
         if (scheduled or self.alpha_end is not None or self.alpha_steps is not None) and self.alpha is None:
             raise ConfigError(f"--alpha-schedule, --alpha-end and --alpha-steps need a method with a penalty strength "
-                              f"alpha (minll, unll, conll), not --method {self.method}")
+                              f"alpha ({', '.join(option_users('alpha'))}), not --method {self.method}")
         if scheduled and self.alpha_end is None:
             raise ConfigError(f"--alpha-schedule {self.alpha_schedule} needs --alpha-end (the last step's alpha)")
         if not scheduled and self.alpha_end is not None:
@@ -301,7 +303,7 @@ class TrainConfig:
     # -- derived values ------------------------------------------------------------------------------
     def loss_config(self) -> LossConfig:
         """The :class:`LossConfig` of this run (already validated)."""
-        return LossConfig.defaults(self.method, **{k: getattr(self, k) for k in _LOSS_FIELDS if getattr(self, k) is not None})
+        return LossConfig.defaults(self.method, **{k: v for k, v in self.loss_options.items() if v is not None})
 
     @property
     def step_examples(self) -> int:
@@ -309,14 +311,53 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option by name, flat (``RUN/config.json``): every registered loss option in the
+        loss's place, None where this method does not use it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "loss_options":
+                out.update({k: self.loss_options.get(k) for k in known_options()})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
+def _resolve_loss_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The value of each option ``method``'s entry declares (its default where not given, None where a
+    condition turns it off), from the declarations; ``ConfigError`` naming the option otherwise."""
+    spec = loss_spec(method)
+    given = {k: v for k, v in given.items() if v is not None}
+    unused = [k for k in given if spec.option(k) is None]
+    if unused:
+        users = sorted(option_users(unused[0]))
+        raise ConfigError(f"{_flag(unused[0])} is not used by --method {method}"
+                          + (f" (it applies to {', '.join(users)})" if users else ""))
+    try:
+        loss = LossConfig.defaults(method, **given)
+    except ValueError as e:
+        name = str(e).split(" ")[0]
+        raise ConfigError(f"{_flag(name)}: {e}" if spec.option(name) else str(e)) from None
+    values: dict[str, Any] = {}
+    for opt in spec.options:
+        on = opt.when is None or loss.values[opt.when[0]] == opt.when[1]
+        if not on and opt.name in given:
+            other, want = opt.when
+            raise ConfigError(f"{opt.flag} is used by {_flag(other)} {want} only (this run's {other} is {loss.values[other]})")
+        values[opt.name] = loss.values[opt.name] if on else None
+    return values
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "loss_options")
+"""The run's own options (the fields of :class:`TrainConfig`), not a loss's."""
+
+
+def option_names() -> tuple[str, ...]:
+    """Every option ``dppo train`` and its ``--config`` file take: the run's own and every registered loss's."""
+    return TRAIN_FIELDS + tuple(known_options())
 
 
 def _help(f: dataclasses.Field) -> str:
@@ -327,8 +368,9 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} (default {shown})"
 
 
-HELP: dict[str, str] = {f.name: _help(f) for f in dataclasses.fields(TrainConfig)}
-"""The help text of every option with its default, for the command line."""
+HELP: dict[str, str] = {f.name: _help(f) for f in dataclasses.fields(TrainConfig) if f.name != "loss_options"}
+"""The help text of every run option with its default, for the command line (the loss options' help
+comes from their declarations: :func:`dppo.cli.train.loss_option_help`)."""
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -345,8 +387,9 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         name = key.replace("-", "_")
         if isinstance(value, dict):
             raise ConfigError(f"{path}: tables are not supported ([{key}]); write the options as top-level keys")
-        if name not in OPTION_NAMES:
-            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+        names = option_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise ConfigError(f"{path}: unknown option `{key}`{hint}")
         values[name] = value
@@ -358,7 +401,7 @@ def load_config(config_file: str | os.PathLike[str] | None = None, **options: An
 
     ``options`` use the field names of :class:`TrainConfig` (``grad_accum=8``).
     """
-    unknown = sorted(set(options) - set(OPTION_NAMES))
+    unknown = sorted(set(options) - set(option_names()))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}")
     values = read_toml(config_file) if config_file is not None else {}

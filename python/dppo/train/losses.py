@@ -3,15 +3,19 @@
 Every loss is a pure function of per-sequence log-probabilities, in the manner of torchtune's
 ``rlhf/loss/dpo.py``: hyperparameters (a :class:`LossConfig`) and log-probabilities (a
 :class:`LogProbs`) in, per-example losses and statistics (a :class:`LossOutput`) out. The caller
-reduces (the batch loss is the mean over examples) and runs the models; nothing here touches a model.
+runs the models and reduces the per-example losses as the method's registry entry says
+(``LossSpec.reduction``): the mean over a step's examples for the preference losses, the sum over
+examples divided by the step's response tokens for SFT (whose per-example loss is a sum over
+tokens). Nothing here touches a model.
 
     cfg = LossConfig.defaults("unll", alpha=0.2)
-    out = LOSSES[cfg.method](cfg, logps)     # or compute_loss(cfg, logps)
+    out = LOSSES[cfg.method](cfg, logps)
     out.loss.mean().backward()
 
-The methods are selected through the :data:`LOSSES` registry, whose entries also say which inputs a
-method needs (:func:`needs_reference`, :func:`needs_ygen`), so a trainer never branches on method
-names. The formulas, options and defaults follow ``docs/method.md``; the papers are
+The methods are selected through the :data:`LOSSES` registry (:mod:`dppo.train.registry`), whose
+entries also declare each method's options and say which inputs it needs (``needs_reference``,
+``needs_ygen``, ...), so a trainer never branches on method names. The formulas, options and
+defaults follow ``docs/method.md``; the papers are
 
 - DPPO: "Direct Preference and Penalization Optimization" (direct on-policy penalization), the
   project's paper: ``L = L_DPO + alpha * f(r) * penalty(y_gen)`` where y_gen is the reference model's
@@ -53,12 +57,9 @@ __all__ = [
     "LossOutput",
     "LossSpec",
     "can_skip_ygen",
-    "compute_loss",
     "conll_loss",
     "dpo_loss",
     "minll_loss",
-    "needs_reference",
-    "needs_ygen",
     "normalize_vote",
     "per_example_sum",
     "sft_loss",
@@ -78,8 +79,6 @@ from dppo.train.registry import (  # noqa: E402  (the registry and the configura
     WEIGHTS,
     LossConfig,
     LossSpec,
-    needs_reference,
-    needs_ygen,
     register_loss,
 )
 
@@ -443,11 +442,10 @@ def sft_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
 
     Args:
         cfg: ``method="sft"``; no hyperparameter is used.
-        logps: ``policy_chosen`` [B] (the response's summed log-prob); ``n_chosen`` [B] (its token
-            count) is reported as a statistic when given.
+        logps: ``policy_chosen`` [B] (the response's summed log-prob); nothing else is read.
 
     Returns:
-        LossOutput with ``loss`` [B]; no statistics.
+        LossOutput with ``loss`` [B] and no statistics.
     """
     return LossOutput(loss=-logps.policy_chosen.to(logps.compute_dtype))
 
@@ -587,7 +585,3 @@ def conll_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
     dpo = -F.logsigmoid(logits)
     return _dppo_output(cfg, loss, dpo, chosen, rejected, parts, penalty)
 
-
-def compute_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
-    """``LOSSES[cfg.method](cfg, logps)``: the per-example loss and statistics of the configured method."""
-    return LOSSES[cfg.method](cfg, logps)

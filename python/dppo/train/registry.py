@@ -1,21 +1,36 @@
-"""The losses by name: what each reads, which options it takes, its defaults and its reduction.
+"""The losses by name: what each reads, the options it declares, and its reduction.
 
-Torch-free, so that the command line can check options without loading torch. The loss functions
-themselves are pure functions of tensors in :mod:`dppo.train.losses`; an entry names its function
-by import path (``"dppo.train.losses:dpo_loss"``) or holds it. Everything a trainer needs to know
-about a method comes from here, so the loop never branches on method names, and adding a loss is
-one pure function and one :func:`register_loss` call::
+Torch-free, so that the command line can check options and print its help without loading torch.
+The loss functions themselves are pure functions of tensors (:mod:`dppo.train.losses`); an entry
+names its function by import path (``"dppo.train.losses:dpo_loss"``) or holds it.
 
-    def margin_loss(cfg, logps):              # LossConfig, LogProbs -> LossOutput
-        return LossOutput(loss=-F.logsigmoid(cfg.beta * (logps.policy_chosen - logps.policy_rejected)))
+Everything about a method comes from its entry: the trainer never branches on method names, and
+``dppo train`` derives its validation, the "option X is not used by method Y" check, ``RUN/config.json``
+and its ``--help`` (options grouped by the methods that use them) from the entries' :class:`Option`
+declarations. Adding a loss with an option of its own is one pure function and one entry::
 
-    register_loss("margin", LossSpec(margin_loss, data="pairs", needs_reference=False, options=("beta",)))
+    SCALE = Option("scale", float, 1.0, "Multiplier of the margin", low=0.0, low_open=True)
+
+    def scaled_margin(cfg, logps):            # LossConfig, LogProbs -> LossOutput
+        margin = cfg.scale * cfg.beta * (logps.policy_chosen - logps.policy_rejected)
+        return LossOutput(loss=-F.logsigmoid(margin))
+
+    register_loss("scaled", LossSpec(scaled_margin, needs_reference=False, options=(BETA.with_default(0.1), SCALE)))
+
+after which ``dppo train --method scaled --scale 3`` works. Options several losses share (``BETA``,
+``ALPHA``, ``WEIGHT``, ...) are declared once below and listed by each entry that uses them, with
+the entry's own default where it differs (``BETA.with_default(2.5)``); an option may also be named by
+its string (``options=("beta",)``). Other packages add losses through the ``dppo.losses``
+entry-point group (:func:`load_entry_points`): each entry point names a :class:`LossSpec`, registered
+under the entry point's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +38,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "LOSSES", "LossSpec", "LossConfig", "register_loss", "loss_spec", "needs_reference", "needs_ygen",
-    "YgenPlan", "ygen_plan", "ygen_free", "WEIGHTS", "VOTES", "VOTE_NORMS", "PENALTY_NORMS",
+    "LOSSES", "BUILTIN", "Option", "LossSpec", "LossConfig", "register_loss", "loss_spec", "known_options",
+    "option_users", "option_help", "load_entry_points", "ENTRY_POINT_GROUP", "YgenPlan", "ygen_plan", "ygen_free",
+    "BETA", "ALPHA", "WEIGHT", "ZETA", "VOTE", "VOTE_CLIP", "VOTE_NORM", "DETACH_WEIGHT",
+    "WEIGHTS", "VOTES", "VOTE_NORMS", "PENALTY_NORMS",
 ]
 
 WEIGHTS = ("linear", "quadratic", "sqrt", "expectile")
@@ -32,110 +49,130 @@ VOTES = ("policy", "ref")
 VOTE_NORMS = ("clip", "tanh")
 PENALTY_NORMS = ("mean", "sum")
 
+ENTRY_POINT_GROUP = "dppo.losses"
+
+_UNSET: Any = object()
+_TYPES = (float, int, str, bool)
+_RESERVED = frozenset({"method", "values", "defaults"})
+
 
 # --------------------------------------------------------------------------------------------------
-# Configuration
+# Option declarations
 # --------------------------------------------------------------------------------------------------
 
-# Values shared by every method; options a method does not use are ignored by its loss.
-_COMMON_DEFAULTS: dict[str, object] = {
-    "beta": 0.01,  # the paper's DPO screen picked 0.01 and used it for every DPPO run
-    "gamma": 0.0,
-    "alpha": 0.0,
-    "weight": "quadratic",
-    "zeta": 0.5,
-    "vote": "policy",
-    "vote_clip": 2000.0,
-    "vote_norm": "clip",
-    "detach_weight": False,
-    "penalty_norm": "mean",
-}
 
-@dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    """Hyperparameters of one loss. Build it with :meth:`LossConfig.defaults`.
-
-    Every field is required so that no method silently runs with another method's defaults;
-    ``LossConfig.defaults(method, **overrides)`` fills in the paper's values (``docs/method.md``).
-    Invalid values raise ``ValueError`` naming the option.
+@dataclass(frozen=True)
+class Option:
+    """One hyperparameter of a loss: its type, default, valid values and help, declared once.
 
     Attributes:
-        method: a name of the registry :data:`LOSSES` ("sft", "dpo", "simpo", "minll", "unll", "conll"
-            built in).
-        beta: inverse temperature of the sigmoid (DPO, SimPO, DPPO); > 0.
-        gamma: SimPO's target reward margin; >= 0 (simpo only).
-        alpha: penalty strength; >= 0; alpha = 0 gives exactly DPO (minll, unll, conll).
-        weight: f(r): "linear" | "quadratic" | "sqrt" | "expectile" (minll, unll, conll).
-        zeta: expectile level in [0, 1] (weight "expectile" only).
-        vote: whose log-probs form the vote r = logp(y_w) - logp(y_l): "policy" (the policy being
-            trained, gradient flows) or "ref" (the frozen reference, a constant per example).
-        vote_clip: C > 0, the scale that maps r into [-1, 1].
-        vote_norm: "clip" (r_n = clamp(r, -C, C) / C) or "tanh" (r_n = tanh(r / C)).
-        detach_weight: treat f(r) as a constant (no gradient into logp(y_w), logp(y_l) through f).
-        penalty_norm: minll only: "mean" penalizes mean_logp(y_gen), "sum" penalizes logp(y_gen).
+        name: the option's name: a ``LossConfig`` attribute, the ``--name-with-dashes`` flag of
+            ``dppo train``, the key in ``RUN/config.json`` and in a ``--config`` TOML file.
+        type: ``float``, ``int``, ``str`` or ``bool`` (a float option takes ints, stored as floats).
+        default: the value when the user gives none; an entry may override it (:meth:`with_default`).
+        help: one line for ``dppo train --help`` (defaults, choices and range are added to it).
+        choices: the allowed values of a ``str`` option.
+        low, high: the valid range of a number (inclusive; ``low_open``/``high_open`` exclude the
+            bound). Numbers must be finite.
+        paper: the paper's value, where there is one (shown in the help).
+        when: ``(other, value)``: the option only applies when option ``other`` has ``value``
+            (zeta with weight expectile); given otherwise it is refused, and recorded as None.
     """
 
-    method: str
-    beta: float
-    gamma: float
-    alpha: float
-    weight: str
-    zeta: float
-    vote: str
-    vote_clip: float
-    vote_norm: str
-    detach_weight: bool
-    penalty_norm: str
-
-    @classmethod
-    def defaults(cls, method: str, **overrides: object) -> LossConfig:
-        """The paper's configuration for ``method``, with ``overrides`` applied.
-
-        Defaults: beta 0.01 (simpo: beta 2.5, gamma 1.0); alpha 10 for minll, 0.1 for unll and conll;
-        weight expectile (zeta 0.5) for minll, quadratic for unll and conll; vote policy; vote_clip
-        2000 for minll and unll, 700 for conll; vote_norm clip; detach_weight False;
-        penalty_norm mean.
-        """
-        spec = loss_spec(method)
-        unknown = sorted(set(overrides) - set(_COMMON_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown LossConfig option(s) {unknown}; known: {sorted(_COMMON_DEFAULTS)}")
-        values = {**_COMMON_DEFAULTS, **spec.defaults, **overrides}
-        return cls(method=method, **values)  # type: ignore[arg-type]
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    paper: Any = None
+    when: tuple[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        loss_spec(self.method)
-        _check_choice("weight", self.weight, WEIGHTS)
-        _check_choice("vote", self.vote, VOTES)
-        _check_choice("vote_norm", self.vote_norm, VOTE_NORMS)
-        _check_choice("penalty_norm", self.penalty_norm, PENALTY_NORMS)
-        if not isinstance(self.detach_weight, bool):
-            raise ValueError(f"detach_weight must be a bool, got {self.detach_weight!r}")
-        for name, low, low_open, high in (
-            ("beta", 0.0, True, math.inf),
-            ("gamma", 0.0, False, math.inf),
-            ("alpha", 0.0, False, math.inf),
-            ("zeta", 0.0, False, 1.0),
-            ("vote_clip", 0.0, True, math.inf),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name) or self.name in _RESERVED:
+            raise ValueError(f"option name {self.name!r}: use lowercase letters, digits and '_' (not {sorted(_RESERVED)})")
+        if self.type not in _TYPES:
+            raise ValueError(f"option {self.name}: type must be float, int, str or bool, got {self.type!r}")
+        if self.choices and self.type is not str:
+            raise ValueError(f"option {self.name}: choices apply to str options")
+        object.__setattr__(self, "default", self.check(self.default))
+
+    @property
+    def flag(self) -> str:
+        """``--name-with-dashes``."""
+        return "--" + self.name.replace("_", "-")
+
+    def with_default(self, default: Any, *, paper: Any = _UNSET) -> Option:
+        """The same option with another default (an entry's own), and optionally the paper's value."""
+        return dataclasses.replace(self, default=default, paper=self.paper if paper is _UNSET else paper)
+
+    def kind(self) -> tuple:
+        """What two declarations of one name must agree on (defaults, help and paper values may differ)."""
+        return (self.type, self.choices, self.low, self.high, self.low_open, self.high_open, self.when)
+
+    def check(self, value: Any) -> Any:
+        """``value`` checked against the declaration (ints stored as floats for a float option);
+        ``ValueError`` starting with the option's name otherwise."""
+        name = self.name
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise ValueError(f"{name} must be one of {self.choices}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.type is int:
+            if not isinstance(value, int) and not (math.isfinite(value) and value == int(value)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        else:
             value = float(value)
-            too_low = value <= low if low_open else value < low
-            if not math.isfinite(value) or too_low or value > high:
-                bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-                raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-            object.__setattr__(self, name, value)  # store ints as floats: the saved config is uniform
+        bad = not math.isfinite(value)
+        if self.low is not None:
+            bad = bad or (value <= self.low if self.low_open else value < self.low)
+        if self.high is not None:
+            bad = bad or (value >= self.high if self.high_open else value > self.high)
+        if bad:
+            raise ValueError(f"{name} must be finite{self.describe_range(' and ')}, got {value!r}")
+        return value
+
+    def describe_range(self, prefix: str = "") -> str:
+        """``" > 0"``-like text of the valid range (empty without bounds)."""
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return prefix + " and ".join(parts) if parts else ""
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+# The options several losses share, declared once (docs/method.md). Defaults are those of most users;
+# an entry lists the option with its own default where it differs.
+BETA = Option("beta", float, 0.01, "Inverse temperature of the sigmoid", low=0.0, low_open=True, paper=0.01)
+ALPHA = Option("alpha", float, 0.0, "Penalty strength; 0 gives exactly DPO", low=0.0)
+WEIGHT = Option("weight", str, "quadratic", "Weight f(r) of the y_gen penalty", choices=WEIGHTS)
+ZETA = Option("zeta", float, 0.5, "Expectile level of the expectile weight", low=0.0, high=1.0,
+              when=("weight", "expectile"))
+VOTE = Option("vote", str, "policy", "Whose log-probs form the vote r = logp(y_w) - logp(y_l) (the policy's carry "
+              "gradient, the frozen reference's are constants)", choices=VOTES)
+VOTE_CLIP = Option("vote_clip", float, 2000.0, "C of the vote normalization", low=0.0, low_open=True)
+VOTE_NORM = Option("vote_norm", str, "clip", "Vote normalization, clamp(r,-C,C)/C or tanh(r/C)", choices=VOTE_NORMS)
+DETACH_WEIGHT = Option("detach_weight", bool, False, "Treat f(r) as a constant: no gradient through the weight")
+
+_PENALTY = (BETA, ALPHA, WEIGHT, ZETA, VOTE, VOTE_CLIP, VOTE_NORM, DETACH_WEIGHT)
+_SHARED = {o.name: o for o in _PENALTY}
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry
+# Registry entries
 # --------------------------------------------------------------------------------------------------
 
 
@@ -152,17 +189,18 @@ class LossSpec:
             ``ref_ygen``): the trainer must have them computed (it caches them).
         needs_ygen: has a y_gen term (``ygen_token_logps``, ``ygen_index``).
         needs_ref_ygen: also reads the reference's log-prob of y_gen (``ref_ygen``; conll only).
-        options: the :class:`LossConfig` fields the loss reads (``zeta`` only with the expectile
-            weight); a trainer refuses the others when a user sets them.
-        defaults: this method's defaults over the common ones (``docs/method.md``).
-        without_ygen: the method that evaluates this one on data without y_gen (an evaluation set
-            prepared without ``--ygen``), called with the option values the two share; None: such
-            data is refused. The DPPO methods name ``"dpo"``: the preference term and its rewards.
+        options: the options the loss reads, as :class:`Option` declarations or names of the shared
+            ones (``"beta"``); resolved to declarations. ``dppo train`` refuses the others.
+        defaults: this entry's defaults by option name, applied over the declarations' (the same as
+            listing ``OPTION.with_default(value)``).
         reduction: how a step's per-example losses become the step's loss. ``"example"``: their mean
             over the step's examples. ``"token"``: their sum divided by the step's counted
             (response) tokens, for losses that return per-example sums over tokens (SFT: the mean
             negative log-likelihood over every assistant token of the step). Either way the result
             does not depend on how the step is split into micro-batches.
+        without_ygen: the method that evaluates this one on data without y_gen (an evaluation set
+            prepared without ``--ygen``), called with the option values the two share; None: such
+            data is refused. The DPPO methods name ``"dpo"``: the preference term and its rewards.
     """
 
     fn: Callable[..., Any] | str
@@ -170,7 +208,7 @@ class LossSpec:
     needs_reference: bool = True
     needs_ygen: bool = False
     needs_ref_ygen: bool = False
-    options: tuple[str, ...] = ()
+    options: tuple[Option | str, ...] = ()
     defaults: Mapping[str, object] = field(default_factory=dict)
     reduction: str = "example"
     without_ygen: str | None = None
@@ -182,9 +220,36 @@ class LossSpec:
             raise ValueError(f"LossSpec.reduction must be 'example' or 'token', got {self.reduction!r}")
         if self.data == "sft" and (self.needs_ygen or self.needs_reference):
             raise ValueError("an SFT loss reads the response alone: no reference, no y_gen")
-        unknown = sorted(set(self.options) - set(_COMMON_DEFAULTS))
+        options: list[Option] = []
+        for opt in self.options:
+            if isinstance(opt, str):
+                if opt not in _SHARED and opt not in known_options():
+                    raise ValueError(f"LossSpec.options: no option {opt!r} is declared (known: {sorted(known_options())}); "
+                                     "declare it with Option(...)")
+                opt = _SHARED.get(opt) or known_options()[opt]
+            if not isinstance(opt, Option):
+                raise ValueError(f"LossSpec.options: expected Option declarations or names, got {opt!r}")
+            options.append(opt)
+        names = [o.name for o in options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LossSpec.options: an option is listed twice ({names})")
+        unknown = sorted(set(self.defaults) - set(names))
         if unknown:
-            raise ValueError(f"LossSpec.options {unknown} are not LossConfig fields ({sorted(_COMMON_DEFAULTS)})")
+            raise ValueError(f"LossSpec.defaults {unknown} are not options of this loss ({names})")
+        options = [o.with_default(self.defaults[o.name]) if o.name in self.defaults else o for o in options]
+        for o in options:
+            if o.when is not None and o.when[0] not in names:
+                raise ValueError(f"option {o.name} applies when {o.when[0]} is {o.when[1]!r}: list {o.when[0]} too")
+        object.__setattr__(self, "options", tuple(options))
+        object.__setattr__(self, "_by_name", {o.name: o for o in options})
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)  # type: ignore[attr-defined]
+
+    def option(self, name: str) -> Option | None:
+        """This entry's declaration of ``name`` (None where it does not use it)."""
+        return self._by_name.get(name)  # type: ignore[attr-defined]
 
     @property
     def needs_rejected(self) -> bool:
@@ -208,37 +273,113 @@ class LossSpec:
         return np.full(n, 1.0 / max(n, 1))
 
 
-_PENALTY_OPTIONS = ("beta", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight")
 _L = "dppo.train.losses:"
 
 LOSSES: dict[str, LossSpec] = {
     "sft": LossSpec(_L + "sft_loss", data="sft", needs_reference=False, reduction="token"),
-    "dpo": LossSpec(_L + "dpo_loss", options=("beta",)),
+    "dpo": LossSpec(_L + "dpo_loss", options=(BETA,)),
     # The paper's SimPO grid (Table 1) scored best with gamma 1, beta 2.5 (win rate 0.688), and the
     # author's SimPO script defaults to them. They sit in the SimPO authors' own range
     # (princeton-nlp/SimPO README: beta 2.0 or 2.5 in the preprint, gamma = c * beta with c about
     # 0.25-0.5; here c = 0.4). method.md's gamma is an absolute margin, not a gamma/beta ratio.
-    "simpo": LossSpec(_L + "simpo_loss", needs_reference=False, options=("beta", "gamma"), defaults={"beta": 2.5, "gamma": 1.0}),
+    "simpo": LossSpec(_L + "simpo_loss", needs_reference=False, options=(
+        BETA.with_default(2.5, paper=2.5),
+        Option("gamma", float, 1.0, "SimPO's target reward margin", low=0.0, paper=1.0),
+    )),
     # Paper section 5: alpha 10 for minll (expectile, zeta 0.5), 0.1 for unll and conll.
-    "minll": LossSpec(_L + "minll_loss", needs_ygen=True, options=(*_PENALTY_OPTIONS, "penalty_norm"),
-                      defaults={"alpha": 10.0, "weight": "expectile", "vote_clip": 2000.0}, without_ygen="dpo"),
-    "unll": LossSpec(_L + "unll_loss", needs_ygen=True, options=_PENALTY_OPTIONS,
-                     defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 2000.0}, without_ygen="dpo"),
+    "minll": LossSpec(_L + "minll_loss", needs_ygen=True, without_ygen="dpo", options=(
+        BETA, ALPHA.with_default(10.0, paper=10.0), WEIGHT.with_default("expectile", paper="expectile"),
+        *_PENALTY[3:],
+        Option("penalty_norm", str, "mean", "Penalize the mean (length-normalized) or the sum log-prob of y_gen",
+               choices=PENALTY_NORMS),
+    )),
+    "unll": LossSpec(_L + "unll_loss", needs_ygen=True, without_ygen="dpo", options=(
+        BETA, ALPHA.with_default(0.1, paper=0.1), *_PENALTY[2:],
+    )),
     # method.md names no conll weight; the author's conll script defaults to quadratic.
-    "conll": LossSpec(_L + "conll_loss", needs_ygen=True, needs_ref_ygen=True, options=_PENALTY_OPTIONS,
-                      defaults={"alpha": 0.1, "weight": "quadratic", "vote_clip": 700.0}, without_ygen="dpo"),
+    "conll": LossSpec(_L + "conll_loss", needs_ygen=True, needs_ref_ygen=True, without_ygen="dpo", options=(
+        BETA, ALPHA.with_default(0.1, paper=0.1), *_PENALTY[2:5], VOTE_CLIP.with_default(700.0), *_PENALTY[6:],
+    )),
 }
 """The losses by method name (``--method``). :func:`register_loss` adds one."""
 
 BUILTIN = tuple(LOSSES)
 
 
+def known_options() -> dict[str, Option]:
+    """Every option a registered loss declares, by name, in registration order (the first
+    declaration of a name stands for it: its help and kind; defaults are per entry)."""
+    out: dict[str, Option] = {}
+    for spec in LOSSES.values():
+        for opt in spec.options:
+            out.setdefault(opt.name, opt)  # type: ignore[union-attr, arg-type]
+    return out
+
+
+def option_users(name: str) -> list[str]:
+    """The methods whose entries declare option ``name``, in registration order."""
+    return [m for m, spec in LOSSES.items() if spec.option(name) is not None]
+
+
+def option_help(name: str) -> str:
+    """``name``'s line of ``dppo train --help``: its help, choices, range, condition, each user's
+    default and the paper's values, all from the declarations."""
+    opt = known_options()[name]
+    users = option_users(name)
+    text = opt.help + (f": {'|'.join(opt.choices)}" if opt.choices else "") + opt.describe_range("; ")
+    if opt.when is not None:
+        text += f"; with --{opt.when[0].replace('_', '-')} {_show(opt.when[1])} only"
+    defaults = {m: LOSSES[m].option(name).default for m in users}  # type: ignore[union-attr]
+    papers = {m: LOSSES[m].option(name).paper for m in users if LOSSES[m].option(name).paper is not None}  # type: ignore[union-attr]
+    text += f" (default {_per_method(defaults)}"
+    if papers and papers == {m: defaults[m] for m in papers}:
+        text += ", the paper's" if len(papers) == len(users) else f"; the paper's for {', '.join(papers)}"
+    elif papers:
+        text += f"; paper: {_per_method(papers)}"
+    return text + ")"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _per_method(values: Mapping[str, Any]) -> str:
+    """``"0.01; simpo 2.5"``: the most common value bare, the others with their methods."""
+    groups: dict[Any, list[str]] = {}
+    for method, value in values.items():
+        groups.setdefault((type(value), value), []).append(method)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    head, *rest = ordered
+    return "; ".join([_show(head[0][1])] + [f"{', '.join(ms)} {_show(v)}" for (_, v), ms in rest])
+
+
 def register_loss(name: str, spec: LossSpec, *, overwrite: bool = False) -> None:
-    """Make ``name`` a method of ``dppo train`` (``--method name``)."""
+    """Make ``name`` a method of ``dppo train`` (``--method name``), with the options ``spec`` declares.
+
+    An option declared by another entry under the same name must agree with it in type, choices,
+    range and condition (defaults, help and paper values may differ); an option may not take the
+    name of a ``dppo train`` option that is not a loss's (``lr``, ``seed``, ...).
+    """
     if not name or not name.replace("_", "").replace("-", "").replace("+", "").isalnum():
         raise ValueError(f"loss name {name!r}: use letters, digits, '-', '_' or '+'")
+    if not isinstance(spec, LossSpec):
+        raise ValueError(f"loss {name!r}: expected a LossSpec, got {type(spec).__name__}")
     if name in LOSSES and not overwrite:
         raise ValueError(f"loss {name!r} is already registered (pass overwrite=True to replace it)")
+    from dppo.train.config import TRAIN_FIELDS  # the run's own options: a loss option may not shadow one
+
+    others = {m: s for m, s in LOSSES.items() if m != name}
+    for opt in spec.options:
+        assert isinstance(opt, Option)
+        if opt.name in TRAIN_FIELDS:
+            raise ValueError(f"loss {name!r}: option {opt.name!r} is a dppo train option; name it otherwise")
+        for method, other in others.items():
+            theirs = other.option(opt.name)
+            if theirs is not None and theirs.kind() != opt.kind():
+                raise ValueError(f"loss {name!r}: option {opt.name!r} is declared by {method} with another type, "
+                                 "choices, range or condition; use its declaration or another name")
     LOSSES[name] = spec
 
 
@@ -249,14 +390,106 @@ def loss_spec(method: str) -> LossSpec:
     return LOSSES[method]
 
 
-def needs_reference(method: str) -> bool:
-    """Whether ``method`` reads reference-model log-probs (dpo, minll, unll, conll)."""
-    return loss_spec(method).needs_reference
+_entry_points_loaded: set[str] = set()
 
 
-def needs_ygen(method: str) -> bool:
-    """Whether ``method`` has a y_gen term (minll, unll, conll)."""
-    return loss_spec(method).needs_ygen
+def load_entry_points() -> list[str]:
+    """Register the losses other packages declare in the ``dppo.losses`` entry-point group.
+
+    Each entry point names a :class:`LossSpec` (``myloss = mypackage.losses:SPEC`` in the package's
+    ``[project.entry-points."dppo.losses"]``), registered as the method of the entry point's name.
+    Loaded once per process (the command line does it before ``dppo train`` parses its options); a
+    module that imports torch at its top makes that slower: give ``fn`` as ``"module:function"``.
+    Returns the names registered; an entry point that cannot be loaded raises
+    :class:`~dppo.errors.ConfigError` naming it and its module.
+    """
+    from importlib.metadata import entry_points
+
+    from dppo.errors import ConfigError
+
+    added = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _entry_points_loaded:
+            continue
+        where = f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP} (module {ep.module})"
+        try:
+            spec = ep.load()
+        except Exception as e:  # anything a third-party module may raise on import
+            raise ConfigError(f"{where} failed to load: {type(e).__name__}: {_first_line(e)}") from None
+        if ep.name in LOSSES:
+            raise ConfigError(f"{where}: a loss named {ep.name!r} is already registered")
+        try:
+            register_loss(ep.name, spec)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {_first_line(e)}") from None
+        _entry_points_loaded.add(ep.name)
+        added.append(ep.name)
+    return added
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration of one loss
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, init=False)
+class LossConfig:
+    """Option values of one loss, read as attributes (``cfg.beta``). Build it with :meth:`defaults`.
+
+    The values are the method's declared options at their entry's defaults, with the given
+    overrides checked by the declarations (``ValueError`` naming the option). Options declared by
+    other losses are accepted and checked too, and ignored by this method's loss (``dppo train``
+    refuses them); reading an option the method does not declare gives its shared default.
+    ``dataclasses.replace(cfg, alpha=0.2)`` works as for any dataclass.
+
+    Attributes:
+        method: a name of the registry :data:`LOSSES`.
+        values: every option value, by name.
+    """
+
+    method: str
+    values: Mapping[str, Any]
+
+    def __init__(self, method: str, values: Mapping[str, Any] | None = None, **options: Any) -> None:
+        spec = loss_spec(method)
+        given = {**(values or {}), **options}
+        known = known_options()
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"unknown LossConfig option(s) {unknown}; known: {sorted(known)}")
+        resolved = {o.name: o.default for o in spec.options}  # type: ignore[union-attr]
+        for name, value in given.items():
+            resolved[name] = (spec.option(name) or known[name]).check(value)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "values", resolved)
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)  # plain attributes: a loss reads them at no cost
+
+    @classmethod
+    def defaults(cls, method: str, **overrides: Any) -> LossConfig:
+        """The configuration of ``method`` at its entry's defaults, with ``overrides`` applied.
+
+        Built in (``docs/method.md``): beta 0.01 (simpo: beta 2.5, gamma 1.0); alpha 10 for minll, 0.1
+        for unll and conll; weight expectile (zeta 0.5) for minll, quadratic for unll and conll;
+        vote policy; vote_clip 2000 for minll and unll, 700 for conll; vote_norm clip;
+        detach_weight False; penalty_norm mean.
+        """
+        return cls(method, **overrides)
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set in __init__
+        if not name.startswith("_") and name not in ("method", "values"):
+            opt = known_options().get(name)
+            if opt is not None:
+                return opt.default
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.method, tuple(sorted(self.values.items()))))
 
 
 def ygen_free(cfg: LossConfig) -> LossConfig:
@@ -268,7 +501,7 @@ def ygen_free(cfg: LossConfig) -> LossConfig:
 
         raise ConfigError(f"--method {cfg.method} has no evaluation without y_gen: give --eval-data with y_gen "
                           "(`dppo prep prefs --ygen`)")
-    shared = {k: getattr(cfg, k) for k in loss_spec(target).options}
+    shared = {k: cfg.values[k] for k in loss_spec(target).option_names if k in cfg.values}
     return LossConfig.defaults(target, **shared)
 
 
