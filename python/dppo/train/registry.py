@@ -98,7 +98,10 @@ class Option:
             raise ValueError(f"option {self.name}: type must be float, int, str or bool, got {self.type!r}")
         if self.choices and self.type is not str:
             raise ValueError(f"option {self.name}: choices apply to str options")
-        object.__setattr__(self, "default", self.check(self.default))
+        try:
+            object.__setattr__(self, "default", self.check(self.default))
+        except ValueError as e:
+            raise ValueError(f"the default of option {self.name}: {e}") from None
 
     @property
     def flag(self) -> str:
