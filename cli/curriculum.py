@@ -2,13 +2,12 @@
 flags, help and defaults: the train command's parameters, reused), call :func:`dppo.curriculum.curriculum`."""
 
 import inspect
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from dppo.cli.train import train_cmd
+from dppo.cli.train import train_command
 
 # train options the curriculum sets itself, or that mean something else here
 _NOT_PASSED = ("method", "data", "init", "out", "ref", "tokenizer", "config", "resume", "overwrite", "nproc_per_node", "plan")
@@ -37,9 +36,8 @@ def _own(
 
 def _parameters() -> list[inspect.Parameter]:
     own = list(inspect.signature(_own).parameters.values())
-    hints = typing.get_type_hints(train_cmd, include_extras=True)  # train.py's annotations, evaluated
-    train = [p.replace(annotation=hints[name]) for name, p in inspect.signature(train_cmd).parameters.items()
-             if name not in _NOT_PASSED]
+    # train's parameters, the registry's loss options included, annotations evaluated
+    train = [p for name, p in inspect.signature(train_command()).parameters.items() if name not in _NOT_PASSED]
     required = [p for p in own if p.default is inspect.Parameter.empty]
     return required + [p for p in own if p.default is not inspect.Parameter.empty] + train
 
