@@ -219,6 +219,58 @@ def test_generation_on_two_ranks_equals_one_process_and_resumes(tmp_path, init_d
     assert read_generations(out) == read_generations(tmp_path / "one.parquet")
 
 
+BALANCED = """
+import datetime, json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=40))  # an unmatched collective fails, not hangs
+calls = []
+for name in ("barrier", "broadcast_object_list", "all_gather_object", "all_reduce"):
+    def wrap(fn, name=name):
+        def call(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        return call
+    setattr(dist, name, wrap(getattr(dist, name)))
+
+import dppo.generate.run as run
+from dppo.generate import DecodeConfig, generate_rows, load_prompts
+
+model, data, tmp = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+rank = dist.get_rank()
+rows, _ = load_prompts(data, limit=1)
+decode = DecodeConfig.from_options(max_new_tokens=3, batch_size=2, device="cpu")
+log = {}
+for case in ("one prompt: rank 1 has no share", "all done: no rank has a share"):
+    calls.clear()
+    log[case] = [generate_rows(model, rows, tmp / "y.parquet", decode, show_progress=False)["rows"], list(calls)]
+merge = run._merge_parts
+def failing_merge(*a, **k):
+    raise OSError("disk full")
+run._merge_parts = failing_merge
+calls.clear()
+try:
+    generate_rows(model, rows, tmp / "z.parquet", decode, show_progress=False)
+except OSError as e:
+    log["rank 0 fails its merge"] = [str(e), list(calls)]
+(tmp / f"log{rank}.json").write_text(json.dumps(log))
+"""
+
+
+@pytest.mark.slow
+def test_generation_ranks_meet_the_same_collectives_whatever_their_share(tmp_path, init_dir, pairs_file):
+    script = tmp_path / "balanced.py"
+    script.write_text(BALANCED)
+    r = torchrun([str(init_dir), str(pairs_file), str(tmp_path)], script=script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [json.loads((tmp_path / f"log{k}.json").read_text()) for k in range(2)]
+    assert logs[0] == logs[1]  # the same collectives, in the same order, on both ranks
+    assert logs[0]["one prompt: rank 1 has no share"][0] == 1 and logs[0]["all done: no rank has a share"][0] == 1
+    assert logs[0]["rank 0 fails its merge"][0] == "disk full"  # rank 1 raises rank 0's error instead of waiting
+    assert len(logs[0]["one prompt: rank 1 has no share"][1]) >= 4
+
+
 def test_the_launcher_convenience_and_a_failed_rank_in_one_line(tmp_path, init_dir, pair_shards):
     args = train_args("dpo", pair_shards, init_dir, tmp_path / "run", beta=0.1)
     r = one_process([*args, "--nproc-per-node", "2"])

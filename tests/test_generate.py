@@ -365,14 +365,41 @@ def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir
     assert [r["prompt_id"] for r in read_generations(out)] == [p.prompt_id for p in prompts]
 
 
-def test_stop_after_batches_leaves_parts_for_the_next_run(tmp_path, model_dir, pairs_file):
-    rows, _ = load_prompts(str(pairs_file), limit=10)
+KILL_AFTER_PARTS = """
+import os, signal, sys
+import dppo.generate.run as run
+write = run._write_table
+calls = []
+def write_then_die(table, path):  # the second batch's part is on disk, then SIGKILL
+    write(table, path)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+run._write_table = write_then_die
+from dppo.cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def test_a_killed_generation_resumes_from_its_parts(tmp_path, model_dir, pairs_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+
     out = tmp_path / "y.parquet"
-    decode = DecodeConfig.from_options(max_new_tokens=6, batch_size=3)
-    s = generate_rows(str(model_dir), rows, out, decode, stop_after_batches=2, show_progress=False)
-    assert s["generated"] == 6 and not s["merged"] and not out.exists()
-    s = generate_rows(str(model_dir), rows, out, decode, show_progress=False)
-    assert s["already_done"] == 6 and s["generated"] == 4 and len(read_generations(out)) == 10
+    args = ["generate", "--model", str(model_dir), "--data", str(pairs_file), "--limit", "10", "--batch-size", "3",
+            "--max-new-tokens", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_PARTS, *args, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists() and len(list((tmp_path / "y.parquet.parts").glob("part-*.parquet"))) == 2
+    common = dict(model=str(model_dir), data=str(pairs_file), limit=10, batch_size=3, max_new_tokens=6)
+    s = generate(GenConfig.from_options(out=out, **common), show_progress=False)
+    assert s["already_done"] == 6 and s["generated"] == 4 and s["merged"] and not (tmp_path / "y.parquet.parts").exists()
+    whole = generate(GenConfig.from_options(out=tmp_path / "whole.parquet", **common), show_progress=False)
+    assert whole["generated"] == 10 and read_generations(out) == read_generations(tmp_path / "whole.parquet")
 
 
 def test_generate_then_prep_round_trip(tmp_path, model_dir, pairs_file, pairs_rows, tok_dir, hf_tokenizer):

@@ -32,6 +32,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -476,7 +477,6 @@ def generate_rows(
     decode: DecodeConfig,
     *,
     overwrite: bool = False,
-    stop_after_batches: int | None = None,
     extra_meta: dict[str, Any] | None = None,
     console: Console | None = None,
     show_progress: bool = True,
@@ -486,16 +486,17 @@ def generate_rows(
     """Generate responses for ``rows`` into ``out`` (resuming it) as ``decode`` says; the library core
     of ``generate`` (and of ``dppo eval``'s answers).
 
-    ``stop_after_batches`` ends the run after that many batches, leaving the parts unmerged: what a
-    crash leaves behind (tests use it).
+    The phases, in this order on every rank (each collective is reached by every rank, whatever
+    its share of the prompts, and an error on rank 0 is raised on all):
 
-    Under torchrun the pending prompts are dealt to the ranks balanced by length, each rank decodes
-    its share on its own device (longest first, as one process does) into its own part files, and
-    rank 0 merges every part atomically: greedy output equals one process's, row for row.
+    1. resolve the model, the tokenizer and the settings that decide the responses (``_resolve``);
+    2. rank 0 checks the output against them and decides what is left to do (``_plan_rest``);
+    3. each rank decodes its share, balanced by prompt length, longest first, one part file per
+       batch in ``OUT.parts/`` (``_decode_share``): a crash loses at most the batch in flight;
+    4. the counts meet (``_gather_counts``), then rank 0 merges every part into ``out`` atomically
+       with ``OUT.meta.json`` (``_merge_parts``). Greedy output equals one process's, row for row.
     """
-    import pyarrow as pa
-
-    from dppo.distributed import all_reduce_sum, barrier, on_main, split_by_cost
+    from dppo.distributed import barrier, on_main
     from dppo.distributed import setup as setup_distributed
 
     if out.suffix not in (".parquet", ".jsonl"):
@@ -505,159 +506,207 @@ def generate_rows(
     if not dist.main:
         console, show_progress = Console(stderr=True, quiet=True), False
     t0 = time.perf_counter()
+    run = _resolve(model, out, decode, device)
+    plan = on_main(dist, _plan_rest, run, rows, overwrite)
+    made = _decode_share(run, rows, plan, dist, device, console, show_progress, label)
+    counts = _gather_counts(dist, made)
+    barrier(dist)  # every rank's parts are on disk
+    merged = on_main(dist, _merge_parts, run, rows, counts["engine"], extra_meta)
+    summary = {"out": str(out), "prompts": len(rows), "already_done": len(rows) - len(plan.pending), **counts,
+               "rows": merged, "seconds": round(time.perf_counter() - t0, 2), "merged": True}
+    if summary["engine"] is None:
+        del summary["engine"]
+    if show_progress:
+        _report(console, summary, show_summary, label)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One generation, resolved once: the model's and tokenizer's folders, the dtype, the settings
+    that decide the responses, and the output."""
+
+    model: str
+    model_dir: Path
+    tok_dir: Path
+    dtype: str
+    settings: dict[str, Any]
+    decode: DecodeConfig
+    out: Path
+
+    @property
+    def parts(self) -> Path:
+        return _parts_dir(self.out)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What is left, decided on rank 0 and the same on every rank: the positions of the prompts
+    still to answer (in ``rows``) and the number of the first new part file."""
+
+    pending: list[int]
+    first_part: int
+
+
+def _resolve(model: str, out: Path, decode: DecodeConfig, device: Any) -> _Run:
     model_dir = resolve_model(model)
     tok_dir = model_tokenizer_dir(model_dir, decode.tokenizer)
-    dtype_name = resolve_dtype(decode.dtype, device)
-    settings = generation_settings(model_dir, tok_dir, decode, dtype_name)
-    parts, meta_path = _parts_dir(out), _meta_path(out)
-    on_main(dist, _check_output, out, parts, meta_path, settings, overwrite)
+    dtype = resolve_dtype(decode.dtype, device)
+    return _Run(model, model_dir, tok_dir, dtype, generation_settings(model_dir, tok_dir, decode, dtype), decode, out)
 
-    # -- what is already done -----------------------------------------------------------------
-    existing = _existing(out)
+
+def _plan_rest(run: _Run, rows: Sequence[PromptRow], overwrite: bool) -> _Plan:
+    """(Rank 0.) Refuse an output made with other settings, then skip the prompts already answered:
+    in ``out`` or in a part, with the same prompt text (shard prompts: the same id)."""
+    _check_output(run.out, run.parts, _meta_path(run.out), run.settings, overwrite)
+    existing = _existing(run.out)
     wanted = {r.prompt_id: r for r in rows}
     done_ids = set()
     for pid, prompt in zip(existing.column("prompt_id").to_pylist(), existing.column("prompt").to_pylist(), strict=True):
         r = wanted.get(pid)
         if r is None or r.ids is not None or r.prompt == prompt:
             done_ids.add(pid)
-    pending = [r for r in rows if r.prompt_id not in done_ids]
-    first_part = max((int(p.stem.split("-")[1]) for p in parts.glob("part-*.parquet")), default=-1) + 1
-    barrier(dist)  # every rank has seen what is done before any writes more
-    summary: dict[str, Any] = {
-        "out": str(out),
-        "prompts": len(rows),
-        "already_done": len(rows) - len(pending),
-        "generated": 0,
-        "generated_tokens": 0,
-        "finish_reasons": {},
-    }
-
-    # -- generate the rest, one part file per batch ------------------------------------------------
-    gen_seconds = 0.0
+    pending = [i for i, r in enumerate(rows) if r.prompt_id not in done_ids]
+    first_part = max((int(p.stem.split("-")[1]) for p in run.parts.glob("part-*.parquet")), default=-1) + 1
     if pending:
-        import torch
+        run.parts.mkdir(exist_ok=True)
+        write_json(run.parts / "settings.json", run.settings)
+    return _Plan(pending, first_part)
 
-        from dppo.generate.decoding import Decoder
 
-        on_main(dist, lambda: (parts.mkdir(exist_ok=True), write_json(parts / "settings.json", settings)))
-        ids = render_prompts(pending, tok_dir, decode.max_prompt_len)
-        if dist.active:  # this rank's share of the prompts, balanced by prompt length
-            share = split_by_cost([len(x) for x in ids], dist.world)[dist.rank].tolist()
-            pending, ids = [pending[i] for i in share], [ids[i] for i in share]
-        suffix = f"-r{dist.rank:03d}" if dist.active else ""
-        from tokenizers import Tokenizer
+def _decode_share(run: _Run, rows: Sequence[PromptRow], plan: _Plan, dist: Any, device: Any, console: Console,
+                  show_progress: bool, label: str) -> dict[str, Any]:
+    """This rank's share of the pending prompts (balanced by prompt length), decoded batch by batch,
+    each batch written at once as a part file; returns what was made. A rank with no share loads
+    no model and decodes nothing."""
+    from dppo.distributed import split_by_cost
 
-        detok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-        stop = settings["stop_ids"]
-        lm = None if decode.engine == "vllm" else _load_quietly(model_dir, dtype_name, device)
-        decoder = Decoder(lm, stop, engine=decode.engine, pad_id=stop[0], model_path=str(model_dir),
-                          dtype=str(torch_dtype(dtype_name)).removeprefix("torch."))
-        summary["engine"] = decoder.engine
-        bs = decode.batch_size or (128 if device.type == "cuda" else 32)
-        sampling = decode.sampling
-        keys = [int(hashlib.blake2b(r.prompt_id.encode(), digest_size=8).hexdigest(), 16) for r in pending]
-        reasons: Counter[str] = Counter()
-        tokens_made = 0
-        t_gen = time.perf_counter()
-        progress = Progress(
-            TextColumn(f"[bold]{label}[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("prompts"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not show_progress,
-        )
-        with progress:
-            task = progress.add_task(label, total=len(pending), rate="")
+    pending = [rows[i] for i in plan.pending]
+    ids = render_prompts(pending, run.tok_dir, run.decode.max_prompt_len) if pending else []
+    if dist.active and pending:
+        share = split_by_cost([len(x) for x in ids], dist.world)[dist.rank].tolist()
+        pending, ids = [pending[i] for i in share], [ids[i] for i in share]
+    made: dict[str, Any] = {"generated": 0, "generated_tokens": 0, "finish_reasons": Counter(), "seconds": 0.0, "engine": None}
+    if not pending:
+        return made
+    import torch
+    from tokenizers import Tokenizer
 
-            def on_tokens(n: int) -> None:
-                nonlocal tokens_made
-                tokens_made += n
-                rate = tokens_made / max(time.perf_counter() - t_gen, 1e-9)
-                progress.update(task, rate=f"{rate:,.0f} tok/s")
+    from dppo.generate.decoding import Decoder
 
-            for b, completions in enumerate(decoder.run(ids, sampling, batch_size=bs, keys=keys, on_tokens=on_tokens)):
-                table = pa.Table.from_pylist(
-                    [
-                        {
-                            "prompt_id": pending[c.index].prompt_id,
-                            "prompt": pending[c.index].prompt or detok.decode(ids[c.index], skip_special_tokens=False),
-                            "response": detok.decode(c.token_ids, skip_special_tokens=False),
-                            "response_ids": c.token_ids,
-                            "prompt_tokens": len(ids[c.index]),
-                            "response_tokens": len(c.token_ids),
-                            "finish_reason": c.finish_reason,
-                        }
-                        for c in completions
-                    ],
-                    schema=_schema(),
-                )
-                _write_table(table, parts / f"part-{first_part + b:06d}{suffix}.parquet")
-                reasons.update(c.finish_reason for c in completions)
-                summary["generated"] += len(completions)
-                summary["generated_tokens"] += sum(len(c.token_ids) for c in completions)
-                progress.advance(task, len(completions))
-                if stop_after_batches is not None and b + 1 >= stop_after_batches:
-                    break
-        gen_seconds = time.perf_counter() - t_gen
-        summary["finish_reasons"] = dict(reasons)
-        del decoder, lm
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if stop_after_batches is not None:
-            summary["merged"] = False
-            return summary
-    if dist.active:
-        from dppo.distributed import all_gather_objects
+    suffix = f"-r{dist.rank:03d}" if dist.active else ""
+    detok = Tokenizer.from_file(str(run.tok_dir / "tokenizer.json"))
+    stop = run.settings["stop_ids"]
+    lm = None if run.decode.engine == "vllm" else _load_quietly(run.model_dir, run.dtype, device)
+    decoder = Decoder(lm, stop, engine=run.decode.engine, pad_id=stop[0], model_path=str(run.model_dir),
+                      dtype=str(torch_dtype(run.dtype)).removeprefix("torch."))
+    made["engine"] = decoder.engine
+    bs = run.decode.batch_size or (128 if device.type == "cuda" else 32)
+    keys = [int(hashlib.blake2b(r.prompt_id.encode(), digest_size=8).hexdigest(), 16) for r in pending]
+    t_gen = time.perf_counter()
+    with _progress(console, show_progress, label) as (progress, task, on_tokens):
+        progress.update(task, total=len(pending))
+        batches = decoder.run(ids, run.decode.sampling, batch_size=bs, keys=keys, on_tokens=on_tokens)
+        for b, completions in enumerate(batches):
+            _write_table(_part_table(pending, ids, completions, detok), run.parts / f"part-{plan.first_part + b:06d}{suffix}.parquet")
+            made["finish_reasons"].update(c.finish_reason for c in completions)
+            made["generated"] += len(completions)
+            made["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+            progress.advance(task, len(completions))
+    made["seconds"] = time.perf_counter() - t_gen
+    del decoder, lm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return made
 
-        reasons_all: Counter[str] = Counter()
-        for part in all_gather_objects(dist, summary["finish_reasons"]):
-            reasons_all.update(part)
-        summary["finish_reasons"] = dict(reasons_all)
-    made = all_reduce_sum(dist, summary["generated"], summary["generated_tokens"], gen_seconds)
-    summary["generated"], summary["generated_tokens"] = int(made[0]), int(made[1])
-    gen_seconds = made[2] / dist.world
-    barrier(dist)  # every rank's parts are on disk
 
-    # -- merge atomically (rank 0) ----------------------------------------------------------------
-    if not dist.main:
-        barrier(dist)
-        return {**summary, "merged": True}
-    merged = _merge(_existing(out), [r.prompt_id for r in rows])
-    _write_table(merged, out)
+@contextlib.contextmanager
+def _progress(console: Console, show: bool, label: str) -> Iterator[tuple[Progress, Any, Any]]:
+    """A progress bar of prompts with the tokens-per-second rate, and the callback that feeds it."""
+    progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=not show)
+    t0, made = time.perf_counter(), [0]
+
+    def on_tokens(n: int) -> None:
+        made[0] += n
+        progress.update(task, rate=f"{made[0] / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+    with progress:
+        task = progress.add_task(label, total=None, rate="")
+        yield progress, task, on_tokens
+
+
+def _part_table(pending: Sequence[PromptRow], ids: Sequence[list[int]], completions: Sequence[Any], detok: Any) -> Any:
+    """One batch's rows of the output (shard prompts have no text: their decoded ids stand in)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(
+        [
+            {
+                "prompt_id": pending[c.index].prompt_id,
+                "prompt": pending[c.index].prompt or detok.decode(ids[c.index], skip_special_tokens=False),
+                "response": detok.decode(c.token_ids, skip_special_tokens=False),
+                "response_ids": c.token_ids,
+                "prompt_tokens": len(ids[c.index]),
+                "response_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason,
+            }
+            for c in completions
+        ],
+        schema=_schema(),
+    )
+
+
+def _gather_counts(dist: Any, made: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's counts summed (every rank calls this, with or without a share): responses,
+    tokens, finish reasons, the decoder used and the mean decoding time."""
+    from dppo.distributed import all_gather_objects, all_reduce_sum
+
+    reasons: Counter[str] = Counter()
+    engines = []
+    for r, engine in all_gather_objects(dist, (dict(made["finish_reasons"]), made["engine"])):
+        reasons.update(r)
+        engines.append(engine)
+    generated, tokens, seconds = all_reduce_sum(dist, made["generated"], made["generated_tokens"], made["seconds"])
+    seconds /= dist.world
+    return {"generated": int(generated), "generated_tokens": int(tokens), "finish_reasons": dict(reasons),
+            "engine": next((e for e in engines if e is not None), None),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+
+
+def _merge_parts(run: _Run, rows: Sequence[PromptRow], engine: str | None, extra_meta: dict[str, Any] | None) -> int:
+    """(Rank 0.) The file and every part merged into ``out`` (one row per prompt, in ``rows``' order),
+    ``OUT.meta.json`` written, the parts removed; returns the number of rows."""
+    meta_path = _meta_path(run.out)
+    merged = _merge(_existing(run.out), [r.prompt_id for r in rows])
+    _write_table(merged, run.out)
     meta = {
         "format": "dppo-generations",
-        "settings": settings,
-        "model": str(model),
-        "model_dir": str(model_dir.resolve()),
-        "tokenizer_dir": str(tok_dir.resolve()),
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok_dir)},
-        "engine": summary.get("engine") or read_json(meta_path).get("engine") or decode.engine,
+        "settings": run.settings,
+        "model": str(run.model),
+        "model_dir": str(run.model_dir.resolve()),
+        "tokenizer_dir": str(run.tok_dir.resolve()),
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(run.tok_dir)},
+        "engine": engine or read_json(meta_path).get("engine") or run.decode.engine,
         "rows": merged.num_rows,
         **(extra_meta or {}),
     }
     write_json(meta_path, meta)
-    shutil.rmtree(parts, ignore_errors=True)
-    summary.update(
-        rows=merged.num_rows,
-        seconds=round(time.perf_counter() - t0, 2),
-        tokens_per_s=round(summary["generated_tokens"] / gen_seconds, 1) if gen_seconds else None,
-        merged=True,
-    )
-    if show_progress and show_summary:
+    shutil.rmtree(run.parts, ignore_errors=True)
+    return merged.num_rows
+
+
+def _report(console: Console, summary: dict[str, Any], table: bool, label: str) -> None:
+    if table:
         console.print(_summary_table(summary))
-    elif show_progress:
-        speed = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s") else ""
-        console.print(
-            f"{label}: {summary['generated']:,} new responses ({summary['already_done']:,} cached), "
-            f"{summary['generated_tokens']:,} tokens{speed}",
-            highlight=False,
-        )
-    barrier(dist)
-    return summary
+        return
+    speed = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s") else ""
+    console.print(
+        f"{label}: {summary['generated']:,} new responses ({summary['already_done']:,} cached), "
+        f"{summary['generated_tokens']:,} tokens{speed}",
+        highlight=False,
+    )
 
 
 def _check_output(out: Path, parts: Path, meta_path: Path, settings: dict[str, Any], overwrite: bool) -> None:
