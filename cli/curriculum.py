@@ -15,8 +15,8 @@ _NOT_PASSED = ("method", "data", "init", "out", "ref", "tokenizer", "config", "r
 
 def _own(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds: generate y_gen with the policy entering the round, prepare the pairs with it, train.")],
-    method: Annotated[str, typer.Option("--method", help="The penalization: unll, minll or conll.")],
-    data: Annotated[str, typer.Option("--data", help="Preference pairs (UltraFeedback's schema): hub id or local parquet/jsonl/json/arrow file or folder.")],
+    method: Annotated[str, typer.Option("--method", help="The penalization: unll, minll or conll (with --pairs judge: any dppo train method).")],
+    data: Annotated[str, typer.Option("--data", help="Preference pairs (UltraFeedback's schema; with --pairs judge, prompts in UltraFeedback's or SmolTalk's schema or a prompt column): hub id or local parquet/jsonl/json/arrow file or folder.")],
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="Tokenizer (and chat template) the pairs are prepared with: hub id or folder.")],
     init: Annotated[str, typer.Option("--init", help="The policy entering round 1 (the SFT model): run folder, model folder or hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Curriculum folder: round_K/ (ygen.parquet, shards/, the training run), model/, curriculum.json.")],
@@ -29,6 +29,16 @@ def _own(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most y_gen tokens per response (greedy decoding).")] = 1024,
     gen_batch_size: Annotated[Optional[int], typer.Option("--gen-batch-size", min=1, help="Prompts decoded together (default: 128 on CUDA, 32 on the CPU).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="Decoder: auto, dppo, hf or vllm.")] = "auto",
+    pairs: Annotated[str, typer.Option("--pairs", help="Where each round's pairs come from: data (--data's pairs, y_gen from the policy) or judge (the policy's own samples, judged, best vs worst).")] = "data",
+    judge: Annotated[Optional[str], typer.Option("--judge", help="--pairs judge: the judge that scores the samples (any judge dppo eval takes).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="--pairs judge: responses sampled per prompt (K), in one batched decoder call.")] = 4,
+    temperature: Annotated[float, typer.Option("--temperature", help="--pairs judge: sampling temperature (> 0).")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="--pairs judge: nucleus of the sampling, in (0, 1].")] = 1.0,
+    prompts_per_round: Annotated[Optional[int], typer.Option("--prompts-per-round", min=1, help="--pairs judge: each round takes the next N prompts of --data (a new shuffle after the last); default: all, every round.")] = None,
+    pair_rule: Annotated[str, typer.Option("--pair-rule", help="--pairs judge: best-worst (each prompt's best-scored sample against its worst; all tied: no pair).")] = "best-worst",
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="--pairs judge: at most this many --eval-data prompts (with --pairs judge, --eval-data names held-out prompts: after every round, the greedy policy's win rate against --init by the same judge).")] = None,
+    judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", min=1, help="--pairs judge: items per judge call.")] = 8,
+    api_base: Annotated[Optional[str], typer.Option("--api-base", help="--pairs judge: endpoint of an API judge.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the curriculum in --out where it stopped (finished stages are reused).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the curriculum in --out.")] = False,
 ) -> None: ...
@@ -46,9 +56,10 @@ _OWN_NAMES = tuple(inspect.signature(_own).parameters)
 
 
 def curriculum_cmd(**options: Any) -> None:
-    """Rounds of on-policy penalization (self-curriculum): y_gen from the policy entering each round, pairs prepared with it, training; every `dppo train` option applies to each round."""
+    """Rounds of on-policy penalization (self-curriculum): y_gen from the policy entering each round, pairs prepared with it, training; with --pairs judge, online rounds: the policy's own samples judged and paired best vs worst. Every `dppo train` option applies to each round."""
     from dppo.curriculum import CurriculumConfig, curriculum
     from dppo.data.sources import DataSource
+    from dppo.errors import ConfigError
     from dppo.generate.run import DecodeConfig
 
     own = {k: options.pop(k) for k in _OWN_NAMES}
@@ -56,7 +67,20 @@ def curriculum_cmd(**options: Any) -> None:
     decode = DecodeConfig.from_options(max_new_tokens=own.pop("max_new_tokens"), batch_size=own.pop("gen_batch_size"),
                                        engine=own.pop("engine"))
     source = DataSource(own["data"], split=own["split"], config=own["data_config"], revision=own["revision"])
-    curriculum(CurriculumConfig(rounds=own["rounds"], method=own["method"], data=source, tokenizer=own["tokenizer"],
+    online_names = ("judge", "samples", "temperature", "top_p", "prompts_per_round", "pair_rule", "eval_limit",
+                    "judge_batch_size", "api_base")
+    online_opts = {k: own.pop(k) for k in online_names}
+    online = None
+    if own["pairs"] == "judge":
+        from dppo.online import OnlineConfig
+
+        # --eval-data: with --pairs judge, the held-out prompts of the per-round win rate
+        eval_data = train_opts.pop("eval_data", None)
+        online = OnlineConfig(seed=train_opts.get("seed", 0), eval_data=None if eval_data is None else str(eval_data),
+                              **online_opts)
+    elif online_opts["judge"] is not None:
+        raise ConfigError("--judge applies to --pairs judge")
+    curriculum(CurriculumConfig(pairs=own["pairs"], online=online, rounds=own["rounds"], method=own["method"], data=source, tokenizer=own["tokenizer"],
                                 init=own["init"], out=own["out"], pairs_per_round=own["pairs_per_round"],
                                 round_ref=own["round_ref"], max_len=own["max_len"], decode=decode, train=train_opts,
                                 seed=train_opts.get("seed", 0), resume=own["resume"], overwrite=own["overwrite"]))

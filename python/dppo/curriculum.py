@@ -21,6 +21,9 @@ pairs the penalty acts on), the mean y_gen length, the training's last loss and 
 ``RUN/model`` is the last round's model. Interrupted anywhere, ``--resume`` continues: finished
 stages are reused (generation resumes per batch, shards prepared from a complete y_gen file are
 kept, training resumes from its last checkpoint).
+
+``pairs="judge"`` (``--pairs judge``) makes the rounds online instead: the pairs are the policy's
+own samples, scored by a judge and paired best against worst (``dppo.online``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = ["CurriculumConfig", "curriculum", "round_prompts"]
 
 ROUND_REFS = ("init", "previous")
 METHODS = ("minll", "unll", "conll")
+PAIRS = ("data", "judge")
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,23 @@ class CurriculumConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    pairs: str = "data"  # "judge": online rounds (dppo.online), configured by `online`
+    online: Any = None  # dppo.online.OnlineConfig
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", DataSource.of(self.data))
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
-        if self.method not in METHODS:
+        if self.pairs not in PAIRS:
+            raise ConfigError(f"--pairs must be data or judge, got {self.pairs!r}")
+        if self.pairs == "judge":
+            if self.online is None:
+                raise ConfigError("--pairs judge needs --judge (a judge dppo eval takes)")
+            if self.pairs_per_round is not None:
+                raise ConfigError("--pairs judge makes its own pairs: use --prompts-per-round, not --pairs-per-round")
+        elif self.online is not None:
+            raise ConfigError("--judge, --samples and --prompts-per-round apply to --pairs judge")
+        if self.pairs == "data" and self.method not in METHODS:
             raise ConfigError(f"--method must be one of {'|'.join(METHODS)} (a method that penalizes y_gen), got {self.method!r}")
         if self.round_ref not in ROUND_REFS:
             raise ConfigError(f"--round-ref must be init or previous, got {self.round_ref!r}")
@@ -123,16 +138,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the rounds; returns the contents of ``RUN/curriculum.json``."""
-    from dppo.data import open_shards
-    from dppo.data.prep import PrepConfig, prepare
-    from dppo.generate import load_prompts
-    from dppo.generate.run import DecodeConfig, generate_rows, read_generations
-    from dppo.train import train
-    from dppo.train.config import TrainConfig, load_config
-
-    console = console or Console(stderr=True)
+def _open_record(cfg: CurriculumConfig, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """``RUN/curriculum.json`` as saved (``--resume``) or new, and its path; refuses a folder
+    that holds another curriculum."""
     out = Path(cfg.out)
     record_path = out / "curriculum.json"
     if out.exists() and any(out.iterdir()):
@@ -144,13 +152,45 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
     options = {"rounds": cfg.rounds, "method": cfg.method, "data": cfg.data.data, "tokenizer": cfg.tokenizer,
                "init": cfg.init, "pairs_per_round": cfg.pairs_per_round, "round_ref": cfg.round_ref,
                "max_len": cfg.max_len, "seed": cfg.seed, "train": cfg.train,
-               "decode": config_record(cfg.decode) if cfg.decode is not None else None}
+               "decode": config_record(cfg.decode) if cfg.decode is not None else None,
+               **({"pairs": cfg.pairs} if cfg.pairs != "data" else {}), **(extra or {})}
     record: dict[str, Any] = {"format": "dppo-curriculum", "options": options, "rounds": []}
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         if saved.get("options") != json.loads(json.dumps(options, default=str)):
             raise ConfigError(f"--resume: the curriculum in {out} was started with other options; start a new --out")
         record = saved
+    return record, record_path
+
+
+def _finish(cfg: CurriculumConfig, record: dict[str, Any], record_path: Path) -> None:
+    """``RUN/model``: the last round's model (hard links where the file system allows)."""
+    out = Path(cfg.out)
+    last = out / f"round_{cfg.rounds}" / "model"
+    with atomic_folder(out / "model") as work:
+        for f in last.iterdir():
+            if f.is_file():
+                _link_or_copy(f, work / f.name)
+    record["model"] = str(out / "model")
+    write_json(record_path, record)
+
+
+def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the rounds; returns the contents of ``RUN/curriculum.json``."""
+    from dppo.data import open_shards
+    from dppo.data.prep import PrepConfig, prepare
+    from dppo.generate import load_prompts
+    from dppo.generate.run import DecodeConfig, generate_rows, read_generations
+    from dppo.train import train
+    from dppo.train.config import TrainConfig, load_config
+
+    if cfg.pairs == "judge":
+        from dppo.online import online_rounds
+
+        return online_rounds(cfg, console=console, show_progress=show_progress)
+    console = console or Console(stderr=True)
+    out = Path(cfg.out)
+    record, record_path = _open_record(cfg)
     # the train options are checked once, before any generation (one line for a bad option)
     load_config(None, method=cfg.method, data="-", init=cfg.init, out="-", **cfg.train)
     decode = cfg.decode or DecodeConfig()
@@ -217,13 +257,6 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
                       f"{summary['mean_ygen_tokens'] or 0:.1f} tokens, final loss {summary['final_loss']:.4f}", highlight=False)
         policy = rdir / "model"
 
-    # RUN/model: the last round's model (hard links where the file system allows)
-    last = out / f"round_{cfg.rounds}" / "model"
-    with atomic_folder(out / "model") as work:
-        for f in last.iterdir():
-            if f.is_file():
-                _link_or_copy(f, work / f.name)
-    record["model"] = str(out / "model")
-    write_json(record_path, record)
+    _finish(cfg, record, record_path)
     return record
 

@@ -42,6 +42,7 @@ class PrepConfig:
     tokenizer: str
     out: Path
     ygen: Path | None = None
+    pair_ids: Path | None = None  # a parquet file of prompt_id, chosen_ids, rejected_ids (generated ids)
     max_len: int | None = None  # None: the `percentile` of full-sequence lengths
     percentile: float = 95.0
     max_prompt_len: int | None = None
@@ -100,6 +101,31 @@ def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tupl
     return table.select(["prompt_id", "response", "response_ids"]), "ids"
 
 
+def _read_pair_ids(path: Path, tokenizer_fingerprint: str, console: Console) -> tuple[Any, str]:
+    """The generated ids of pairs' responses (``prompt_id``, ``chosen_ids``, ``rejected_ids``), as
+    ``dppo curriculum --pairs judge`` writes them in ``pairs.parquet``, and whether the engine will
+    use them: only when the file's meta names the preparation's tokenizer (else the responses are
+    tokenized from their text, and a note says why)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise SourceError(f"{path}: no such pair-ids file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise SourceError(f"{path}: cannot read the pair ids: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [c for c in ("prompt_id", "chosen_ids", "rejected_ids") if c not in table.column_names]
+    if missing:
+        raise SourceError(f"{path}: pair-ids file lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
+    made_with = (read_json(meta_path_of(path)).get("tokenizer") or {}).get("fingerprint")
+    if made_with != tokenizer_fingerprint:
+        why = "its meta names no tokenizer" if made_with is None else f"it was generated with another tokenizer ({made_with})"
+        console.print(f"[yellow]note:[/] {path}: chosen_ids/rejected_ids not used ({why}; this preparation's tokenizer is "
+                      f"{tokenizer_fingerprint}): the responses are tokenized from their text", highlight=False)
+        return None, "text"
+    return table.select(["prompt_id", "chosen_ids", "rejected_ids"]), "ids"
+
+
 def _summary_table(title: str, s: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("what", style="bold")
@@ -126,6 +152,10 @@ def _summary_table(title: str, s: dict[str, Any]) -> Table:
         y = s["ygen"]
         t.add_row("y_gen", f"{y['responses']:,} responses: {y['from_ids']:,} as generated ids, {y['from_text']:,} tokenized from text"
                   + (f", {y['bad_rows']:,} unusable rows" if y["bad_rows"] else ""))
+    if s.get("pair_ids"):
+        p = s["pair_ids"]
+        t.add_row("pair ids", f"{p['from_ids']:,} pairs as generated ids, {p['from_text']:,} tokenized from text"
+                  + (f", {p['bad_rows']:,} unusable rows" if p["bad_rows"] else ""))
     t.add_row("speed", f"{s['rows_per_s']:,.0f} rows/s, {s['tokens_per_s']:,.0f} tokens/s ({s['seconds']:.1f} s)")
     return t
 
@@ -156,6 +186,15 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
             table, used = _read_ygen(Path(cfg.ygen), tokenizer_fingerprint(tok_dir), console)
             prep.add_ygen(table)
             ygen_desc = {"path": str(Path(cfg.ygen).resolve()), "blake2b": file_fingerprint(Path(cfg.ygen)), "used": used}
+        pair_ids_desc = None
+        if cfg.pair_ids is not None:
+            if cfg.kind != "prefs":
+                raise SourceError("pair ids apply to preference data (dppo prep prefs)")
+            table, used = _read_pair_ids(Path(cfg.pair_ids), tokenizer_fingerprint(tok_dir), console)
+            if table is not None:
+                prep.add_pair_ids(table)
+            pair_ids_desc = {"path": str(Path(cfg.pair_ids).resolve()), "blake2b": file_fingerprint(Path(cfg.pair_ids)),
+                             "used": used}
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
@@ -174,6 +213,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
                 "source": source.description,
                 "tokenizer_source": str(cfg.tokenizer),
                 "ygen_source": ygen_desc,
+                **({"pair_ids_source": pair_ids_desc} if pair_ids_desc is not None else {}),
                 "config": {k: v for k, v in config_record(cfg).items() if k != "extra_meta"},
                 **cfg.extra_meta,
             }

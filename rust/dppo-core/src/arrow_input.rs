@@ -12,7 +12,7 @@ use arrow_array::{
 use arrow_schema::DataType;
 
 use crate::error::{PrepError, Result};
-use crate::prep::YgenRow;
+use crate::prep::{PairIdsRow, YgenRow};
 use crate::record::{RawMessage, RawMessages, RawPairRow, RawSftRow, RawStr};
 
 /// A column read as strings, whatever its physical string type.
@@ -334,6 +334,21 @@ pub fn ygen_rows(batch: &RecordBatch) -> Result<Vec<Option<YgenRow>>> {
                 let ids = ids.as_ref().and_then(|col| col[i].clone());
                 Some(YgenRow { prompt_id: p, response: r, ids })
             }
+            _ => None,
+        })
+        .collect())
+}
+
+/// `(prompt_id, chosen_ids, rejected_ids)` rows: the generated ids of pairs' responses. Rows
+/// with a null in any of them are returned as None (counted by the caller).
+pub fn pair_id_rows(batch: &RecordBatch) -> Result<Vec<Option<PairIdsRow>>> {
+    let what = "pair ids: prompt_id, chosen_ids, rejected_ids";
+    let pid = StrCol::new(Some(require(batch, "prompt_id", what)?));
+    let chosen = id_lists(require(batch, "chosen_ids", what)?)?;
+    let rejected = id_lists(require(batch, "rejected_ids", what)?)?;
+    Ok((0..batch.num_rows())
+        .map(|i| match (pid.get_id(i), &chosen[i], &rejected[i]) {
+            (RawStr::Str(p), Some(c), Some(r)) => Some(PairIdsRow { prompt_id: p, chosen: c.clone(), rejected: r.clone() }),
             _ => None,
         })
         .collect())

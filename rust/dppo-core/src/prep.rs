@@ -121,6 +121,15 @@ struct YgenEntry {
     ids: Option<Vec<u32>>,
 }
 
+/// A pair's responses as the ids a policy generated (stop token excluded), joined to the pair by
+/// `prompt_id`: what online rounds train on, never a re-tokenization of their text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairIdsRow {
+    pub prompt_id: String,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
 /// A response to tokenize: text rendered by the template, or ids used as they are.
 #[derive(Clone, Copy)]
 enum Reply<'a> {
@@ -142,6 +151,8 @@ struct Encoded {
     frame_fallback: bool,
     /// y_gen came from generated ids (Some(true)) or was tokenized from text (Some(false)).
     ygen_from_ids: Option<bool>,
+    /// chosen and rejected came from generated ids (Some(true)) or from text (Some(false)).
+    pair_from_ids: Option<bool>,
     scores: [f32; 2],
 }
 
@@ -159,6 +170,10 @@ struct Counts {
     ygen_duplicates: u64,
     ygen_from_ids: u64,
     ygen_from_text: u64,
+    pair_ids_bad_rows: u64,
+    pair_ids_duplicates: u64,
+    pair_ids_from_ids: u64,
+    pair_ids_from_text: u64,
 }
 
 /// Renders conversations with a chat template and tokenizes them: the prompt once, each response
@@ -283,6 +298,7 @@ impl Encoder {
             resplit,
             frame_fallback,
             ygen_from_ids: None,
+            pair_from_ids: None,
             scores: [f32::NAN; 2],
         })
     }
@@ -329,6 +345,7 @@ pub struct Preparer {
     hist: Vec<u64>,
     counts: Counts,
     ygen: Option<HashMap<String, YgenEntry>>,
+    pair_ids: Option<HashMap<String, (Vec<u32>, Vec<u32>)>>,
     started: Instant,
 }
 
@@ -375,6 +392,7 @@ impl Preparer {
             hist: Vec::new(),
             counts: Counts::default(),
             ygen: None,
+            pair_ids: None,
             started: Instant::now(),
         })
     }
@@ -402,6 +420,27 @@ impl Preparer {
         }
     }
 
+    /// Register generated ids for the chosen and rejected responses of pairs, by `prompt_id`
+    /// (`None` entries are unusable rows; ids outside the vocabulary make a row unusable too).
+    /// A pair whose prompt_id has ids here stores them, framed as y_gen's ids are; the others are
+    /// tokenized from their text (both counted).
+    pub fn add_pair_ids(&mut self, rows: Vec<Option<PairIdsRow>>) {
+        let vocab = self.enc.tok.vocab_size() as u32;
+        let map = self.pair_ids.get_or_insert_with(HashMap::new);
+        for r in rows {
+            match r {
+                Some(r) if !r.chosen.iter().chain(&r.rejected).any(|&t| t >= vocab) => {
+                    if map.contains_key(&r.prompt_id) {
+                        self.counts.pair_ids_duplicates += 1;
+                    } else {
+                        map.insert(r.prompt_id, (r.chosen, r.rejected));
+                    }
+                }
+                _ => self.counts.pair_ids_bad_rows += 1,
+            }
+        }
+    }
+
     pub fn has_ygen(&self) -> bool {
         self.ygen.is_some()
     }
@@ -419,7 +458,11 @@ impl Preparer {
     fn encode_pair(&self, row: &RawPairRow) -> std::result::Result<Encoded, Skip> {
         let (id, prompt, chosen, rejected) = pair(row)?;
         let ygen_msg;
-        let mut responses = vec![(SegKind::Chosen, Reply::Text(&chosen)), (SegKind::Rejected, Reply::Text(&rejected))];
+        let generated = self.pair_ids.as_ref().map(|m| m.get(&id));
+        let mut responses = match generated {
+            Some(Some((c, r))) => vec![(SegKind::Chosen, Reply::Ids(c)), (SegKind::Rejected, Reply::Ids(r))],
+            _ => vec![(SegKind::Chosen, Reply::Text(&chosen)), (SegKind::Rejected, Reply::Text(&rejected))],
+        };
         let mut ygen_from_ids = None;
         if let Some(map) = &self.ygen {
             let y = map.get(&id).ok_or(Skip::MissingYgen)?;
@@ -437,6 +480,7 @@ impl Preparer {
         ex.row = row.row;
         ex.id = id;
         ex.ygen_from_ids = ygen_from_ids;
+        ex.pair_from_ids = generated.map(|g| g.is_some());
         ex.scores = [score(row.score_chosen), score(row.score_rejected)];
         Ok(ex)
     }
@@ -486,6 +530,11 @@ impl Preparer {
                     match ex.ygen_from_ids {
                         Some(true) => self.counts.ygen_from_ids += 1,
                         Some(false) => self.counts.ygen_from_text += 1,
+                        None => {}
+                    }
+                    match ex.pair_from_ids {
+                        Some(true) => self.counts.pair_ids_from_ids += 1,
+                        Some(false) => self.counts.pair_ids_from_text += 1,
                         None => {}
                     }
                     for (kind, ids) in &ex.responses {
@@ -685,6 +734,10 @@ impl Preparer {
             "ygen": self.ygen.as_ref().map(|m| json!({
                 "responses": m.len(), "bad_rows": c.ygen_bad_rows, "bad_ids": c.ygen_bad_ids,
                 "duplicates": c.ygen_duplicates, "from_ids": c.ygen_from_ids, "from_text": c.ygen_from_text,
+            })),
+            "pair_ids": self.pair_ids.as_ref().map(|m| json!({
+                "pairs": m.len(), "bad_rows": c.pair_ids_bad_rows, "duplicates": c.pair_ids_duplicates,
+                "from_ids": c.pair_ids_from_ids, "from_text": c.pair_ids_from_text,
             })),
             "seconds": elapsed,
             "rows_per_s": c.rows_in as f64 / elapsed.max(1e-9),

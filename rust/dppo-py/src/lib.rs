@@ -276,6 +276,20 @@ impl Preparer {
         .map_err(err)
     }
 
+    /// Register the generated ids of pairs' chosen and rejected responses from an Arrow table with
+    /// `prompt_id`, `chosen_ids` and `rejected_ids`; those pairs store these ids as they are.
+    fn add_pair_ids(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let batches = record_batches(data)?;
+        let prep = self.live()?;
+        py.detach(|| -> Result<(), PrepError> {
+            for b in &batches {
+                prep.add_pair_ids(arrow_input::pair_id_rows(b)?);
+            }
+            Ok(())
+        })
+        .map_err(err)
+    }
+
     /// Truncate, pack and write the shards; returns the summary as JSON text.
     /// `progress(done, total)` is called from time to time.
     #[pyo3(signature = (extra_meta_json="{}", progress=None))]
