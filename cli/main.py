@@ -66,24 +66,35 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
 
 
+def print_error(message: str, *, label: str = "error:", style: str = "bold red") -> None:
+    """One line on stderr: ``label`` in ``style``, then ``message`` as plain text. The message is never
+    read as rich markup, so paths, values and library messages with brackets (``/tmp/[red]a.jsonl``,
+    gloo's ``[/__w/pytorch/.../pair.cc:545]``) are shown exactly as they are."""
+    from rich.text import Text
+
+    err_console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: F) -> F:
     """Turn the library's user-facing errors into one line on stderr and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
-        from dppo.errors import USER_ERRORS
+        from dppo.errors import USER_ERRORS, storage_error_line
 
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            err_console.print(f"[bold red]error:[/] {_rank()}{e}", highlight=False, soft_wrap=True)
+            print_error(f"{_rank()}{e}")
             raise typer.Exit(1) from None
-        except RuntimeError as e:  # a collective that failed because another rank died or hung
-            if not _lost_a_rank(e):
+        except Exception as e:  # a folder that cannot be written, or a rank of the job that was lost
+            line = storage_error_line(e)  # read-only, full, not permitted (also when a library wrapped it)
+            if line is None and isinstance(e, RuntimeError) and _lost_a_rank(e):  # a collective that failed
+                first = str(e).strip().splitlines()[0][:300]
+                line = f"lost contact with another rank of the job ({first}); torchrun names the rank that failed"
+            if line is None:
                 raise
-            first = str(e).strip().splitlines()[0][:300]
-            err_console.print(f"[bold red]error:[/] {_rank()}lost contact with another rank of the job ({first}); "
-                              "torchrun names the rank that failed", highlight=False, soft_wrap=True)
+            print_error(f"{_rank()}{line}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -235,7 +246,9 @@ def plot_cmd(
     from dppo.train.plots import plot_runs
 
     paths = plot_runs(runs, out)
-    err_console.print(f"{len(paths)} figures in {paths[0].parent}/: " + ", ".join(p.name for p in paths), highlight=False)
+    from rich.text import Text
+
+    err_console.print(Text(f"{len(paths)} figures in {paths[0].parent}/: " + ", ".join(p.name for p in paths)), highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -8,7 +8,7 @@ from dppo.engine import DppoError, InputError, ShardError, StorageError, Tokeniz
 
 __all__ = [
     "DppoError", "InputError", "ShardError", "TokenizerError", "StorageError",
-    "SourceError", "ConfigError", "EvaluationError", "USER_ERRORS",
+    "SourceError", "ConfigError", "EvaluationError", "USER_ERRORS", "storage_error_line",
 ]
 
 
@@ -25,3 +25,39 @@ class EvaluationError(RuntimeError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (DppoError, SourceError, ConfigError, EvaluationError, FileNotFoundError)
+
+
+_STORAGE_CAUSES = {
+    "EROFS": "the file system is read-only",
+    "ENOSPC": "no space left on the device",
+    "EDQUOT": "the disk quota is exceeded",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+}
+
+
+def storage_error_line(error: BaseException) -> str | None:
+    """One line for an error that means an output folder cannot be written (read-only, full, no
+    permission): the folder, the file and the cause. ``None`` for any other error. Looks through the
+    error's causes, so an ``OSError`` wrapped by a library (a checkpoint writer, an image encoder)
+    is found too."""
+    import errno
+    from pathlib import Path
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            name = errno.errorcode.get(e.errno, "")
+            if name in _STORAGE_CAUSES:
+                cause = _STORAGE_CAUSES[name]
+                target = e.filename
+                if target is None:
+                    return f"cannot write the output: {cause}"
+                path = Path(str(target) if not isinstance(target, bytes) else target.decode(errors="replace"))
+                folder = path if path.is_dir() else path.parent
+                advice = "free some space and run it again" if name in ("ENOSPC", "EDQUOT") else "choose another output folder"
+                return f"cannot write in {folder} ({path.name}): {cause}; {advice}"
+        e = e.__cause__ or e.__context__
+    return None

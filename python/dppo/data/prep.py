@@ -16,6 +16,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from dppo.console import esc, note, print_table
 
 from dppo import engine
 from dppo.artifacts import config_record, file_fingerprint, meta_path_of, read_json, resolve_tokenizer, tokenizer_fingerprint
@@ -87,16 +88,13 @@ def _read_ygen(path: Path, tokenizer_fingerprint: str, console: Console) -> tupl
     if missing:
         raise SourceError(f"{path}: y_gen file lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
     if "response_ids" not in table.column_names:
-        console.print(f"[yellow]note:[/] {path} has no response_ids: y_gen is tokenized from its text", highlight=False)
+        note(console, f"{path} has no response_ids: y_gen is tokenized from its text")
         return table.select(["prompt_id", "response"]), "text"
     made_with = (read_json(meta_path_of(path)).get("tokenizer") or {}).get("fingerprint")
     if made_with != tokenizer_fingerprint:
         why = "its meta names no tokenizer" if made_with is None else f"it was generated with another tokenizer ({made_with})"
-        console.print(
-            f"[yellow]note:[/] {path}: response_ids not used ({why}; this preparation's tokenizer is "
-            f"{tokenizer_fingerprint}): y_gen is tokenized from its text",
-            highlight=False,
-        )
+        note(console, f"{path}: response_ids not used ({why}; this preparation's tokenizer is "
+                      f"{tokenizer_fingerprint}): y_gen is tokenized from its text")
         return table.select(["prompt_id", "response"]), "text"
     return table.select(["prompt_id", "response", "response_ids"]), "ids"
 
@@ -222,7 +220,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         prep.abort()
         raise
     if show_progress:
-        console.print(_summary_table(f"{cfg.kind} -> {cfg.out}", summary))
+        print_table(console, _summary_table(esc(f"{cfg.kind} -> {cfg.out}"), summary))
     return summary
 
 

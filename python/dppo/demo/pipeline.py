@@ -39,6 +39,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from dppo.console import esc, print_table
 
 __all__ = ["FULL", "PAPER", "QUICK", "DemoSettings", "make_init_model", "run_demo", "sft_config"]
 
@@ -354,14 +355,14 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     stage_seconds = {name: stage_seconds[name] for name, _, _ in plan.stages if name in stage_seconds}
     results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds, reused)
     if show_progress:
-        console.print(_table(results))
+        print_table(console, _table(results))
         diag = results.get("diagnostics") or {}
         if "sft_prefers_rejected" in diag:
             console.print(f"Before any preference method, the SFT model prefers the rejected answer on "
                           f"{diag['sft_prefers_rejected']:.1%} of the training pairs (where unll's and conll's penalties "
                           "act).", highlight=False)
-        console.print(f"{results['seconds']:.0f} s. Results: {out}/results.md, results.json, fig_alpha.png, "
-                      f"fig_data_efficiency.png, fig_reward_diff.png; every stage's messages: {out}/demo.log",
+        console.print(f"{results['seconds']:.0f} s. Results: {esc(out)}/results.md, results.json, fig_alpha.png, "
+                      f"fig_data_efficiency.png, fig_reward_diff.png; every stage's messages: {esc(out)}/demo.log",
                       highlight=False)
     return results
 
@@ -584,7 +585,7 @@ def _table(r: dict[str, Any]) -> Table:
     for col in ("method", "win rate", "+-", "LC", "strict", "judge score", "tokens", "pairs/s", "paper"):
         t.add_column(col, justify="left" if col == "method" else "right")
     for row in r["table"]:
-        t.add_row(row["method"], _fmt(row["win_rate"]), _fmt(row["se"]), _fmt(row.get("lc_win_rate")), _fmt(row["strict_win_rate"]),
+        t.add_row(esc(row["method"]), _fmt(row["win_rate"]), _fmt(row["se"]), _fmt(row.get("lc_win_rate")), _fmt(row["strict_win_rate"]),
                   _fmt(row["mean_judge_score"], 2), _fmt(row.get("mean_response_tokens"), 1), _fmt(row["train_pairs_per_s"], 1),
                   _fmt(row["paper_win_rate"]))
     return t

@@ -49,6 +49,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from dppo.console import esc, print_table
 
 from dppo.artifacts import config_record, model_tokenizer_dir, resolve_device, resolve_dtype, resolve_model, write_atomic, write_json
 from dppo.data.sources import DataSource
@@ -345,17 +346,17 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
         )
     barrier(dist)
     if show_progress:
-        console.print(_rich_table(results))
+        print_table(console, _rich_table(results))
         for name, errs in results["judge_errors"].items():
             ids = ", ".join(pid[:16] + ("…" if len(pid) > 16 else "") for pid in list(errs)[:5]) + (", ..." if len(errs) > 5 else "")
             first = next(iter(errs.values()))
             console.print(
-                f"[yellow]{name}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {ids}; e.g. {first})",
+                f"[yellow]{esc(name)}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {esc(ids)}; e.g. {esc(first)})",
                 highlight=False,
             )
         j = results["judge"]
-        console.print(f"judge {cfg.judge}: {len(items):,} answers, {j['retries']:,} retries, {j['failures']:,} failures", highlight=False)
-        console.print(f"results in {out}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
+        console.print(f"judge {esc(cfg.judge)}: {len(items):,} answers, {j['retries']:,} retries, {j['failures']:,} failures", highlight=False)
+        console.print(f"results in {esc(out)}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
     unscored = [row["model"] for row in table if row["n"] == 0]
     if unscored:
         first = next((e for errs in errors.values() for e in errs.values()), "no answer to judge")
@@ -427,12 +428,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 def _rich_table(results: Mapping[str, Any]) -> Table:
     """The console's narrower table (results.md has every column)."""
-    t = Table(title=f"win rate against {results['baseline']['model']} (judge {results['judge']['spec']})")
+    t = Table(title=esc(f"win rate against {results['baseline']['model']} (judge {results['judge']['spec']})"))
     for h in ("model", "n", "win rate ± se", "LC ± se", "W / L / T", "strict", "reward (baseline)", "tokens", "failures"):
         t.add_column(h, justify="left" if h == "model" else "right")
     for r in results["models"]:
         t.add_row(
-            r["model"],
+            esc(r["model"]),
             str(r["n"]),
             f"{_fmt(r['win_rate'])} ± {_fmt(r['se'])}",
             f"{_fmt(r.get('lc_win_rate'))} ± {_fmt(r.get('lc_se'))}",

@@ -71,6 +71,7 @@ from dppo.artifacts import (
     write_atomic,
     write_json,
 )
+from dppo.console import esc, print_table
 from dppo.data.sources import DataSource
 from dppo.errors import ConfigError
 from dppo.generate.decoding import ENGINES, SamplingConfig
@@ -623,7 +624,7 @@ def _decode_share(run: _Run, rows: Sequence[PromptRow], plan: _Plan, dist: Any, 
 @contextlib.contextmanager
 def _progress(console: Console, show: bool, label: str) -> Iterator[tuple[Progress, Any, Any]]:
     """A progress bar of prompts with the tokens-per-second rate, and the callback that feeds it."""
-    progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+    progress = Progress(TextColumn(f"[bold]{esc(label)}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not show)
     t0, made = time.perf_counter(), [0]
@@ -633,7 +634,7 @@ def _progress(console: Console, show: bool, label: str) -> Iterator[tuple[Progre
         progress.update(task, rate=f"{made[0] / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
     with progress:
-        task = progress.add_task(label, total=None, rate="")
+        task = progress.add_task(esc(label), total=None, rate="")
         yield progress, task, on_tokens
 
 
@@ -699,11 +700,11 @@ def _merge_parts(run: _Run, rows: Sequence[PromptRow], engine: str | None, extra
 
 def _report(console: Console, summary: dict[str, Any], table: bool, label: str) -> None:
     if table:
-        console.print(_summary_table(summary))
+        print_table(console, _summary_table(summary))
         return
     speed = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary.get("tokens_per_s") else ""
     console.print(
-        f"{label}: {summary['generated']:,} new responses ({summary['already_done']:,} cached), "
+        f"{esc(label)}: {summary['generated']:,} new responses ({summary['already_done']:,} cached), "
         f"{summary['generated_tokens']:,} tokens{speed}",
         highlight=False,
     )
@@ -752,7 +753,7 @@ def _merge(table: Any, order: Sequence[str]) -> Any:
 
 def _summary_table(s: dict[str, Any]) -> Table:
     t = Table(title="generate", show_header=False, box=None, pad_edge=False)
-    t.add_row("output", s["out"])
+    t.add_row("output", esc(s["out"]))
     t.add_row("prompts", f"{s['prompts']:,} ({s['already_done']:,} already done)")
     t.add_row("generated", f"{s['generated']:,} responses, {s['generated_tokens']:,} tokens")
     if s.get("tokens_per_s"):

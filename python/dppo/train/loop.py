@@ -70,6 +70,7 @@ from dppo.artifacts import (
 from dppo.data import Shards, open_shards
 from dppo.distributed import Dist, all_reduce_max, all_reduce_sum, barrier, launched, on_main
 from dppo.distributed import setup as setup_distributed
+from dppo.console import esc, note
 from dppo.errors import ConfigError
 from dppo.modeling import check_packed_forward, enable_activation_checkpointing, load_model
 from dppo.train.lora import apply_lora, merge_adapter, save_adapter
@@ -184,7 +185,7 @@ def _setup(cfg: TrainConfig, console: Console | None) -> _Run:
         if objective.needs_ygen and not eval_shards.has_ygen:
             eval_cfg = ygen_free(loss_cfg)  # what the method's entry evaluates without y_gen
             eval_objective = LOSSES[eval_cfg.method]
-            console.print(f"[yellow]note:[/] {cfg.eval_data} has no y_gen: evaluating the {eval_cfg.method} loss and rewards only")
+            note(console, f"{cfg.eval_data} has no y_gen: evaluating the {eval_cfg.method} loss and rewards only")
         _check_shards(cfg, eval_objective, eval_shards, "--eval-data", ygen_required=False)
     n_eval = min(len(eval_shards), cfg.eval_samples or len(eval_shards)) if eval_shards is not None else 0
     init_dir = resolve_model(cfg.init)
@@ -207,7 +208,7 @@ def _load_policy(run: _Run) -> tuple[torch.nn.Module, Any]:
     lm = load_model(run.init_dir, dtype=base_dtype, device=run.device)  # eval mode: no dropout, as TRL does
     family_note = check_packed_forward(lm)  # a model whose packed rows would leak fails here, in one line
     if family_note and run.dist.main:
-        run.console.print(f"[yellow]note:[/] {family_note}", highlight=False)
+        note(run.console, family_note)
     adapter = None
     if cfg.lora_r:  # FSDP2 shards the frozen base and the adapters alike; DDP reduces the adapters' gradients
         adapter = apply_lora(cfg, lm, base=_base_name(cfg.init, run.init_dir))
@@ -281,7 +282,7 @@ def _restore(run: _Run, policy: _Policy, resume_from: Path | None) -> int:
         state = load_checkpoint(resume_from, policy.module, policy.optimizer, verify=False, dist=run.dist,
                                 trainable_only=policy.adapter is not None)
         step = int(state["step"])
-        run.console.print(f"resumed from {resume_from} (step {step} of {run.order.total_steps}, "
+        run.console.print(f"resumed from {esc(resume_from)} (step {step} of {run.order.total_steps}, "
                           f"written by {state.get('world_size', 1)} rank(s), read by {run.dist.world})")
     if run.dist.main:
         _truncate_metrics(run.out / "metrics.jsonl", step)
@@ -296,7 +297,7 @@ def _run_steps(run: _Run, policy: _Policy, step: int) -> None:
     progress = _progress_bar(run.console, enabled=bar_on)
     reporter = Reporter(run.out, cfg.report_to, enabled=dist.main, config=cfg.to_dict())
     with progress, reporter:
-        task = progress.add_task(cfg.method, total=order.total_steps, completed=step, loss="-", speed="-")
+        task = progress.add_task(esc(cfg.method), total=order.total_steps, completed=step, loss="-", speed="-")
         while step < order.total_steps:
             record = _train_step(run, policy, step, meter)
             step = record["step"]
@@ -420,7 +421,7 @@ def _save(run: _Run, policy: _Policy, ref_seconds: float) -> Path:
                                 run.dist)
     run.console.print(
         f"[green]done:[/] {run.order.total_steps} steps in {time.perf_counter() - run.t_start:.1f} s "
-        f"(reference pass {ref_seconds:.1f} s; {run.dist.world} rank(s), {run.parallel}); model in {model_dir}",
+        f"(reference pass {ref_seconds:.1f} s; {run.dist.world} rank(s), {run.parallel}); model in {esc(model_dir)}",
         highlight=False,
     )
     barrier(run.dist)
@@ -694,7 +695,7 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
                 raise ConfigError(f"--resume: the run in {run} was started with other options ({changes})")
         ckpt = latest_checkpoint(run)
         if ckpt is None:
-            console.print(f"[yellow]note:[/] no checkpoint in {run}; starting from step 0")
+            note(console, f"no checkpoint in {run}; starting from step 0")
         else:
             read_state(ckpt)  # verify it now, before the reference pass: a damaged checkpoint fails fast
         return ckpt
@@ -702,8 +703,7 @@ def _prepare_run(cfg: TrainConfig, run: Path, console: Console) -> Path | None:
         if not cfg.overwrite and _did_a_step(run):
             raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
         if not cfg.overwrite:  # a run that failed before its first step left nothing worth keeping
-            console.print(f"[yellow]note:[/] {run} holds a run that ended before its first step; starting it again",
-                          highlight=False)
+            note(console, f"{run} holds a run that ended before its first step; starting it again")
         for p in markers:
             if p.is_dir():
                 shutil.rmtree(p)
@@ -777,14 +777,14 @@ def _score_with_progress(run: _Run, budget: int, shards: Shards, ids: np.ndarray
     cfg, console, dist = run.cfg, run.console, run.dist
     progress = _progress_bar(console, enabled=cfg.progress and console.is_terminal and dist.main, rate=False)
     with progress:
-        task = progress.add_task(f"reference log-probs ({what})", total=None, loss="", speed="")
+        task = progress.add_task(esc(f"reference log-probs ({what})"), total=None, loss="", speed="")
         result = reference_logps(
             run.ref_dir, shards, ids, load=load, need_ygen=need_ygen, precision=run.precision, autocast=run.autocast,
             batch_tokens=budget, fallback_dir=run.out / "refcache", dist=dist, lockstep=run.lockstep,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     status = "reused" if result.hit else "computed"
-    console.print(f"reference log-probs ({what}, {len(ids)} pairs) {status}: {result.cache_dir}", highlight=False)
+    console.print(f"reference log-probs ({what}, {len(ids)} pairs) {status}: {esc(result.cache_dir)}", highlight=False)
     return result
 
 

@@ -181,6 +181,7 @@ def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> Memor
     is trained."""
     from rich.console import Console
     from rich.table import Table
+    from dppo.console import esc, print_table
 
     console = console or Console()
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
@@ -203,13 +204,13 @@ def print_plan(cfg: Any, console: Any = None, world: int | None = None) -> Memor
                        optimizer=cfg.optimizer, chunk_size=cfg.chunk_size, keep_probs_bytes=cfg.keep_probs_mb << 20,
                        checkpointing=cfg.gradient_checkpointing, lora_params=lora,
                        base_bytes=2 if cfg.lora_r and precision == "bf16" else 4)
-    t = Table(title=f"memory per rank: {cfg.init} ({_count(shape.params)} parameters), {world} rank(s), "
-                    f"{parallel}, {precision}", title_justify="left")
+    t = Table(title=esc(f"memory per rank: {cfg.init} ({_count(shape.params)} parameters), {world} rank(s), "
+                    f"{parallel}, {precision}"), title_justify="left")
     t.add_column("what")
     t.add_column("per rank", justify="right")
     for what, size in plan.table():
         t.add_row(what, size)
-    console.print(t)
+    print_table(console, t)
     if not cfg.max_tokens_per_batch:
         console.print("activations at 16,384 tokens per micro-batch: pass --max-tokens-per-batch to plan another budget")
     print(json.dumps({"plan": {**plan.rows, "total": plan.total, "world": world, "parallel": parallel,

@@ -1,0 +1,118 @@
+"""What dppo prints for a person to read: messages, tables and the other libraries' chatter.
+
+- Text that comes from outside (paths, option values, model names, library messages) is never read
+  as rich markup: :func:`esc` escapes it where it is put into a styled string, :func:`note` prints a
+  styled label before a plain message.
+- :func:`print_table` prints a rich table whole when the output is a file or a pipe (no name cut to
+  ``unll+d...`` at 80 columns): as wide as the table needs.
+- :func:`library_output_to` sends the warnings and progress bars that are not dppo's (torch's,
+  transformers', peft's, huggingface_hub's) to a log file instead of the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+__all__ = ["esc", "note", "print_table", "library_output_to", "LIBRARY_LOGGERS"]
+
+
+def esc(value: object) -> str:
+    """``value`` as text that rich shows as it is (``[red]`` stays ``[red]``)."""
+    return escape(str(value))
+
+
+def note(console: Console, message: str, *, label: str = "note:", style: str = "yellow") -> None:
+    """``label`` in ``style``, then ``message`` exactly as given (no markup, no highlighting)."""
+    console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
+
+def print_table(console: Console, table: Any) -> None:
+    """Print a rich table; on a file or a pipe, as wide as its widest row needs, so that no cell is
+    truncated (a terminal keeps its own width: rich wraps the cells there)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(width=10_000), table).maximum
+    console.print(table, width=max(console.width, width), crop=False)
+
+
+LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "torch", "accelerate", "datasets")
+"""The libraries whose log messages (warnings included) go to the log file."""
+
+
+@contextlib.contextmanager
+def library_output_to(log: IO[str] | str | os.PathLike[str] | None) -> Iterator[None]:
+    """While the block runs: Python warnings (torch's ``torch.distributed is disabled``, peft's and
+    transformers' UserWarnings) and the :data:`LIBRARY_LOGGERS` records are written to ``log`` (an
+    open text file or a path, appended to; ``None``: dropped), and transformers' and
+    huggingface_hub's progress bars ("Loading weights") are off. dppo's own messages are untouched."""
+    own = False
+    stream: IO[str] | None
+    if log is None:
+        stream = None
+    elif isinstance(log, (str, os.PathLike)):
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        own = True
+    else:
+        stream = log
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if stream is not None:
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+            stream.flush()
+
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+    bars = _library_bars_off()
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            for name in LIBRARY_LOGGERS:
+                logger = logging.getLogger(name)
+                saved.append((logger, list(logger.handlers), logger.propagate))
+                logger.handlers = [handler]
+                logger.propagate = False
+            yield
+        finally:
+            for logger, handlers, propagate in saved:
+                logger.handlers = handlers
+                logger.propagate = propagate
+            bars()
+            if own and stream is not None:
+                stream.close()
+
+
+def _library_bars_off() -> Any:
+    """Turn transformers' and huggingface_hub's progress bars off; returns what turns them back on."""
+    undo: list[Any] = []
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            undo.append(hf_logging.enable_progress_bar)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            undo.append(enable_progress_bars)
+    except ImportError:  # pragma: no cover
+        pass
+    return lambda: [f() for f in undo]

@@ -1,0 +1,106 @@
+"""What the command line prints for a person: errors as one verbatim line (brackets in paths, values
+and library messages are text, never rich markup), one line for an output folder that cannot be
+written, the same spelling of the options the commands share, tables that are never cut."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from dppo.cli.main import app
+from dppo.errors import ConfigError, SourceError
+
+BRACKETS = "[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:545] [red]x[/] [bold]"
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(r, *expected: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and "MarkupError" not in r.output, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for text in expected:
+        assert text in lines[0], (text, r.output)
+
+
+# -- paths and values with brackets, through the commands' own checks --------------------------------------------
+
+
+def test_bracketed_paths_are_shown_as_given(tmp_path, tok_dir):
+    odd = tmp_path / "x[/y]" / "a.jsonl"
+    r = _invoke(["prep", "sft", "--data", odd, "--tokenizer", tok_dir, "--out", tmp_path / "o"])
+    _one_error_line(r, str(odd))
+    red = tmp_path / "[red]a.jsonl"
+    r = _invoke(["prep", "prefs", "--data", red, "--tokenizer", tok_dir, "--out", tmp_path / "o"])
+    _one_error_line(r, str(red))
+    r = _invoke(["generate", "--model", tmp_path / "[bold]m", "--data", red, "--out", tmp_path / "g.jsonl"])
+    _one_error_line(r, str(tmp_path / "[bold]m"))
+    r = _invoke(["plot", tmp_path / "[/]run"])
+    _one_error_line(r, str(tmp_path / "[/]run"))
+
+
+def test_a_toml_table_is_named(tmp_path):
+    cfg = tmp_path / "[x]cfg.toml"
+    cfg.write_text("lr = 1e-6\n[loss]\nbeta = 0.1\n")
+    r = _invoke(["train", "--config", cfg, "--method", "dpo", "--data", tmp_path, "--init", tmp_path, "--out", tmp_path / "r"])
+    _one_error_line(r, "tables are not supported ([loss])", str(cfg))
+
+
+# -- a bracketed message from inside the library, through every command --------------------------------------------
+
+COMMANDS = {
+    "prep": ("dppo.data.prep.prepare", ["prep", "sft", "--data", "d.jsonl", "--tokenizer", "t", "--out", "o"]),
+    "prep-defaults": ("dppo.data.prep.prepare_defaults", ["prep", "--out", "o"]),
+    "train": ("dppo.train.train", ["train", "--method", "dpo", "--data", "d", "--init", "m", "--out", "r"]),
+    "generate": ("dppo.generate.generate", ["generate", "--model", "m", "--data", "d", "--out", "g.jsonl"]),
+    "eval": ("dppo.eval.evaluate", ["eval", "m", "--baseline", "b", "--judge", "hf:j", "--data", "d", "--out", "e"]),
+    "curriculum": ("dppo.curriculum.curriculum",
+                   ["curriculum", "--rounds", "1", "--method", "unll", "--data", "d", "--tokenizer", "t", "--init", "m", "--out", "c"]),
+    "plot": ("dppo.train.plots.plot_runs", ["plot", "r"]),
+    "demo": ("dppo.demo.pipeline.run_demo", ["demo", "--out", "o"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("error", [ConfigError, SourceError, FileNotFoundError])
+def test_library_messages_with_brackets(command, error, monkeypatch, tmp_path):
+    target, args = COMMANDS[command]
+    module, name = target.rsplit(".", 1)
+
+    def fail(*a, **k):
+        raise error(f"{tmp_path}/[red]data[/].jsonl: row 3: value '[1, 2]' {BRACKETS}")
+
+    monkeypatch.setattr(f"{module}.{name}", fail)
+    monkeypatch.chdir(tmp_path)
+    r = _invoke(args)
+    _one_error_line(r, f"{tmp_path}/[red]data[/].jsonl: row 3: value '[1, 2]' {BRACKETS}")
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_lost_rank_message_with_brackets(launched, monkeypatch, tmp_path):
+    """gloo's messages name its source file in brackets: rank 0's one line keeps them, under torchrun and
+    under `dppo train --nproc-per-node 2` (whose launcher reports the failed job)."""
+    monkeypatch.chdir(tmp_path)
+    if launched:
+        def launch(nproc, argv):
+            raise ConfigError(f"the job failed: rank 1 (exit code -9, {BRACKETS}); the other ranks were stopped")
+
+        monkeypatch.setattr("dppo.distributed.launch", launch)
+        r = _invoke(["train", "--method", "dpo", "--data", "d", "--init", "m", "--out", "r", "--nproc-per-node", "2"])
+        _one_error_line(r, f"rank 1 (exit code -9, {BRACKETS})")
+        return
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def lost(*a, **k):
+        raise RuntimeError(f"{BRACKETS} Connection closed by peer [127.0.0.1]:29500\nmore lines")
+
+    monkeypatch.setattr("dppo.train.train", lost)
+    r = _invoke(["train", "--method", "dpo", "--data", "d", "--init", "m", "--out", "r"])
+    _one_error_line(r, "rank 0: lost contact with another rank", f"{BRACKETS} Connection closed by peer [127.0.0.1]:29500")
