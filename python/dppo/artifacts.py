@@ -29,7 +29,7 @@ from dppo.errors import ConfigError, SourceError
 
 __all__ = [
     "HubError", "hub_offline", "hub_reachable", "hub_snapshot", "hub_file", "check_hub_access", "first_line",
-    "resolve_model", "resolve_tokenizer", "model_tokenizer_dir", "meta_path_of", "read_json", "copy_tokenizer_files", "TOKENIZER_FILES",
+    "resolve_model", "resolve_tokenizer", "model_tokenizer_dir", "meta_path_of", "read_json", "copy_tokenizer_files", "write_tokenizer_config", "TOKENIZER_FILES",
     "file_fingerprint", "model_fingerprint", "tokenizer_fingerprint", "chat_fingerprint", "WEIGHT_SUFFIXES",
     "config_record", "temp_sibling", "write_atomic", "write_json", "atomic_folder", "normal_permissions",
     "DTYPES", "torch_dtype", "resolve_dtype", "resolve_device",
@@ -164,6 +164,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
     "added_tokens.json",
+    "tokenization_dppo.py",
     "vocab.json",
     "merges.txt",
 )
@@ -198,10 +199,51 @@ def model_tokenizer_dir(model_dir: Path, tokenizer: str | None = None) -> Path:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files of ``src`` (those it has) into ``dst``."""
+    """Copy the tokenizer files of ``src`` (those it has) into ``dst``, with a ``tokenizer_config.json``
+    that makes ``transformers.AutoTokenizer`` load ``tokenizer.json`` as it is (:func:`write_tokenizer_config`)."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    if (dst / "tokenizer.json").is_file():
+        write_tokenizer_config(dst)
+
+
+TOKENIZER_MODULE = "tokenization_dppo.py"
+"""The module ``tokenizer_config.json``'s ``auto_map`` names (used only with ``trust_remote_code=True``)."""
+
+_TOKENIZER_MODULE_TEXT = '''"""The tokenizer of this folder is its tokenizer.json, loaded exactly as saved (written by dppo).
+
+transformers reads this module only with trust_remote_code=True; without it, tokenizer_config.json's
+tokenizer_class (PreTrainedTokenizerFast) loads the same tokenizer.json.
+"""
+
+from transformers import PreTrainedTokenizerFast
+
+
+class TokenizerFromJson(PreTrainedTokenizerFast):
+    """tokenizer.json as saved: its normalizer, pre-tokenizer and post-processor, no class-specific rebuild."""
+'''
+
+
+def write_tokenizer_config(folder: str | os.PathLike[str], base: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/tokenizer_config.json`` (``base``, else the folder's own, with its other keys kept)
+    so that ``AutoTokenizer.from_pretrained(folder)`` gives the ids of ``tokenizer.json``, the ids dppo
+    trained on.
+
+    ``tokenizer_class`` alone does not do it: for a model type transformers 5 lists as having wrong
+    tokenizer classes on the hub (``qwen2``, ``phi3``, ...), ``AutoTokenizer`` takes the model type's
+    class (``Qwen2Tokenizer``), which rebuilds the tokenizer with its own pre-tokenizer (Qwen2 splits
+    digits one by one) whatever ``tokenizer.json`` says. An ``auto_map`` entry is the one thing that
+    skips that rule; without ``trust_remote_code`` transformers then loads ``tokenizer_class``
+    (``PreTrainedTokenizerFast``: ``TokenizersBackend`` in transformers 5, reading ``tokenizer.json`` as
+    it is; the same in transformers 4). With ``trust_remote_code=True`` it imports the ``auto_map``'s
+    class from :data:`TOKENIZER_MODULE`, written beside it: a ``PreTrainedTokenizerFast`` too."""
+    folder = Path(folder)
+    config = dict(base) if base is not None else read_json(folder / "tokenizer_config.json")
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["auto_map"] = {"AutoTokenizer": [None, TOKENIZER_MODULE.removesuffix(".py") + ".TokenizerFromJson"]}
+    write_atomic(folder / TOKENIZER_MODULE, _TOKENIZER_MODULE_TEXT)
+    return write_json(folder / "tokenizer_config.json", config)
 
 
 def meta_path_of(path: Path) -> Path:

@@ -5,7 +5,6 @@ random weights, and small files in the exact schemas of SmolTalk and UltraFeedba
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any, Iterable
@@ -156,7 +155,9 @@ def make_tokenizer(
         "clean_up_tokenization_spaces": False,
         "chat_template": template,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    from dppo.artifacts import write_tokenizer_config
+
+    write_tokenizer_config(out, config)  # what makes transformers' AutoTokenizer load tokenizer.json as it is
     return out
 
 
