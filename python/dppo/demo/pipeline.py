@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -128,14 +127,14 @@ def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
     """Save the demo's randomly initialised Qwen2-architecture model, with the world's tokenizer, to ``init``."""
     from transformers import AutoTokenizer
 
+    from dppo.artifacts import copy_tokenizer_files
     from dppo.synthetic import tiny_qwen2
 
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     model = tiny_qwen2(vocab, hidden=s.hidden, layers=s.layers, heads=s.heads, kv_heads=s.kv_heads,
                        intermediate=s.intermediate, seed=1000)
     model.save_pretrained(init)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, init / f.name)
+    copy_tokenizer_files(Path(tokenizer_dir), init)
 
 
 def sft_config(s: DemoSettings, data: Path, init: Path, run: Path) -> Any:

@@ -93,11 +93,13 @@ def import_peft() -> Any:
 
 def load_adapter_model(path: Any, dtype: Any, device: Any, attn: str = PACKED_ATTN) -> torch.nn.Module:
     """The model an adapter folder stands for: its base (``base_model_name_or_path``) with the
-    adapter merged in (``merge_and_unload``), an ordinary causal LM."""
+    adapter merged in (``merge_and_unload``), an ordinary causal LM: every weight requires gradients
+    again (peft froze the base for the adapter), so full fine-tuning can start from an adapter."""
     from dppo.artifacts import adapter_base, resolve_model
 
     base = load_model(resolve_model(adapter_base(path)), dtype=dtype, device=device, attn=attn)
-    return import_peft().PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+    merged = import_peft().PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return merged.requires_grad_(True).eval()
 
 
 def check_weight_files(folder: str | os.PathLike[str]) -> None:

@@ -45,7 +45,7 @@ def _names(value: str | None) -> list[str] | str | None:
 
 
 def lora_config(cfg: Any, base: str | None = None) -> Any:
-    """The ``peft.LoraConfig`` of a run's options (``base``: the base model's folder or hub id)."""
+    """The ``peft.LoraConfig`` of a run's options (``base``: the base model's folder, absolute, or hub id)."""
     peft = _peft()
     return peft.LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=_names(cfg.lora_targets),
@@ -59,6 +59,8 @@ def apply_lora(cfg: Any, model: torch.nn.Module, base: str | None = None) -> Any
     the ``PeftModel`` around it. The adapters' dropout follows ``--lora-dropout`` even though the model
     stays in eval mode (no other dropout, as without LoRA)."""
     peft = _peft()
+    if base is not None:  # what peft records as the adapter's base: the model's name_or_path (as given, maybe relative)
+        model.name_or_path = base
     try:
         wrapped = peft.get_peft_model(model, lora_config(cfg, base))
     except ValueError as e:  # e.g. a target that matches no module
