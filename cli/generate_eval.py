@@ -55,7 +55,7 @@ def generate_cmd(
 def eval_cmd(
     models: Annotated[list[str], typer.Argument(help="Run folders, model folders or hub ids to evaluate.", show_default=False)],
     baseline: Annotated[str, typer.Option("--baseline", help="The model every other one is compared with (e.g. the SFT model).")],
-    judge: Annotated[str, typer.Option("--judge", help="nemotron (Llama-3.1-Nemotron-70B-Reward through transformers), nemotron-api (NVIDIA's endpoint; the key is read from $NVIDIA_API_KEY), hf:ID_OR_PATH (a sequence-classification reward model), or a registered judge name.")],
+    judge: Annotated[str, typer.Option("--judge", help="nemotron (Llama-3.1-Nemotron-70B-Reward through transformers), nemotron-api (NVIDIA's endpoint; the key is read from $NVIDIA_API_KEY), hf:ID_OR_PATH (a sequence-classification reward model), py:MODULE:FUNCTION (your own (prompt, response) -> float function, or a factory returning one; MODULE importable or a .py file), or a judge registered in Python or installed through the dppo.judges entry points.")],
     data: Annotated[str, typer.Option("--data", help="Hub data set id or local parquet/jsonl/json/arrow file or folder with the evaluation prompts.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: results.md/json, scores.jsonl, winrate.png, reward_diff.png.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub data set.")] = "test_prefs",

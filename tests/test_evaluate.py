@@ -248,3 +248,30 @@ def test_a_causal_lm_is_refused_as_a_sequence_classification_judge(tmp_path, mod
     _no_generation(monkeypatch)
     with pytest.raises(ConfigError, match="no trained score head.*score.weight"):
         evaluate(config(tmp_path / "e", models, pairs_file, judge=f"hf:{models['base']}"), show_progress=False)
+
+
+def test_cli_eval_with_a_judge_in_the_users_file(tmp_path, models, pairs_file):
+    """`dppo eval --judge py:FILE:FUNCTION`: a rule-based reward in a .py file, a function or a factory."""
+    from typer.testing import CliRunner
+
+    from dppo.cli.main import app
+
+    rules = tmp_path / "rules.py"
+    rules.write_text(
+        "def length(prompt, response):\n    return float(len(response))\n\n"
+        "def shorter_is_better(options):\n    return lambda prompt, response: -float(len(response))\n"
+    )
+    common = [str(models["other"]), "--baseline", str(models["base"]), "--data", str(pairs_file), "--split", "",
+              "--limit", "6", "--max-new-tokens", "8", "--batch-size", "6", "--cache-dir", str(tmp_path / "cache")]
+    for function, sign in (("length", 1.0), ("shorter_is_better", -1.0)):
+        out = tmp_path / function
+        res = CliRunner().invoke(app, ["eval", *common, "--judge", f"py:{rules}:{function}", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+        assert len(scores) == 6
+        for s in scores:  # the reward is the rule's value of each answer (lengths in characters)
+            assert (s["reward"], s["baseline_reward"]) == (sign * s["length"], sign * s["baseline_length"])
+        results = json.loads((out / "results.json").read_text())
+        assert results["judge"]["spec"] == f"py:{rules}:{function}" and results["models"][0]["n"] == 6
+    res = CliRunner().invoke(app, ["eval", *common, "--judge", f"py:{rules}:nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and f"--judge py:{rules}:nope: module {rules} has no 'nope'" in " ".join(res.output.split())

@@ -74,6 +74,136 @@ def test_function_judge_failures_are_per_item():
     assert "NaN" in scores[0].error and "greetings" in scores[2].error
 
 
+# -- judges in the user's own code: py:MODULE:FUNCTION, and the dppo.judges entry points -------------
+USER_JUDGES = """
+import json
+
+from dppo.eval.judges import FunctionJudge, Judge, Score
+
+ANSWERS = {"What is 2 + 2?": "4"}
+
+
+def exact(prompt, response):
+    return float(response.strip() == ANSWERS.get(prompt))
+
+
+def length_judge(options):
+    scale = 1.0 / options.batch_size
+    return lambda prompt, response: scale * len(response)
+
+
+def no_args():
+    return exact
+
+
+class Words(Judge):
+    name = "words"
+    key = "words:1"
+
+    def score(self, items, progress=None):
+        return [Score(float(len(r.split()))) for _, r in items]
+
+
+def broken_factory():
+    raise RuntimeError("the rubric file is missing")
+
+
+def three(a, b, c):
+    return 0.0
+
+
+def returns_a_number():
+    return 3
+
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def judge_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my_judges.py"
+    path.write_text(USER_JUDGES)
+    return path
+
+
+def test_py_judge_function_and_factories(judge_file):
+    exact = make_judge(f"py:{judge_file}:exact")
+    assert isinstance(exact, FunctionJudge) and exact.name == f"py:{judge_file}:exact"
+    assert [s.value for s in exact.score(ITEMS[:3])] == [1.0, 0.0, 0.0]
+    # a factory of the options, one of nothing, a Judge subclass (its class is a factory too)
+    lengths = make_judge(f"py:{judge_file}:length_judge", JudgeOptions(batch_size=4))
+    assert [s.value for s in lengths.score(ITEMS)] == [len(r) / 4 for _, r in ITEMS]
+    assert [s.value for s in make_judge(f"py:{judge_file}:no_args").score(ITEMS[:1])] == [1.0]
+    words = make_judge(f"py:{judge_file}:Words")
+    assert words.key == "words:1" and [s.value for s in words.score(ITEMS[:2])] == [1.0, len(ITEMS[1][1].split())]
+    # the cache key follows the file's contents: an edited rule is scored again
+    key = exact.key
+    assert key == make_judge(f"py:{judge_file}:exact").key
+    judge_file.write_text(USER_JUDGES.replace('"4"}', '"four"}'))
+    edited = make_judge(f"py:{judge_file}:exact")
+    assert edited.key != key and [s.value for s in edited.score([("What is 2 + 2?", "four")])] == [1.0]
+
+
+def test_py_judge_from_an_importable_module(tmp_path, judge_file, monkeypatch):
+    monkeypatch.syspath_prepend(str(judge_file.parent))
+    judge = make_judge("py:my_judges:exact")
+    assert [s.value for s in judge.score(ITEMS[:2])] == [1.0, 0.0] and judge.key.startswith("fn:py:my_judges:exact:")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("py:{file}:missing", "--judge py:{file}:missing: module {file} has no 'missing'"),
+    ("py:{dir}/nope.py:exact", "--judge py:{dir}/nope.py:exact: no such file {dir}/nope.py"),
+    ("py:not_a_module_anywhere:exact", "--judge py:not_a_module_anywhere:exact: cannot import not_a_module_anywhere "
+                                       "(ModuleNotFoundError: No module named 'not_a_module_anywhere')"),
+    ("py:{file}", "--judge py:{file}: expected py:MODULE:FUNCTION"),
+    ("py:{file}:broken_factory", "judge py:{file}:broken_factory: the factory raised RuntimeError: the rubric file is missing"),
+    ("py:{file}:three", "judge py:{file}:three: it takes 3 arguments"),
+    ("py:{file}:returns_a_number", "judge py:{file}:returns_a_number: the factory returned int"),
+    ("py:{file}:NOT_CALLABLE", "judge py:{file}:NOT_CALLABLE: int is not callable"),
+])
+def test_py_judge_failures_name_the_module_and_function(judge_file, spec, message):
+    fill = dict(file=judge_file, dir=judge_file.parent)
+    with pytest.raises(ConfigError) as e:
+        make_judge(spec.format(**fill))
+    assert str(e.value).startswith(message.format(**fill)) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_py_judge_whose_module_fails_on_import(tmp_path):
+    bad = tmp_path / "bad_judge.py"
+    bad.write_text("raise ImportError('needs the rubric package')\n")
+    with pytest.raises(ConfigError, match=r"--judge py:.*bad_judge.py:score: cannot import .*bad_judge.py "
+                                          r"\(ImportError: needs the rubric package\)"):
+        make_judge(f"py:{bad}:score")
+
+
+def _installed(root: Path, entry: str, module: str) -> None:
+    (root / "judgeplugin.py").write_text(module)
+    info = root / "judgeplugin-0.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: judgeplugin\nVersion: 0.2\n")
+    (info / "entry_points.txt").write_text(f"[dppo.judges]\n{entry}\n")
+
+
+def test_judges_from_the_entry_point_group(tmp_path, monkeypatch):
+    import dppo.eval.judges as judges
+
+    _installed(tmp_path, "plugin-exact = judgeplugin:exact\nplugin-broken = judgeplugin_missing:exact",
+               USER_JUDGES.replace("from dppo.eval.judges", "from dppo.eval.judges"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        judge = make_judge("plugin-exact")
+        assert [s.value for s in judge.score(ITEMS[:2])] == [1.0, 0.0] and judge.key == "fn:plugin-exact:0.2"
+        with pytest.raises(ConfigError) as e:
+            make_judge("plugin-broken")
+        assert str(e.value).startswith("entry point 'plugin-broken' of group dppo.judges (module judgeplugin_missing) "
+                                       "failed to load: ModuleNotFoundError")
+    finally:
+        for name in ("plugin-exact", "plugin-broken"):
+            judges.JUDGES.pop(name, None)
+            judges._judge_entry_points.discard(name)
+
+
 # -- local reward models --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vocab(tok_dir: Path) -> int:

@@ -7,7 +7,21 @@
 | ``nemotron`` (``nemotron:PATH``) | ``nvidia/Llama-3.1-Nemotron-70B-Reward-HF`` (or a local copy) through ``transformers``: the chat [user, assistant] is read and the reward is logit 0 of the first token the model would generate next (the model card's recipe); sharded over the GPUs present |
 | ``nemotron-api`` (``nemotron-api:MODEL``) | NVIDIA's OpenAI-compatible chat-completions endpoint, model ``nvidia/llama-3.1-nemotron-70b-reward``; the reply text is ``reward:<float>``; key from ``$NVIDIA_API_KEY``; ``api_base`` points it elsewhere |
 | ``hf:ID_OR_PATH`` | any ``AutoModelForSequenceClassification`` reward model (score = logit 0), batched |
-| a registered name | a Python function ``(prompt, response) -> float`` (``register_judge``) |
+| ``py:MODULE:NAME`` | a judge in the user's own code: ``NAME`` in ``MODULE`` (an importable module, or a path to a ``.py`` file), see below |
+| a registered name | a Python function ``(prompt, response) -> float`` (``register_judge``), or a judge another package installs in the ``dppo.judges`` entry-point group |
+
+``py:`` judges and ``dppo.judges`` entry points name an object that is one of (:func:`judge_from_object`):
+
+- a function ``(prompt, response) -> float``, higher is better (rule-based rewards: exact-match
+  answers, unit tests, formats); an exception or NaN fails that item only;
+- a factory, called once when the judge is made: a callable taking no argument, or one argument (the
+  :class:`JudgeOptions`), that returns such a function or a :class:`Judge` (e.g. one that loads a
+  model, or a class that subclasses ``Judge``);
+- a :class:`Judge` instance.
+
+The cached scores of a ``py:`` judge are keyed by its module file's contents, so editing the file
+scores again. An entry point is named ``NAME = package.module:OBJECT`` in the package's
+``[project.entry-points."dppo.judges"]`` and used as ``--judge NAME``.
 
 Every judge returns one ``Score`` per item: a value, or None with the error that survived the
 judge's retries. ``ScoreCache`` keeps scores by (judge key, prompt hash, response hash) in SQLite,
@@ -49,6 +63,9 @@ __all__ = [
     "register_judge",
     "register_judge_factory",
     "make_judge",
+    "judge_from_object",
+    "load_entry_points",
+    "ENTRY_POINT_GROUP",
     "score_items",
     "NEMOTRON_HF",
     "NEMOTRON_API_MODEL",
@@ -58,6 +75,7 @@ __all__ = [
 NEMOTRON_HF = "nvidia/Llama-3.1-Nemotron-70B-Reward-HF"
 NEMOTRON_API_MODEL = "nvidia/llama-3.1-nemotron-70b-reward"
 NVIDIA_API_BASE = "https://integrate.api.nvidia.com/v1"
+ENTRY_POINT_GROUP = "dppo.judges"
 
 Item = tuple[str, str]
 """(prompt, response): the user turn and the assistant's answer."""
@@ -170,8 +188,152 @@ def make_judge(judge: str, options: JudgeOptions | None = None) -> Judge:
     options = options or JudgeOptions()
     name, _, arg = judge.partition(":")
     if name not in JUDGES:
-        raise ConfigError(f"unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))} (hf needs hf:ID_OR_PATH)")
+        load_entry_points()
+    if name not in JUDGES:
+        raise ConfigError(f"unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))} (hf needs hf:ID_OR_PATH; "
+                          "a judge in your own code: py:MODULE:FUNCTION)")
     return JUDGES[name](arg or None, options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Judges in the user's code: py:MODULE:NAME and the dppo.judges entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def judge_from_object(obj: Any, name: str, options: JudgeOptions, *, version: str = "1") -> Judge:
+    """A :class:`Judge` from a user's object (module docstring): a ``Judge``, a ``(prompt, response)``
+    function, or a factory taking no argument or the options. ``name`` names it in errors and results;
+    ``version`` goes into the cache key of a function. ``ConfigError`` naming ``name`` otherwise."""
+    if isinstance(obj, Judge):
+        return _named(obj, name, version)
+    arity = _positional_arity(obj, name)
+    if arity == 2:
+        return FunctionJudge(name, obj, version)
+    try:
+        made = obj() if arity == 0 else obj(options)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's factory: say whose, in one line
+        raise ConfigError(f"judge {name}: the factory raised {type(e).__name__}: {_first(e)}") from None
+    if isinstance(made, Judge):
+        return _named(made, name, version)
+    if callable(made) and _positional_arity(made, name, factory=False) == 2:
+        return FunctionJudge(name, made, version)
+    raise ConfigError(f"judge {name}: the factory returned {type(made).__name__}, not a Judge or a (prompt, response) function")
+
+
+def _positional_arity(obj: Any, name: str, factory: bool = True) -> int:
+    """How many positional arguments ``obj`` requires: 2 (a scoring function), 0 or 1 (a factory)."""
+    import inspect
+
+    if not callable(obj):
+        raise ConfigError(f"judge {name}: {type(obj).__name__} is not callable: expected a (prompt, response) function, "
+                          "a factory or a Judge")
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: taken as a scoring function
+        return 2
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    n = 2 if varargs and len(required) <= 2 else len(required)
+    if n not in ((0, 1, 2) if factory else (2,)):
+        want = "(prompt, response), no argument or the options (a factory)" if factory else "(prompt, response)"
+        raise ConfigError(f"judge {name}: it takes {n} arguments; a judge function takes {want}")
+    return n
+
+
+def _named(judge: Judge, name: str, version: str) -> Judge:
+    """A user's Judge with the name and cache key it may not have set."""
+    if not isinstance(getattr(judge, "name", None), str):
+        judge.name = name
+    if not isinstance(getattr(judge, "key", None), str):
+        judge.key = f"obj:{name}:{version}"
+    return judge
+
+
+def _py(arg: str | None, options: JudgeOptions) -> Judge:
+    module, sep, function = (arg or "").rpartition(":")
+    if not sep or not module or not function:
+        raise ConfigError(f"--judge py:{arg or ''}: expected py:MODULE:FUNCTION (MODULE importable, or a path to a .py file)")
+    spec = f"py:{module}:{function}"
+    loaded, source = _import_user_module(module, spec)
+    if not hasattr(loaded, function):
+        raise ConfigError(f"--judge {spec}: module {module} has no {function!r}")
+    version = hashlib.sha256(source).hexdigest()[:16] if source is not None else "1"
+    return judge_from_object(getattr(loaded, function), spec, options, version=version)
+
+
+def _import_user_module(module: str, spec: str) -> tuple[Any, bytes | None]:
+    """The module (importable name or .py path) and its file's bytes (None without a file)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    try:
+        if module.endswith(".py") or "/" in module or os.sep in module:
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--judge {spec}: no such file {path}")
+            # one module per path and contents: an edited file is imported afresh
+            digest = hashlib.sha256(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:16]
+            name = f"dppo_user_judge_{digest}"
+            if name not in sys.modules:
+                found = importlib.util.spec_from_file_location(name, path)
+                loaded = importlib.util.module_from_spec(found)  # type: ignore[arg-type]
+                sys.modules[name] = loaded
+                try:
+                    found.loader.exec_module(loaded)  # type: ignore[union-attr]
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            loaded = sys.modules[name]
+        else:
+            loaded = importlib.import_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module failed on import: say which, in one line
+        raise ConfigError(f"--judge {spec}: cannot import {module} ({type(e).__name__}: {_first(e)})") from None
+    file = getattr(loaded, "__file__", None)
+    try:
+        return loaded, Path(file).read_bytes() if file else None
+    except OSError:
+        return loaded, None
+
+
+_judge_entry_points: set[str] = set()
+
+
+def load_entry_points() -> list[str]:
+    """Register the judges other packages declare in the ``dppo.judges`` entry-point group, by the
+    entry point's name; each is loaded when a judge of that name is made (``make_judge`` calls this).
+    An entry point that fails to load raises ``ConfigError`` naming it and its module."""
+    from importlib.metadata import entry_points
+
+    added = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _judge_entry_points:
+            continue
+        where = f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP} (module {ep.module})"
+        if ep.name in JUDGES:
+            raise ConfigError(f"{where}: a judge named {ep.name!r} is already registered")
+
+        def factory(arg: str | None, options: JudgeOptions, ep: Any = ep, where: str = where) -> Judge:
+            if arg is not None:
+                raise ConfigError(f"judge {ep.name!r} takes no argument (got {ep.name}:{arg})")
+            try:
+                obj = ep.load()
+            except Exception as e:  # a third-party module: any failure on import
+                raise ConfigError(f"{where} failed to load: {type(e).__name__}: {_first(e)}") from None
+            return judge_from_object(obj, ep.name, options, version=f"{ep.dist.version}" if ep.dist else "1")
+
+        try:
+            register_judge_factory(ep.name, factory)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        _judge_entry_points.add(ep.name)
+        added.append(ep.name)
+    return added
 
 
 # ------------------------------------------------------------------------------------------------
@@ -655,6 +817,7 @@ def _hf(arg: str | None, options: JudgeOptions) -> Judge:
 register_judge_factory("nemotron", _nemotron)
 register_judge_factory("nemotron-api", _nemotron_api)
 register_judge_factory("hf", _hf)
+register_judge_factory("py", _py)
 
 
 # ------------------------------------------------------------------------------------------------
