@@ -86,4 +86,11 @@ def curriculum_cmd(**options: Any) -> None:
                                 seed=train_opts.get("seed", 0), resume=own["resume"], overwrite=own["overwrite"]))
 
 
-curriculum_cmd.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
+def curriculum_command() -> Any:
+    """:func:`curriculum_cmd` with the train options as the registry declares them now (the losses
+    installed through entry points included once loaded)."""
+    curriculum_cmd.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
+    return curriculum_cmd
+
+
+curriculum_command()

@@ -14,25 +14,27 @@ from typer.core import TyperGroup
 
 
 class _Commands(TyperGroup):
-    """The top-level group: ``dppo train`` is built when it runs (``--help`` included), after the
-    losses other packages declare (``dppo.losses`` entry points) are registered, so their options
-    are options of the command; ``dppo --help`` and the other commands never load them."""
+    """The top-level group: ``dppo train`` and ``dppo curriculum`` are built when they run (``--help``
+    included), after the losses other packages declare (``dppo.losses`` entry points) are registered,
+    so their options are options of the commands; ``dppo --help`` and the other commands never load them."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, command, rest = super().resolve_command(ctx, args)
-        if name == "train":
+        if name in ("train", "curriculum"):
+            from dppo.cli.curriculum import curriculum_command
             from dppo.cli.train import train_command
             from dppo.train.registry import load_entry_points
 
             user_errors(load_entry_points)()
-            command = typer.main.get_command(_single(train_command()))
-            command.name = "train"
+            fn = train_command() if name == "train" else user_errors(curriculum_command())
+            command = typer.main.get_command(_single(name, fn))
+            command.name = name
         return name, command, rest
 
 
-def _single(fn: Callable[..., object]) -> typer.Typer:
+def _single(name: str, fn: Callable[..., object]) -> typer.Typer:
     one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    one.command("train")(fn)
+    one.command(name)(fn)
     return one
 
 

@@ -226,6 +226,7 @@ def test_an_installed_loss_with_its_own_option_trains_through_the_command_line(t
     # its help panel; an option it does not declare is refused in one line; `dppo --help` does not load it
     help_out = _dppo(["train", "--help"], dict(env, COLUMNS="200"), tmp_path).stdout
     assert "Loss: myloss" in help_out and "--my-option" in help_out
+    assert "--my-option" in _dppo(["curriculum", "--help"], dict(env, COLUMNS="200"), tmp_path).stdout
     refused = _dppo(["train", "--method", "dpo", "--my-option", "2", "--data", "d", "--init", "i", "--out", "o"], env, tmp_path)
     assert refused.returncode == 1
     assert refused.stderr.strip() == "error: --my-option is not used by --method dpo (it applies to myloss)"
