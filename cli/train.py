@@ -162,4 +162,4 @@ def _loss_parameter(name: str) -> inspect.Parameter:
     info = typer.Option(decl, help=option_help(name), show_default=False,
                         rich_help_panel="Loss: " + ", ".join(option_users(name)))
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                             annotation=Annotated[Optional[opt.type], info])  # type: ignore[name-defined]
+                             annotation=Annotated[Optional[str if opt.words else opt.type], info])  # type: ignore[name-defined]

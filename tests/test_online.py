@@ -206,7 +206,7 @@ def test_an_interrupted_online_run_resumes_to_the_same_end(tmp_path, pairs_file,
         return rule(prompt, response)
 
     register_judge("rule-len-counted", counted, overwrite=True)
-    opts = dict(method="unll", train=dict(alpha=1.0, vote_clip=20.0), online={"judge": "rule-len-counted"},
+    opts = dict(method="unll", train=dict(alpha=1.0, vote_clip="auto"), online={"judge": "rule-len-counted"},
                 round_ref="previous")
     whole = curriculum(config(tmp_path / "whole", pairs_file, tok_dir, init_dir, **opts), show_progress=False)
     scored_whole = sorted(c for c in calls if len(c) % 7 != 3)
@@ -232,6 +232,9 @@ def test_an_interrupted_online_run_resumes_to_the_same_end(tmp_path, pairs_file,
     assert all(torch.equal(a[n], b[n]) for n in a)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s") and k not in ("policy", "reference", "judge_retries")} for r in rs]  # noqa: E731
     assert strip(whole["rounds"]) == strip(again["rounds"])
+    for k, rnd in enumerate(whole["rounds"], 1):  # --vote-clip auto: each round's C, from its own reference pass
+        saved = json.loads((tmp_path / "whole" / f"round_{k}" / "config.json").read_text())
+        assert rnd["vote_clip"] == saved["vote_clip_auto"] and rnd["vote_clip"]["value"] > 0
     for k in (1, 2):
         for f in ("samples.parquet", "pairs.parquet"):
             assert pq.read_table(tmp_path / "whole" / f"round_{k}" / f).equals(pq.read_table(tmp_path / "cut" / f"round_{k}" / f))

@@ -103,6 +103,7 @@ def train(cfg: TrainConfig, *, console: Console | None = None) -> Path:
     resume_from = _claim_run(run)  # only now RUN/ is written to
     policy = _build_step(run, lm, adapter)
     ref_seconds = _reference_pass(run, policy)
+    run = _vote_scale(run, policy)
     step = _restore(run, policy, resume_from)
     _run_steps(run, policy, step)
     return _save(run, policy, ref_seconds)
@@ -273,6 +274,63 @@ def _reference_pass(run: _Run, policy: _Policy) -> float:
         policy.eval_inputs = StepInputs.of(cfg, policy.lm, run.eval_shards, run.eval_cfg, run.eval_objective, eval_ref,
                                            run.device, run.dist, run.lockstep)
     return time.perf_counter() - t_ref
+
+
+VOTE_CLIP_PERCENTILE = 95.0
+"""``--vote-clip auto``: C is this percentile of |r| = |logp_ref(y_w) - logp_ref(y_l)| over the training pairs."""
+INERT_WEIGHT, INERT_STEPS = 1e-3, 10
+"""The penalty is called inert when |f(r)| < INERT_WEIGHT on every example of the first INERT_STEPS steps."""
+
+
+def _vote_scale(run: _Run, policy: _Policy) -> _Run:
+    """``--vote-clip auto`` resolved from the reference pass (C = the ``VOTE_CLIP_PERCENTILE``-th
+    percentile of |r| under the reference on the training pairs, recorded in ``RUN/config.json`` as
+    ``vote_clip_auto``), and one warning when the penalty weight f(r) of the reference's votes is
+    below ``INERT_WEIGHT`` on every example of the first ``INERT_STEPS`` steps (the policy's own
+    votes at step 0 when --ref is --init): the penalty would then be inert at this vote clip."""
+    from dppo.train.losses import normalize_vote, vote_weight
+
+    cfg, ref = run.loss_cfg, policy.inputs.ref
+    if "vote_clip" not in cfg.values:
+        return run
+    if cfg.vote_clip == "auto":
+        if ref is None:
+            raise ConfigError(f"--vote-clip auto needs the reference log-probs of the pairs; --method {cfg.method} computes none")
+        r = np.abs(ref.chosen[: run.n_examples].astype(np.float64) - ref.rejected[: run.n_examples])
+        r = r[np.isfinite(r)]
+        c = float(np.percentile(r, VOTE_CLIP_PERCENTILE)) if r.size else 0.0
+        if not c > 0:  # every vote is 0: any C gives f = 0
+            c = 1.0
+        loss_cfg = dataclasses.replace(cfg, vote_clip=c)
+        eval_cfg = run.eval_cfg
+        if eval_cfg.values.get("vote_clip") == "auto":
+            eval_cfg = dataclasses.replace(eval_cfg, vote_clip=c)
+        run = dataclasses.replace(run, loss_cfg=loss_cfg, eval_cfg=eval_cfg)
+        policy.inputs = dataclasses.replace(policy.inputs, loss_cfg=loss_cfg)
+        if policy.eval_inputs is not None:
+            policy.eval_inputs = dataclasses.replace(policy.eval_inputs, loss_cfg=eval_cfg)
+        auto = {"value": c, "percentile": VOTE_CLIP_PERCENTILE, "pairs": int(r.size)}
+        if run.dist.main:
+            path = run.out / "config.json"
+            record = json.loads(path.read_text())
+            record["vote_clip_auto"] = auto
+            write_json(path, record)
+        run.console.print(f"--vote-clip auto: C = {c:.4g}, the {VOTE_CLIP_PERCENTILE:g}th percentile of |r| under the "
+                          f"reference over {r.size:,} pairs", highlight=False)
+    alpha = alpha_at(run.cfg, 0, run.order.total_steps)
+    if ref is not None and (alpha if alpha is not None else run.loss_cfg.values.get("alpha", 0.0)):
+        steps = min(INERT_STEPS, run.order.total_steps)
+        ids = np.unique(np.concatenate([run.order.step_examples(s) for s in range(steps)])) if steps else np.arange(0)
+        r = torch.from_numpy(ref.chosen[ids].astype(np.float64) - ref.rejected[ids].astype(np.float64))
+        r = r[torch.isfinite(r)]
+        if r.numel():
+            f = vote_weight(run.loss_cfg, normalize_vote(run.loss_cfg, r)).abs()
+            if float(f.max()) < INERT_WEIGHT:
+                run.console.print(
+                    f"[yellow]warning:[/] the penalty is inert at this vote clip: f(r) < {INERT_WEIGHT:g} on every "
+                    f"example of the first {steps} steps (vote clip {run.loss_cfg.vote_clip:g}, |r| at most "
+                    f"{float(r.abs().max()):.3g}); try --vote-clip auto", highlight=False)
+    return run
 
 
 def _restore(run: _Run, policy: _Policy, resume_from: Path | None) -> int:

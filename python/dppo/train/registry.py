@@ -77,6 +77,7 @@ class Option:
         paper: the paper's value, where there is one (shown in the help).
         when: ``(other, value)``: the option only applies when option ``other`` has ``value``
             (zeta with weight expectile); given otherwise it is refused, and recorded as None.
+        words: names a number option also takes, resolved by the trainer (``vote_clip auto``).
     """
 
     name: str
@@ -90,6 +91,7 @@ class Option:
     high_open: bool = False
     paper: Any = None
     when: tuple[str, Any] | None = None
+    words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name) or self.name in _RESERVED:
@@ -114,7 +116,7 @@ class Option:
 
     def kind(self) -> tuple:
         """What two declarations of one name must agree on (defaults, help and paper values may differ)."""
-        return (self.type, self.choices, self.low, self.high, self.low_open, self.high_open, self.when)
+        return (self.type, self.choices, self.low, self.high, self.low_open, self.high_open, self.when, self.words)
 
     def check(self, value: Any) -> Any:
         """``value`` checked against the declaration (ints stored as floats for a float option);
@@ -130,6 +132,13 @@ class Option:
             if self.choices and value not in self.choices:
                 raise ValueError(f"{name} must be one of {self.choices}, got {value!r}")
             return value
+        if isinstance(value, str) and self.words:  # a named value, or a number as text (the command line)
+            if value in self.words:
+                return value
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name} must be a number or {'|'.join(self.words)}, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
         if self.type is int:
@@ -166,7 +175,9 @@ ZETA = Option("zeta", float, 0.5, "Expectile level of the expectile weight", low
               when=("weight", "expectile"))
 VOTE = Option("vote", str, "policy", "Whose log-probs form the vote r = logp(y_w) - logp(y_l) (the policy's carry "
               "gradient, the frozen reference's are constants)", choices=VOTES)
-VOTE_CLIP = Option("vote_clip", float, 2000.0, "C of the vote normalization", low=0.0, low_open=True)
+VOTE_CLIP = Option("vote_clip", float, 2000.0, "C of the vote normalization, or auto: the 95th percentile of |r| under "
+                   "the reference on the training pairs (RUN/config.json: vote_clip_auto)", low=0.0, low_open=True,
+                   words=("auto",))
 VOTE_NORM = Option("vote_norm", str, "clip", "Vote normalization, clamp(r,-C,C)/C or tanh(r/C)", choices=VOTE_NORMS)
 DETACH_WEIGHT = Option("detach_weight", bool, False, "Treat f(r) as a constant: no gradient through the weight")
 
