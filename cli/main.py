@@ -90,7 +90,7 @@ def user_errors(fn: F) -> F:
             print_error(f"{_rank()}{e}")
             raise typer.Exit(1) from None
         except Exception as e:  # a folder that cannot be written, or a rank of the job that was lost
-            line = storage_error_line(e)  # read-only, full, not permitted (also when a library wrapped it)
+            line = storage_error_line(e, _out_option(args, kwargs))  # read-only, full, not permitted (also when a library wrapped it)
             if line is None and isinstance(e, RuntimeError) and _lost_a_rank(e):  # a collective that failed
                 first = str(e).strip().splitlines()[0][:300]
                 line = f"lost contact with another rank of the job ({first}); torchrun names the rank that failed"
@@ -103,6 +103,14 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _out_option(args: tuple, kwargs: dict) -> object:
+    """The command's --out (train passes its options as a dict), or None."""
+    for value in (kwargs, *args):
+        if isinstance(value, dict) and value.get("out") is not None:
+            return value["out"]
+    return None
 
 
 def _rank() -> str:

@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dppo.cli.main import app
+
+from train_fixtures import init_dir, pair_shards, vocab_size  # noqa: F401
 from dppo.errors import ConfigError, SourceError
 
 BRACKETS = "[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:545] [red]x[/] [bold]"
@@ -104,3 +106,94 @@ def test_lost_rank_message_with_brackets(launched, monkeypatch, tmp_path):
     monkeypatch.setattr("dppo.train.train", lost)
     r = _invoke(["train", "--method", "dpo", "--data", "d", "--init", "m", "--out", "r"])
     _one_error_line(r, "rank 0: lost contact with another rank", f"{BRACKETS} Connection closed by peer [127.0.0.1]:29500")
+
+
+# -- an output folder that cannot be written: one line naming it and the cause, for every command -------------------
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """``mount(options)``: an empty tmpfs at a new folder, mounted with ``options`` (``ro``; ``size=64k``
+    for a full disk); unmounted after the test. Needs root (the file mode alone does not stop root)."""
+    import subprocess
+
+    points = []
+
+    def mount(options: str):
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _commands(ro, init_dir, pair_shards, pairs_file, tok_dir, run_with_metrics):
+    return {
+        "prep": ["prep", "prefs", "--data", pairs_file, "--tokenizer", tok_dir, "--out", ro / "shards"],
+        "train": ["train", "--method", "dpo", "--data", pair_shards, "--init", init_dir, "--out", ro / "run",
+                  "--max-steps", "1", "--no-progress"],
+        "generate": ["generate", "--model", init_dir, "--data", pairs_file, "--out", ro / "g.jsonl", "--limit", "2",
+                     "--max-new-tokens", "2"],
+        "eval": ["eval", init_dir, "--baseline", init_dir, "--judge", "length", "--data", pairs_file, "--out", ro / "e",
+                 "--limit", "2", "--max-new-tokens", "2"],
+        "plot": ["plot", run_with_metrics, "--out", ro / "plots"],
+        "demo": ["demo", "--quick", "--out", ro / "demo"],
+        "curriculum": ["curriculum", "--rounds", "1", "--method", "unll", "--data", pairs_file, "--tokenizer", tok_dir,
+                       "--init", init_dir, "--out", ro / "c", "--max-new-tokens", "2", "--max-steps", "1"],
+    }
+
+
+@pytest.fixture(scope="module")
+def run_with_metrics(tmp_path_factory):
+    import json
+
+    run = tmp_path_factory.mktemp("plotted")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) + "\n" for s in (1, 2, 3)))
+    return run
+
+
+COMMAND_NAMES = ("prep", "train", "generate", "eval", "plot", "demo", "curriculum")
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_a_read_only_output_folder_is_one_line(command, mounted, init_dir, pair_shards, pairs_file, tok_dir, run_with_metrics):
+    ro = mounted("ro,size=1m")
+    args = _commands(ro, init_dir, pair_shards, pairs_file, tok_dir, run_with_metrics)[command]
+    r = _invoke(args)
+    if command == "prep":  # the data engine's own one line: the path it could not write and the cause
+        _one_error_line(r, str(ro), "Read-only file system")
+    else:
+        _one_error_line(r, f"cannot write in {ro}", "read-only")
+
+
+def test_a_full_disk_is_one_line(mounted, tmp_path):
+    import json
+
+    full = mounted("size=8k")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) + "\n" for s in range(1, 50)))
+    r = _invoke(["plot", run, "--out", full / "plots"])
+    _one_error_line(r, f"cannot write in {full / 'plots'}", "no space left")
+
+
+def test_storage_errors_are_found_inside_other_errors(tmp_path):
+    from dppo.errors import storage_error_line
+
+    try:
+        try:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "model.safetensors"))
+        except OSError as e:
+            raise RuntimeError("the checkpoint writer failed") from e
+    except RuntimeError as e:
+        line = storage_error_line(e)
+    assert line == f"cannot write in {tmp_path} (model.safetensors): the file system is read-only; choose another output folder"
+    assert storage_error_line(OSError(errno.ENOENT, "no such file", "x")) is None
+    assert storage_error_line(ValueError("x")) is None

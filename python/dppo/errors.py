@@ -36,11 +36,12 @@ _STORAGE_CAUSES = {
 }
 
 
-def storage_error_line(error: BaseException) -> str | None:
+def storage_error_line(error: BaseException, out: object = None) -> str | None:
     """One line for an error that means an output folder cannot be written (read-only, full, no
     permission): the folder, the file and the cause. ``None`` for any other error. Looks through the
     error's causes, so an ``OSError`` wrapped by a library (a checkpoint writer, an image encoder)
-    is found too."""
+    is found too. ``out``: the command's output path, named when the error names no file (an image
+    encoder writing to an open file)."""
     import errno
     from pathlib import Path
 
@@ -54,7 +55,9 @@ def storage_error_line(error: BaseException) -> str | None:
                 cause = _STORAGE_CAUSES[name]
                 target = e.filename
                 if target is None:
-                    return f"cannot write the output: {cause}"
+                    where = f"cannot write in {out}" if out is not None else "cannot write the output"
+                    advice = "free some space and run it again" if name in ("ENOSPC", "EDQUOT") else "choose another output folder"
+                    return f"{where}: {cause}; {advice}"
                 path = Path(str(target) if not isinstance(target, bytes) else target.decode(errors="replace"))
                 folder = path if path.is_dir() else path.parent
                 advice = "free some space and run it again" if name in ("ENOSPC", "EDQUOT") else "choose another output folder"
