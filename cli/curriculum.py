@@ -39,8 +39,8 @@ def _own(
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="--pairs judge: at most this many --eval-data prompts (with --pairs judge, --eval-data names held-out prompts: after every round, the greedy policy's win rate against --init by the same judge).")] = None,
     judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", min=1, help="--pairs judge: items per judge call.")] = 8,
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="--pairs judge: endpoint of an API judge.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the curriculum in --out where it stopped (finished stages are reused).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the curriculum in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the curriculum in --out where it stopped (finished stages are reused).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace the curriculum in --out.")] = False,
 ) -> None: ...
 
 
@@ -83,7 +83,8 @@ def curriculum_cmd(**options: Any) -> None:
     curriculum(CurriculumConfig(pairs=own["pairs"], online=online, rounds=own["rounds"], method=own["method"], data=source, tokenizer=own["tokenizer"],
                                 init=own["init"], out=own["out"], pairs_per_round=own["pairs_per_round"],
                                 round_ref=own["round_ref"], max_len=own["max_len"], decode=decode, train=train_opts,
-                                seed=train_opts.get("seed", 0), resume=own["resume"], overwrite=own["overwrite"]))
+                                seed=train_opts.get("seed", 0), resume=own["resume"], overwrite=own["overwrite"]),
+               show_progress=train_opts.get("progress", True))
 
 
 def curriculum_command() -> Any:

@@ -23,6 +23,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of sampling (each prompt
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Prompts decoded together (default: 128 on CUDA, 32 on the CPU).")]
 Engine = Annotated[str, typer.Option("--engine", help="Decoder: auto (dppo where the architecture is supported, else hf), dppo, hf (transformers generate) or vllm.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32.")]
+ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars and the summary.")]
 TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or hub id (default: the model's folder).")]
 
 
@@ -43,13 +44,15 @@ def generate_cmd(
     dtype: Dtype = "auto",
     tokenizer: TokenizerOpt = None,
     max_prompt_len: Annotated[Optional[int], typer.Option("--max-prompt-len", min=1, help="Shorten longer prompts to N tokens as prep does: the user turn loses its end, the template (generation header last) stays.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming OUT (needed when settings changed).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Start over instead of resuming OUT (needed when settings changed).")] = False,
+    progress: ShowProgress = True,
 ) -> None:
     """Generate a response to every prompt (y_gen for `dppo prep prefs --ygen`): greedy by default, resumable."""
     options = dict(locals())
+    show = options.pop("progress")
     from dppo.generate import GenConfig, generate
 
-    generate(GenConfig.from_options(**options))
+    generate(GenConfig.from_options(**options), show_progress=show)
 
 
 def eval_cmd(
@@ -75,6 +78,7 @@ def eval_cmd(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight at once for an API judge.")] = 8,
     tie_tolerance: Annotated[float, typer.Option("--tie-tolerance", min=0.0, help="Reward differences within this are ties.")] = 0.0,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Generation and judge-score cache (default: OUT/cache); share it across evaluations.")] = None,
+    progress: ShowProgress = True,
 ) -> None:
     """Win rates of models against a baseline, judged by a reward model (responses and scores cached).
 
@@ -82,6 +86,7 @@ def eval_cmd(
     code 1 when a model has no scored comparison (every judge call failed).
     """
     options = {**locals(), "models": tuple(models)}
+    show = options.pop("progress")
     from dppo.eval import EvalConfig, evaluate
 
-    evaluate(EvalConfig.from_options(**options))
+    evaluate(EvalConfig.from_options(**options), show_progress=show)

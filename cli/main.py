@@ -142,7 +142,8 @@ Percentile = Annotated[float, typer.Option("--percentile", help="Percentile of f
 MaxPromptLen = Annotated[Optional[int], typer.Option("--max-prompt-len", help="Longest prompt of an example that does not fit --max-len (default: max_len - 21, at least max_len / 2); an example that fits is never cut.")]
 TruncatePrompt = Annotated[str, typer.Option("--truncate-prompt", help="Which part of a too-long user turn a shortened prompt keeps: start or end. The template's tokens (system turn, headers, the generation header last) are always kept.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with an error naming it, instead of skipping and counting.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace shards already in the output folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace shards already in the output folder.")]
+ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars and the summary table.")]
 
 
 def _truncate(value: str) -> str:
@@ -195,6 +196,7 @@ def prep_sft(
     truncate_prompt: TruncatePrompt = "start",
     strict: Strict = False,
     overwrite: Overwrite = False,
+    progress: ShowProgress = True,
 ) -> None:
     """Chat SFT data in the SmolTalk schema (`messages`): first user and first assistant turn, labels on the assistant turn."""
     from dppo.data.prep import PrepConfig, prepare
@@ -202,7 +204,8 @@ def prep_sft(
 
     prepare(PrepConfig("sft", DataSource(data, split, config, revision), tokenizer, out,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
-                       truncate_prompt=_truncate(truncate_prompt), strict=strict, overwrite=overwrite))
+                       truncate_prompt=_truncate(truncate_prompt), strict=strict, overwrite=overwrite),
+            show_progress=progress)
 
 
 @prep_app.command("prefs")
@@ -222,6 +225,7 @@ def prep_prefs(
     truncate_prompt: TruncatePrompt = "start",
     strict: Strict = False,
     overwrite: Overwrite = False,
+    progress: ShowProgress = True,
 ) -> None:
     """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen."""
     from dppo.data.prep import PrepConfig, prepare
@@ -230,7 +234,7 @@ def prep_prefs(
     prepare(PrepConfig("prefs", DataSource(data, split, config, revision), tokenizer, out, ygen=ygen,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
                        truncate_prompt=_truncate(truncate_prompt), strict=strict, allow_missing_ygen=allow_missing_ygen,
-                       overwrite=overwrite))
+                       overwrite=overwrite), show_progress=progress)
 
 
 # -- the other stages, each in its own module ----------------------------------------------------

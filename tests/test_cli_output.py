@@ -197,3 +197,53 @@ def test_storage_errors_are_found_inside_other_errors(tmp_path):
     assert line == f"cannot write in {tmp_path} (model.safetensors): the file system is read-only; choose another output folder"
     assert storage_error_line(OSError(errno.ENOENT, "no such file", "x")) is None
     assert storage_error_line(ValueError("x")) is None
+
+
+# -- the options the commands share are spelled alike --------------------------------------------------------------
+
+SHARED = ("progress", "seed", "dtype", "overwrite", "resume")
+
+
+def _commands_of_the_cli() -> dict[str, object]:
+    import typer
+
+    root = typer.main.get_command(app)
+    found: dict[str, object] = {}
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):  # a group (typer's click)
+            if path:
+                found[" ".join(path)] = cmd  # `dppo prep` itself takes options
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        else:
+            found[" ".join(path)] = cmd
+
+    walk(root, [])
+    return found
+
+
+def test_shared_options_have_one_spelling():
+    commands = _commands_of_the_cli()
+    assert {"train", "generate", "eval", "demo", "curriculum", "plot", "prep", "prep sft", "prep prefs"} <= set(commands)
+    spelling: dict[str, tuple] = {}
+    for name, cmd in commands.items():
+        for p in cmd.params:
+            if p.name in SHARED:
+                spelled = (tuple(p.opts), tuple(p.secondary_opts))
+                first = spelling.setdefault(p.name, spelled)
+                assert spelled == first, (name, p.name, spelled, first)
+    assert spelling["progress"] == (("--progress",), ("--no-progress",))
+    assert spelling["overwrite"] == (("--overwrite",), ("--no-overwrite",))
+    assert spelling["resume"] == (("--resume",), ("--no-resume",))
+    # every command with a progress display can turn it off
+    for name in ("train", "generate", "eval", "curriculum", "prep sft", "prep prefs"):
+        assert "progress" in {p.name for p in commands[name].params}, name
+
+
+def test_generate_takes_no_progress(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("dppo.generate.generate", lambda cfg, show_progress=True: seen.setdefault("show", show_progress))
+    r = _invoke(["generate", "--model", "m", "--data", "d", "--out", tmp_path / "g.jsonl", "--no-progress", "--no-overwrite"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"show": False}
