@@ -247,3 +247,51 @@ def test_generate_takes_no_progress(monkeypatch, tmp_path):
     r = _invoke(["generate", "--model", "m", "--data", "d", "--out", tmp_path / "g.jsonl", "--no-progress", "--no-overwrite"])
     assert r.exit_code == 0, r.output
     assert seen == {"show": False}
+
+
+# -- figures and tables ------------------------------------------------------------------------------------------
+
+
+def test_plot_gives_each_quantity_its_own_axis(tmp_path):
+    import json
+
+    from dppo.train.plots import FIGURES, draw, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 0.69 - 1e-4 * s, "rewards/margins": 1e-3 * s, "rewards/accuracies": 0.5 + 0.05 * s,
+             "lr": 1e-6} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for key, (_, quantity, metrics) in FIGURES.items():
+        assert len({m.split("/")[-1].removeprefix("eval/") for m in metrics} - {"loss", "chosen", "rejected"}) <= 1, key
+    data = {run: read_metrics(run)}
+    margins, accuracies = draw("margins", data, ["run"]), draw("accuracies", data, ["run"])
+    low, high = margins.axes[0].get_ylim()
+    assert high < 0.01 and high - low < 0.01  # the margins' own scale, not 0..1
+    assert accuracies.axes[0].get_ylim()[1] > 0.7
+    assert [line.get_label() for line in margins.axes[0].get_lines()] == ["rewards/margins"]
+    r = _invoke(["plot", run])
+    assert r.exit_code == 0, r.output
+    assert (run / "plots" / "margins.png").is_file() and (run / "plots" / "accuracies.png").is_file()
+
+
+def test_tables_are_never_cut_on_a_file():
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dppo.console import print_table
+
+    names = ["unll+dpo-with-a-long-name", "curriculum-online-judge-rounds", "[red]a/b[/]"]
+    table = Table(title="win rate")
+    for col in ("method", "win rate", "+-", "LC", "strict", "judge score", "tokens", "pairs/s", "paper"):
+        table.add_column(col)
+    for name in names:
+        table.add_row(name.replace("[", "\\["), "0.512", "0.031", "0.498", "0.470", "1.23", "17.5", "123.4", "0.55")
+    buf = io.StringIO()
+    print_table(Console(file=buf, width=80, force_terminal=False), table)
+    text = buf.getvalue()
+    for name in names:
+        assert name in text, text
+    assert "…" not in text and "..." not in text

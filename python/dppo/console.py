@@ -45,7 +45,12 @@ def print_table(console: Console, table: Any) -> None:
     from rich.measure import Measurement
 
     width = Measurement.get(console, console.options.update(width=10_000), table).maximum
-    console.print(table, width=max(console.width, width), crop=False)
+    saved = console.width
+    console.width = max(saved, width)  # print() caps its own width at the console's
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = saved
 
 
 LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "torch", "accelerate", "datasets")
