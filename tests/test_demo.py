@@ -37,6 +37,14 @@ def test_demo_quick_end_to_end(tmp_path):
         assert cfg["lr"] == tuning[m]["lr"] and cfg[tuning[m]["knob"]] == tuning[m]["value"]
         best = max(g["val_win_rate"] for g in tuning["grid"] if g["method"] == m)
         assert tuning[m]["val_win_rate"] == best
+    # the quick demo's online row: one round of unll, judged by the demo's judge, at unll's chosen settings
+    cur = json.loads((out / "seed0" / "runs" / "online-unll" / "curriculum.json").read_text())
+    assert cur["options"]["online"]["judge"] == "demo" and cur["options"]["online"]["samples"] == 4
+    assert len(cur["rounds"]) == 1 and cur["rounds"][0]["pairs"] > 0
+    rcfg = json.loads((out / "seed0" / "runs" / "online-unll" / "round_1" / "config.json").read_text())["config"]
+    assert rcfg["lr"] == tuning["unll"]["lr"] and rcfg["alpha"] == tuning["unll"]["value"]
+    assert "online-unll" in rows and 0 <= rows["online-unll"]["win_rate"] <= 1
+    assert res["online"]["unll"][0]["pairs"] == cur["rounds"][0]["pairs"] and (out / "fig_online.png").exists()
     lin = json.loads((out / "seed0" / "runs" / "unll-linear" / "config.json").read_text())["config"]
     assert lin["alpha_schedule"] == "linear" and lin["alpha_end"] == 0.0
     assert set(res["versions"]) >= {"dppo", "torch", "transformers", "numpy", "cpu"} and res["world_version"] == 3

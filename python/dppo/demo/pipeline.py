@@ -85,6 +85,13 @@ class DemoSettings:
     # beyond the paper: rounds of unll (each round a third of the pairs: the same data budget), and
     # unll with alpha decaying linearly from its chosen value to 0
     curriculum_rounds: int = 3
+    # online rounds (dppo curriculum --pairs judge): each round samples K answers per prompt from the
+    # policy entering it, the demo's judge scores them, best vs worst are trained on; the prompts of
+    # the training pairs walked in equal parts (the same data budget), each method at its tuned settings
+    online_methods: tuple[str, ...] = ("dpo", "unll")
+    online_rounds: int = 2
+    online_samples: int = 4
+    online_temperature: float = 1.0
     # the vote clip C bounds r = logp(y_w) - logp(y_l), a difference of sums over response tokens:
     # the paper's (2000 for minll/unll, 700 for conll, responses of ~250 tokens) rescaled by the
     # ratio of mean response lengths, here 14.9 tokens over chosen and rejected as written (14.6 after
@@ -103,12 +110,13 @@ class DemoSettings:
 FULL = DemoSettings()
 QUICK = DemoSettings(
     n_sft=8000, n_pairs=320, n_test=48, n_val=48, sft_epochs=1, alphas=(0.1,), sample_sizes=(96,), seeds=1,
-    max_new_tokens=24, tune_lrs=(1e-4,), curriculum_rounds=2,
+    max_new_tokens=24, tune_lrs=(1e-4,), curriculum_rounds=2, online_methods=("unll",), online_rounds=1,
     tune_knobs=(("dpo", "beta", (0.1,)), ("simpo", "beta", (2.5,)), ("minll", "alpha", (10.0,)),
                 ("unll", "alpha", (0.1, 1.0)), ("conll", "alpha", (0.1,))),
 )
 
 COMPARED_METHODS = ("dpo", "simpo", "minll", "unll", "conll")
+LOSSES_ONLINE = ("dpo", "unll", "minll", "conll", "simpo")  # the order of online rows in the table
 """The paper's preference methods, each trained from the SFT model and compared with it."""
 
 
@@ -312,6 +320,21 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
 
         plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll", runs / "curriculum" / "model" / "config.json",
                  run_curriculum)
+
+        def run_online(method: str, seed: int = seed, runs: Path = runs) -> Any:
+            from dppo.online import OnlineConfig
+
+            return curriculum(CurriculumConfig(
+                rounds=s.online_rounds, method=method, data=str(paths["prefs_train"]), tokenizer=str(paths["tokenizer"]),
+                init=str(sft_model), out=runs / f"online-{method}", pairs="judge",
+                online=OnlineConfig(judge="demo", samples=s.online_samples, temperature=s.online_temperature, seed=seed,
+                                    prompts_per_round=s.n_pairs // s.online_rounds),
+                decode=decode, train={**common(**chosen(method)), "seed": seed}, seed=seed, resume=True),
+                console=log, show_progress=False)
+
+        for m in s.online_methods:
+            plan.add(f"seed {seed}: online {m}, {s.online_rounds} rounds of {s.online_samples} samples",
+                     runs / f"online-{m}" / "model" / "config.json", lambda m=m: run_online(m))
         for a in s.alphas:
             train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed,
                       lambda a=a: chosen("unll", alpha=a))
@@ -507,7 +530,8 @@ def _aggregate(
     table.sort(key=lambda row: _order(row["method"]))
     tuning = json.loads((out / "tune" / "choices.json").read_text()) if (out / "tune" / "choices.json").exists() else {}
     diag_path = out / "diagnostics.json"
-    results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table,
+    online = _online_rounds(out, s)
+    results = {"settings": asdict(s), "seeds": s.seeds, "seconds": round(seconds, 1), "table": table, "online": online,
                "paper": PAPER, "diagnostics": json.loads(diag_path.read_text()) if diag_path.exists() else {},
                "tuning": tuning, "versions": _versions(),
                "world_version": json.loads((out / "world" / "world.json").read_text()).get("version"),
@@ -519,9 +543,32 @@ def _aggregate(
     return results
 
 
+def _online_rounds(out: Path, s: DemoSettings) -> dict[str, list[dict[str, Any]]]:
+    """Per online method and round, the means over seeds of what its curriculum.json records: the
+    judge's mean score of the entering policy's samples and greedy answers, pairs, ties, wrong votes."""
+    keys = ("mean_sample_score", "mean_ygen_score", "pairs", "tied_share", "wrong_vote_fraction", "sample_s", "judge_s",
+            "prep_s", "reference_s", "train_s")
+    found: dict[str, list[dict[str, Any]]] = {}
+    for m in s.online_methods:
+        per_round: dict[int, dict[str, list[float]]] = {}
+        for seed in range(s.seeds):
+            path = out / f"seed{seed}" / "runs" / f"online-{m}" / "curriculum.json"
+            if not path.exists():
+                continue
+            for r in json.loads(path.read_text())["rounds"]:
+                d = per_round.setdefault(r["round"], {k: [] for k in keys})
+                for k in keys:
+                    if r.get(k) is not None:
+                        d[k].append(float(r[k]))
+        if per_round:
+            found[m] = [{"round": k, **{name: (statistics.fmean(v) if v else None) for name, v in d.items()}}
+                        for k, d in sorted(per_round.items())]
+    return found
+
+
 def _order(name: str) -> tuple[int, float, str]:
     """sft, the paper's methods in its order, unll+dpo, then the alpha and data-size sweeps."""
-    main = ["sft", *COMPARED_METHODS, "unll+dpo", "curriculum", "unll-linear"]
+    main = ["sft", *COMPARED_METHODS, "unll+dpo", "curriculum", "unll-linear", *(f"online-{m}" for m in LOSSES_ONLINE)]
     if name in main:
         return (0, main.index(name), "")
     if name.startswith("unll-alpha"):
@@ -569,7 +616,16 @@ def _markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {g['method']} | {g['lr']:g} | {g['knob']} | {g['value']:g} | {_fmt(g['val_win_rate'])} | "
                          f"{_fmt(g.get('val_lc_win_rate'))} | {mark} |")
         lines += ["", "unll+dpo uses dpo's chosen settings; curriculum, unll-linear (alpha from its chosen value to 0) and "
-                      "the alpha and data-size sweeps use unll's."]
+                      "the alpha and data-size sweeps use unll's; online-M uses M's."]
+    for method, rounds in (r.get("online") or {}).items():
+        if rounds and method == next(iter(r["online"])):
+            lines += ["", "## Online rounds (mean over seeds; scores of the policy entering the round)", "",
+                      "| method | round | mean sample score | mean y_gen score | pairs | tied share | wrong votes | "
+                      "seconds: sample / judge / prep / reference / train |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in rounds:
+            secs = " / ".join(_fmt(x.get(k), 1) for k in ("sample_s", "judge_s", "prep_s", "reference_s", "train_s"))
+            lines.append(f"| online-{method} | {x['round']} | {_fmt(x['mean_sample_score'])} | {_fmt(x['mean_ygen_score'])} | "
+                         f"{_fmt(x['pairs'], 0)} | {_fmt(x['tied_share'])} | {_fmt(x['wrong_vote_fraction'])} | {secs} |")
     reused = r.get("stages_reused") or []
     total = f"Total time: {r['seconds']:.0f} s"
     if reused:
@@ -642,6 +698,25 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     # Fig. 3B: distribution of reward differences (main methods, pooled over seeds)
     main = {m: diffs[m] for m in (*COMPARED_METHODS, "unll+dpo") if m in diffs}
     plot_reward_differences(main, out / "fig_reward_diff.png", baseline="sft")
+
+    # judge score of the entering policy against round, per online method (mean over seeds); the
+    # point after the last round is the final model's test-prompt mean score
+    online = r.get("online") or {}
+    if online:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for method, rounds in online.items():
+            ks = [x["round"] for x in rounds]
+            line = ax.plot(ks, [x["mean_sample_score"] for x in rounds], marker="o", label=f"online-{method}: samples")[0]
+            ygen = [x["mean_ygen_score"] for x in rounds]
+            final = rows.get(f"online-{method}", {}).get("mean_judge_score")
+            ax.plot(ks + ([ks[-1] + 1] if final is not None else []), ygen + ([final] if final is not None else []),
+                    marker="s", ls="--", color=line.get_color(), label=f"online-{method}: greedy")
+        ax.set_xlabel("round (last point: the final model, test prompts)")
+        ax.set_ylabel("mean judge score")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "fig_online.png")
+        plt.close(fig)
 
 
 def _n_pairs(out: Path) -> int:
