@@ -243,14 +243,19 @@ def test_an_interrupted_online_run_resumes_to_the_same_end(tmp_path, pairs_file,
 def test_eval_data_gives_a_win_rate_per_round(tmp_path, pairs_file, tok_dir, init_dir):
     """--eval-data: after the round, dppo eval's win rate (and LC win rate) of the round's model
     against --init by the same judge, in curriculum.json and the figure."""
+    rule_file = tmp_path / "my_rule.py"  # a rule-based reward in the user's own file: --judge py:FILE:FUNCTION
+    rule_file.write_text("def reward(prompt, response):\n    return float(len(response) % 3)\n")
+    spec = f"py:{rule_file}:reward"
     cfg = config(tmp_path / "run", pairs_file, tok_dir, init_dir, rounds=1,
-                 online={"eval_data": str(pairs_file), "eval_limit": 6})
+                 online={"judge": spec, "eval_data": str(pairs_file), "eval_limit": 6})
     record = curriculum(cfg, show_progress=False)
+    samples = pq.read_table(tmp_path / "run" / "round_1" / "samples.parquet").to_pylist()
+    assert all(s["score"] == float(len(s["response"]) % 3) for s in samples)
     got = record["rounds"][0]["eval"]
     res = json.loads((tmp_path / "run" / "round_1" / "eval" / "results.json").read_text())
     row = res["models"][0]
     assert row["path"].endswith("round_1/model") and res["baseline"]["path"] == str(init_dir)
-    assert res["judge"]["spec"] == "rule-len" and row["prompts"] == 6
+    assert res["judge"]["spec"] == spec and row["prompts"] == 6
     assert got["win_rate"] == row["win_rate"] and got["lc_win_rate"] == row["lc_win_rate"] and got["n"] == row["n"]
     assert (tmp_path / "run" / "online.png").stat().st_size > 0
 
@@ -324,3 +329,28 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path, pairs_file, tok_dir
     assert all(torch.equal(a[n], b[n]) for n in a)
     for f in ("samples.parquet", "pairs.parquet", "ygen.parquet"):
         assert pq.read_table(tmp_path / "whole" / "round_2" / f).equals(pq.read_table(tmp_path / "cut" / "round_2" / f))
+
+
+@pytest.mark.slow
+def test_ranks_do_not_change_the_samples(tmp_path, pairs_file, tok_dir, init_dir):
+    """torchrun, 2 gloo ranks: sampling dealt by prompt length and judging by position over the ranks
+    give the files one process gives (samples, scores, pairs, y_gen), row for row."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import one_process, torchrun
+
+    rule_file = tmp_path / "my_rule.py"
+    rule_file.write_text("def reward(prompt, response):\n    return float(len(response) % 3)\n")
+    args = ["curriculum", "--pairs", "judge", "--judge", f"py:{rule_file}:reward", "--samples", str(K), "--rounds", "1",
+            "--method", "dpo", "--data", str(pairs_file), "--tokenizer", str(tok_dir), "--init", str(init_dir),
+            "--prompts-per-round", "10", "--max-new-tokens", str(NEW), "--seed", "5", "--optimizer", "sgd", "--lr", "0.5",
+            "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0", "--no-progress"]
+    one = one_process([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    for f in ("samples.parquet", "pairs.parquet", "ygen.parquet", "ygen_scores.parquet"):
+        a, b = (pq.read_table(tmp_path / d / "round_1" / f) for d in ("one", "two"))
+        assert a.equals(b), f
+    a, b = (json.loads((tmp_path / d / "curriculum.json").read_text())["rounds"][0] for d in ("one", "two"))
+    for k in ("pairs", "tied", "mean_sample_score", "mean_ygen_score", "judge_failures", "wrong_vote_fraction"):
+        assert a[k] == b[k], k

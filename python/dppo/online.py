@@ -377,7 +377,7 @@ def online_rounds(cfg: Any, *, console: Console | None = None, show_progress: bo
 
         # 5. the entering policy's votes on the pairs, then training
         t = time.perf_counter()
-        wrong = _wrong_votes(policy, shards, cfg)
+        wrong = on_main(dist, _wrong_votes, policy, shards, cfg)  # one rank writes the reference cache
         times["reference_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         ref = init_dir if cfg.round_ref == "init" else policy
