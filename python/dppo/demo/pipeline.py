@@ -384,7 +384,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
                           f"{diag['sft_prefers_rejected']:.1%} of the training pairs (where unll's and conll's penalties "
                           "act).", highlight=False)
         console.print(f"{results['seconds']:.0f} s. Results: {esc(out)}/results.md, results.json, fig_alpha.png, "
-                      f"fig_data_efficiency.png, fig_reward_diff.png; every stage's messages: {esc(out)}/demo.log",
+                      f"fig_data_efficiency.png, fig_reward_diff.png, fig_online.png; every stage's messages: {esc(out)}/demo.log",
                       highlight=False)
     return results
 
@@ -699,19 +699,28 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     main = {m: diffs[m] for m in (*COMPARED_METHODS, "unll+dpo") if m in diffs}
     plot_reward_differences(main, out / "fig_reward_diff.png", baseline="sft")
 
-    # judge score of the entering policy against round, per online method (mean over seeds); the
-    # point after the last round is the final model's test-prompt mean score
+    # judge score of the entering policy against round, per online method (mean over seeds), on the
+    # round's training prompts; beside them (unconnected) the final model's and the SFT model's mean
+    # score on the test prompts
     online = r.get("online") or {}
     if online:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        last = 0
         for method, rounds in online.items():
             ks = [x["round"] for x in rounds]
+            last = max(last, ks[-1])
             line = ax.plot(ks, [x["mean_sample_score"] for x in rounds], marker="o", label=f"online-{method}: samples")[0]
-            ygen = [x["mean_ygen_score"] for x in rounds]
+            ax.plot(ks, [x["mean_ygen_score"] for x in rounds], marker="s", ls="--", color=line.get_color(),
+                    label=f"online-{method}: greedy")
             final = rows.get(f"online-{method}", {}).get("mean_judge_score")
-            ax.plot(ks + ([ks[-1] + 1] if final is not None else []), ygen + ([final] if final is not None else []),
-                    marker="s", ls="--", color=line.get_color(), label=f"online-{method}: greedy")
-        ax.set_xlabel("round (last point: the final model, test prompts)")
+            if final is not None:
+                ax.scatter([ks[-1] + 1], [final], marker="*", s=90, color=line.get_color(),
+                           label=f"online-{method}: final model, test prompts")
+        sft = rows.get("sft (baseline)", {}).get("mean_judge_score")
+        if sft is not None:
+            ax.scatter([last + 1], [sft], marker="x", color="grey", label="sft, test prompts")
+        ax.set_xticks(range(1, last + 2))
+        ax.set_xlabel("round (entering policy, training prompts); last: after training")
         ax.set_ylabel("mean judge score")
         ax.legend(fontsize=8)
         fig.tight_layout()
