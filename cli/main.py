@@ -84,8 +84,11 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: object, **kwargs: object) -> object:
         from dppo.errors import USER_ERRORS, storage_error_line
 
+        from dppo.console import library_output_to
+
         try:
-            return fn(*args, **kwargs)
+            with library_output_to(_log_file(fn.__name__, args, kwargs)):
+                return fn(*args, **kwargs)
         except USER_ERRORS as e:
             print_error(f"{_rank()}{e}")
             raise typer.Exit(1) from None
@@ -103,6 +106,18 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _log_file(name: str, args: tuple, kwargs: dict) -> Path | None:
+    """Where a command's library warnings and messages go (torch's, transformers', peft's): OUT/COMMAND.log
+    (``dppo generate``: OUT.log beside its output file); None (left as they are) without --out, and
+    for the launcher (each rank it starts logs for itself)."""
+    out = _out_option(args, kwargs)
+    command = name.removesuffix("_cmd").lstrip("_").split("_")[0]
+    if out is None or command == "launch":
+        return None
+    out = Path(str(out))
+    return out.with_name(out.name + ".log") if command == "generate" else out / f"{command}.log"
 
 
 def _out_option(args: tuple, kwargs: dict) -> object:

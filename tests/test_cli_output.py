@@ -295,3 +295,42 @@ def test_tables_are_never_cut_on_a_file():
     for name in names:
         assert name in text, text
     assert "…" not in text and "..." not in text
+
+
+# -- other libraries' warnings and bars go to the command's log file -------------------------------------------------
+
+
+@pytest.mark.filterwarnings("default")
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "curriculum", "demo", "prep"])
+def test_library_warnings_go_to_the_log_file(command, monkeypatch, tmp_path):
+    import logging
+    import warnings
+
+    target, args = COMMANDS[command]
+    module, name = target.rsplit(".", 1)
+
+    def chatty(*a, **k):
+        warnings.warn("torch.distributed is disabled, so this rank saves alone", UserWarning)
+        logging.getLogger("transformers.modeling_utils").warning("Some weights were not initialized [lm_head]")
+        logging.getLogger("peft.tuners.lora").warning("Already found a peft_config attribute in the model")
+        from transformers.utils import logging as hf_logging
+
+        assert not hf_logging.is_progress_bar_enabled()  # no "Loading weights" bars on the terminal
+        return {}
+
+    monkeypatch.setattr(f"{module}.{name}", chatty)
+    monkeypatch.chdir(tmp_path)
+    r = _invoke(args)
+    assert r.exit_code == 0, r.output
+    for text in ("torch.distributed is disabled", "Some weights were not initialized", "peft_config"):
+        assert text not in r.output, r.output
+    out = tmp_path / args[args.index("--out") + 1]
+    log = out.with_name(out.name + ".log") if command == "generate" else out / f"{command}.log"
+    logged = log.read_text()
+    assert "UserWarning: torch.distributed is disabled" in logged
+    assert "Some weights were not initialized [lm_head]" in logged and "peft_config" in logged
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # as it was, once the command is over
+    assert logging.getLogger("transformers").handlers != [] and not any(
+        getattr(h, "stream", None) is not None and getattr(h.stream, "path", None) == log for h in logging.getLogger("transformers").handlers)

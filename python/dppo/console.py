@@ -64,15 +64,20 @@ def library_output_to(log: IO[str] | str | os.PathLike[str] | None) -> Iterator[
     open text file or a path, appended to; ``None``: dropped), and transformers' and
     huggingface_hub's progress bars ("Loading weights") are off. dppo's own messages are untouched."""
     own = False
-    stream: IO[str] | None
+    stream: Any
     if log is None:
         stream = None
     elif isinstance(log, (str, os.PathLike)):
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(log, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        stream = _LazyLog(Path(log))
         own = True
     else:
         stream = log
+    try:  # transformers sets up its loggers once, on first use: before they are redirected here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers")
+    except ImportError:  # pragma: no cover
+        pass
 
     def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if stream is not None:
@@ -121,3 +126,34 @@ def _library_bars_off() -> Any:
     except ImportError:  # pragma: no cover
         pass
     return lambda: [f() for f in undo]
+
+
+class _LazyLog:
+    """A log file opened (appended to) at its first write, so that a command that logs nothing leaves
+    no file; a file that cannot be written (a read-only or full disk) drops the text instead of
+    failing the command."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: IO[str] | None = None
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            return 0
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self.file.write(text)
+            self.file.flush()
+        except OSError:
+            self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
