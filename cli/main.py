@@ -3,6 +3,7 @@ errors the user can fix are printed as one red line (exit code 1), never as a tr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -87,7 +88,8 @@ def user_errors(fn: F) -> F:
         from dppo.console import library_output_to
 
         try:
-            with library_output_to(_log_file(fn.__name__, args, kwargs)):
+            log = _log_file(fn.__name__, args, kwargs)
+            with library_output_to(log) if log is not None else contextlib.nullcontext():
                 return fn(*args, **kwargs)
         except USER_ERRORS as e:
             print_error(f"{_rank()}{e}")
