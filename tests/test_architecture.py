@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "python" / "dppo"
 SHARED = ("dppo._lazy", "dppo.errors", "dppo.engine", "dppo.artifacts", "dppo.modeling", "dppo.distributed",
-          "dppo.synthetic")
+          "dppo.synthetic", "dppo.console")
 STAGES = ("dppo.data", "dppo.train", "dppo.generate", "dppo.eval")  # in pipeline order
 
 
