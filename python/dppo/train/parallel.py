@@ -17,6 +17,7 @@ here is a pure function of the step's examples, so the ranks agree without talki
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,7 +77,9 @@ def wrap(module: torch.nn.Module, lm: torch.nn.Module, kind: str, device: torch.
             precision == "bf16" and device.type == "cuda") else MixedPrecisionPolicy()
         for layer in decoder_layers(lm):
             fully_shard(layer, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+        # the root's inputs hold no floating-point tensor (the step's inputs, example ids, the token
+        # counts it adds to): casting them would copy every dataclass among them, the counts included
+        fully_shard(module, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
         return module
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
