@@ -705,6 +705,19 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_in_one_line_and_resume_conti
     _check_full_disk_then_resume(run, opts, error, monkeypatch)
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_on_the_command_line(tmp_path, monkeypatch, init_dir, pair_shards):
+    from dppo.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda folder: 4096)
+    run = tmp_path / "run"
+    args = _flags(dict(method="dpo", data=pair_shards, init=init_dir, max_samples=4, max_steps=1), run)
+    result = CliRunner().invoke(_app(), [*args, "--save-every", "1"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().endswith(errors[0]), result.output  # one line, no traceback
+    assert f"{run / 'checkpoints'}" in errors[0] and "no space left" in errors[0]
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_real_full_disk_keeps_earlier_checkpoints_and_resume_continues(tmp_path, init_dir, pair_shards):
     import errno

@@ -261,9 +261,9 @@ def _disk_error(error: BaseException | None, folder: Path, final: Path, *, full:
     if code is not None:
         why = "no space left on device" if code == errno.ENOSPC else os.strerror(code).lower()
         return OSError(code, f"{why}: checkpoint {final.name} was not written; the earlier checkpoints are intact "
-                             f"(free space, then --resume)", str(folder))
+                             f"(free space, then --resume)", str(final))
     if error is None:
-        return OSError(errno.EIO, f"another rank could not write its part of checkpoint {final.name}", str(folder))
+        return OSError(errno.EIO, f"another rank could not write its part of checkpoint {final.name}", str(final))
     return error
 
 
