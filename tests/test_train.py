@@ -745,3 +745,21 @@ def test_a_real_full_disk_keeps_earlier_checkpoints_and_resume_continues(tmp_pat
         assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_score_pairs_fills_the_cache_a_training_run_reads(tmp_path, init_dir, pair_shards, capsys):
+    import shutil
+
+    from dppo.train import score_pairs
+
+    shards = tmp_path / "shards"
+    shutil.copytree(pair_shards, shards, ignore=shutil.ignore_patterns("refcache"))
+    scored = score_pairs(init_dir, shards, range(4), dtype="fp32", device="cpu")
+    assert not scored.hit and np.isfinite(scored.chosen[:4]).all() and np.isnan(scored.chosen[4:]).all()
+    with torch.no_grad():  # the values: each pair's responses under the model, as the trainer's forward gives them
+        model, ex = load_model(init_dir, dtype="fp32", device="cpu"), open_shards(shards)[2]
+        want = sequence_logps(model, PackedBatch.from_sequences([(ex["prompt_ids"], ex["chosen_ids"])])).sums[0]
+    assert scored.chosen[2] == pytest.approx(float(want), abs=1e-5)
+    run_train(tmp_path / "run", method="dpo", data=str(shards), init=str(init_dir), ref=str(init_dir), max_samples=4,
+              max_steps=1)
+    assert "reference log-probs (train, 4 pairs) reused" in capsys.readouterr().err.replace("\n", " ")
