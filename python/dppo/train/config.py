@@ -171,8 +171,10 @@ class TrainConfig:
         for name in ("method", "data", "init", "out"):
             if getattr(self, name) in (None, ""):
                 raise ConfigError(f"missing {_flag(name)} (on the command line or as `{name}` in the --config file)")
-        if self.method not in LOSSES:
-            raise ConfigError(f"{_flag('method')} must be one of {'|'.join(LOSSES)}, got {self.method!r}")
+        try:
+            loss_spec(self.method)  # the one place a method name is resolved
+        except ValueError:
+            raise ConfigError(f"{_flag('method')} must be one of {'|'.join(LOSSES)}, got {self.method!r}") from None
         self._check_types()
         object.__setattr__(self, "loss_options", _resolve_loss_options(self.method, self.loss_options))
         for name in ("data", "init", "out", "ref", "tokenizer", "eval_data"):

@@ -17,7 +17,8 @@ declarations. Adding a loss with an option of its own is one pure function and o
 
     register_loss("scaled", LossSpec(scaled_margin, needs_reference=False, options=(BETA.with_default(0.1), SCALE)))
 
-after which ``dppo train --method scaled --scale 3`` works. Options several losses share (``BETA``,
+after which ``TrainConfig(method="scaled", scale=3.0, ...)`` trains it, and, declared by an installed
+package (below), ``dppo train --method scaled --scale 3`` does. Options several losses share (``BETA``,
 ``ALPHA``, ``WEIGHT``, ...) are declared once below and listed by each entry that uses them, with
 the entry's own default where it differs (``BETA.with_default(2.5)``); an option may also be named by
 its string (``options=("beta",)``). Other packages add losses through the ``dppo.losses``
@@ -370,7 +371,11 @@ def _per_method(values: Mapping[str, Any]) -> str:
 
 
 def register_loss(name: str, spec: LossSpec, *, overwrite: bool = False) -> None:
-    """Make ``name`` a method of ``dppo train`` (``--method name``), with the options ``spec`` declares.
+    """Make ``name`` a method of ``dppo train`` (``--method name``), with the options ``spec`` declares::
+
+        register_loss("scaled", LossSpec(scaled_margin, needs_reference=False,
+                                         options=(BETA.with_default(0.1), Option("scale", float, 1.0, "Margin multiplier"))))
+        TrainConfig(method="scaled", scale=3.0, data=..., init=..., out=...)
 
     An option declared by another entry under the same name must agree with it in type, choices,
     range and condition (defaults, help and paper values may differ); an option may not take the
@@ -398,7 +403,12 @@ def register_loss(name: str, spec: LossSpec, *, overwrite: bool = False) -> None
 
 
 def loss_spec(method: str) -> LossSpec:
-    """The registry's entry for ``method``; ``ValueError`` naming the known ones otherwise."""
+    """The registry's entry for ``method``; ``ValueError`` naming the known ones otherwise.
+
+    The one place a method name is resolved (``TrainConfig``, ``LossConfig``, the trainer's
+    objective): a composed name (terms of several entries with weights) can resolve here to one
+    entry whose options are the union of its terms' declarations, which agree by name.
+    """
     if method not in LOSSES:
         raise ValueError(f"method must be one of {'|'.join(LOSSES)}, got {method!r}")
     return LOSSES[method]
