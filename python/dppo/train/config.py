@@ -177,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"{_flag('method')} must be one of {'|'.join(LOSSES)}, got {self.method!r}") from None
         self._check_types()
         object.__setattr__(self, "loss_options", _resolve_loss_options(self.method, self.loss_options))
+        for name in known_options():  # plain attributes: read at no cost (None where the method does not use it)
+            object.__setattr__(self, name, self.loss_options.get(name))
         for name in ("data", "init", "out", "ref", "tokenizer", "eval_data"):
             value = getattr(self, name)
             if value is not None:

@@ -321,14 +321,22 @@ LOSSES: dict[str, LossSpec] = {
 BUILTIN = tuple(LOSSES)
 
 
+_known: tuple[tuple, dict[str, Option]] = ((), {})
+
+
 def known_options() -> dict[str, Option]:
     """Every option a registered loss declares, by name, in registration order (the first
-    declaration of a name stands for it: its help and kind; defaults are per entry)."""
-    out: dict[str, Option] = {}
-    for spec in LOSSES.values():
-        for opt in spec.options:
-            out.setdefault(opt.name, opt)  # type: ignore[union-attr, arg-type]
-    return out
+    declaration of a name stands for it: its help and kind; defaults are per entry). Cached until
+    the registry changes; do not modify the returned dict."""
+    global _known
+    state = tuple(map(id, LOSSES.values()))
+    if state != _known[0]:
+        out: dict[str, Option] = {}
+        for spec in LOSSES.values():
+            for opt in spec.options:
+                out.setdefault(opt.name, opt)  # type: ignore[union-attr, arg-type]
+        _known = (state, out)
+    return _known[1]
 
 
 def option_users(name: str) -> list[str]:
