@@ -315,6 +315,50 @@ def test_ygen_response_ids_are_stored_as_generated(tmp_path, tok_dir, hf_tokeniz
     assert ex["ygen_ids"].tolist() == hf_tokenizer.encode(texts[1], add_special_tokens=False) + end
 
 
+def test_pair_ids_are_stored_as_generated(tmp_path, tok_dir, hf_tokenizer, pairs_file, pairs_rows):
+    """PrepConfig(pair_ids=FILE): chosen and rejected stored as the ids given (framed as y_gen's: the
+    ids, then the template's end of turn), never re-tokenized; a pair without ids, or with an id
+    outside the vocabulary, is tokenized from its text (counted); another tokenizer's ids are not used."""
+    from rich.console import Console
+
+    def text(msgs):
+        return msgs[-1]["content"]
+
+    rows = []
+    for i, r in enumerate(pairs_rows[:-1]):  # the last pair has no ids
+        rows.append({"prompt_id": r["prompt_id"], "chosen_ids": _non_canonical(hf_tokenizer, f"the model answers {i}"),
+                     "rejected_ids": _non_canonical(hf_tokenizer, f"the model answers not {i}")})
+    rows[3]["rejected_ids"] = [10**6]  # unusable: this pair comes from its text
+    path = write_parquet(tmp_path / "ids.parquet", rows)
+    meta = tmp_path / "ids.parquet.meta.json"
+    meta.write_text(json.dumps({"tokenizer": {"fingerprint": engine.Tokenizer(str(tok_dir)).fingerprint}}))
+    s = run("prefs", pairs_file, tok_dir, tmp_path / "o", pair_ids=path, max_len=100_000)
+    n = len(pairs_rows)
+    assert s["pair_ids"] == {"pairs": n - 2, "bad_rows": 1, "duplicates": 0, "from_ids": n - 2, "from_text": 2}
+    end = hf_tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
+    sh = open_shards(tmp_path / "o")
+    assert sh.meta["pair_ids_source"]["used"] == "ids"
+    by_id = {r["prompt_id"]: r for r in rows}
+    for ex, r in zip(sh, pairs_rows):
+        got = by_id.get(r["prompt_id"])
+        if got is None or got["rejected_ids"] == [10**6]:
+            for col, key in (("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
+                assert ex[col].tolist() == hf_tokenizer.encode(text(r[key]), add_special_tokens=False) + end
+        else:
+            assert ex["chosen_ids"].tolist() == got["chosen_ids"] + end
+            assert ex["rejected_ids"].tolist() == got["rejected_ids"] + end
+    meta.write_text(json.dumps({"tokenizer": {"fingerprint": "0000000000000000"}}))
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)  # noqa: SIM115
+    s = prepare(PrepConfig("prefs", str(pairs_file), str(tok_dir), tmp_path / "o2", pair_ids=path, max_len=100_000),
+                console=console, show_progress=False)
+    console.file.close()
+    assert s.get("pair_ids") is None and "chosen_ids/rejected_ids not used" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(SourceError, match="lacks column"):
+        write_parquet(tmp_path / "bad.parquet", [{"prompt_id": "x", "chosen_ids": [1]}])
+        (tmp_path / "bad.parquet.meta.json").write_text(meta.read_text())
+        run("prefs", pairs_file, tok_dir, tmp_path / "o3", pair_ids=tmp_path / "bad.parquet")
+
+
 def test_ygen_ids_outside_the_vocabulary_are_unusable_rows(tmp_path, tok_dir, pairs_file, pairs_rows):
     ygen = [{"prompt_id": r["prompt_id"], "response": "x", "response_ids": [1, 2]} for r in pairs_rows]
     ygen[4]["response_ids"] = [10**6]
