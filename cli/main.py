@@ -161,6 +161,13 @@ TruncatePrompt = Annotated[str, typer.Option("--truncate-prompt", help="Which pa
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first bad row with an error naming it, instead of skipping and counting.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace shards already in the output folder.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars and the summary table.")]
+Turns = Annotated[str, typer.Option("--turns", help="first: a conversation's first exchange only (the paper's reading); all: the whole conversation (SFT: every assistant turn is a label span; prefs: the history shared by chosen and rejected is the prompt).")]
+
+
+def _turns(value: str) -> str:
+    if value not in ("first", "all"):
+        raise typer.BadParameter(f"expected first or all, got {value!r}", param_hint="--turns")
+    return value
 
 
 def _truncate(value: str) -> str:
@@ -211,17 +218,18 @@ def prep_sft(
     percentile: Percentile = 95.0,
     max_prompt_len: MaxPromptLen = None,
     truncate_prompt: TruncatePrompt = "start",
+    turns: Turns = "first",
     strict: Strict = False,
     overwrite: Overwrite = False,
     progress: ShowProgress = True,
 ) -> None:
-    """Chat SFT data in the SmolTalk schema (`messages`): first user and first assistant turn, labels on the assistant turn."""
+    """Chat SFT data in the SmolTalk schema (`messages`): labels on the assistant turn (--turns first: the first exchange; all: every assistant turn of the conversation)."""
     from dppo.data.prep import PrepConfig, prepare
     from dppo.data.sources import DataSource
 
     prepare(PrepConfig("sft", DataSource(data, split, config, revision), tokenizer, out,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
-                       truncate_prompt=_truncate(truncate_prompt), strict=strict, overwrite=overwrite),
+                       truncate_prompt=_truncate(truncate_prompt), turns=_turns(turns), strict=strict, overwrite=overwrite),
             show_progress=progress)
 
 
@@ -240,18 +248,19 @@ def prep_prefs(
     percentile: Percentile = 95.0,
     max_prompt_len: MaxPromptLen = None,
     truncate_prompt: TruncatePrompt = "start",
+    turns: Turns = "first",
     strict: Strict = False,
     overwrite: Overwrite = False,
     progress: ShowProgress = True,
 ) -> None:
-    """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen."""
+    """Preference pairs in the UltraFeedback-binarized schema, joined by prompt_id with y_gen (--turns all: chosen and rejected are whole conversations sharing their history)."""
     from dppo.data.prep import PrepConfig, prepare
     from dppo.data.sources import DataSource
 
     prepare(PrepConfig("prefs", DataSource(data, split, config, revision), tokenizer, out, ygen=ygen,
                        max_len=_max_len(max_len), percentile=percentile, max_prompt_len=max_prompt_len,
-                       truncate_prompt=_truncate(truncate_prompt), strict=strict, allow_missing_ygen=allow_missing_ygen,
-                       overwrite=overwrite), show_progress=progress)
+                       truncate_prompt=_truncate(truncate_prompt), turns=_turns(turns), strict=strict,
+                       allow_missing_ygen=allow_missing_ygen, overwrite=overwrite), show_progress=progress)
 
 
 # -- the other stages, each in its own module ----------------------------------------------------

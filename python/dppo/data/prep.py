@@ -48,6 +48,7 @@ class PrepConfig:
     percentile: float = 95.0
     max_prompt_len: int | None = None
     truncate_prompt: Literal["start", "end"] = "start"  # which part of a too-long user turn is kept
+    turns: Literal["first", "all"] = "first"  # the first exchange (the paper's reading) or the whole conversation
     strict: bool = False
     allow_missing_ygen: bool = False
     overwrite: bool = False
@@ -140,6 +141,11 @@ def _summary_table(title: str, s: dict[str, Any]) -> Table:
     )
     src = s["max_len_from"]
     how = f"p{src['auto']['percentile']:g} of full-sequence lengths" if isinstance(src, dict) else "fixed"
+    if s.get("exchanges_dropped"):
+        t.add_row("exchanges dropped", f"{s['exchanges_dropped']:,} (earliest first) from {s['conversations_shortened']:,} conversations, "
+                  f"{s['exchange_tokens_removed']:,} tokens" + (f"; {s['label_spans_dropped']:,} label spans with them" if s.get("label_spans_dropped") else ""))
+    if s.get("ygen_truncated"):
+        t.add_row("y_gen truncated", f"{s['ygen_truncated']:,} lost {s['ygen_tokens_removed']:,} tokens (keep-start, to the room the pair leaves)")
     t.add_row("max_len", f"{s['max_len']:,} ({how}); prompt <= {s['max_prompt_len']:,}")
     if s.get("boundary_resplit"):
         t.add_row("boundary re-split", f"{s['boundary_resplit']:,}")
@@ -175,6 +181,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         allow_missing_ygen=cfg.allow_missing_ygen,
         overwrite=cfg.overwrite,
         tokenizer_fallback=cfg.tokenizer_fallback,
+        turns=cfg.turns,
     )
     ygen_desc = None
     try:

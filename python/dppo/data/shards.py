@@ -4,7 +4,9 @@
 ``docs/shards.md``) and returns a ``Shards`` object: ``len()``, ``.meta``, and indexing that
 gives one example as numpy arrays (views into the mapped files wherever possible):
 
-* SFT: ``input_ids`` and ``labels`` (-100 on non-assistant tokens);
+* SFT: ``input_ids``, ``labels`` (-100 on non-assistant tokens) and ``spans``, the label spans
+  ``[start, end)`` in ``input_ids`` (one per assistant turn: one with ``--turns first``, every
+  assistant turn of the conversation with ``--turns all``);
 * pairs: ``prompt_id``, ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ygen_ids``
   (``None`` without y_gen), plus ``score_chosen`` / ``score_rejected``.
 
@@ -31,8 +33,8 @@ __all__ = [
 ]
 
 SEG_PROMPT, SEG_RESPONSE, SEG_CHOSEN, SEG_REJECTED, SEG_YGEN = 0, 1, 2, 3, 4
-FLAG_PROMPT_TRUNCATED, FLAG_RESPONSE_TRUNCATED, FLAG_BOUNDARY_RESPLIT = 1, 2, 4
-SHARD_VERSION = 2
+FLAG_PROMPT_TRUNCATED, FLAG_RESPONSE_TRUNCATED, FLAG_BOUNDARY_RESPLIT, FLAG_EXCHANGES_DROPPED = 1, 2, 4, 8
+SHARD_VERSION = 3
 
 _SECTION_DTYPES = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32, "u8": np.uint8}
 
@@ -88,10 +90,13 @@ class Shards:
             raise ShardError(f"{meta_path}: unreadable ({e})") from None
         if self.meta.get("format") != "dppo-shards":
             raise ShardError(f"{meta_path}: not a dppo shard folder")
-        if self.meta.get("version") != SHARD_VERSION:
+        version = self.meta.get("version")
+        if version != SHARD_VERSION:
+            newer = isinstance(version, int) and version > SHARD_VERSION
             raise ShardError(
-                f"{self.path}: written by another dppo (shard format version {self.meta.get('version')}; this dppo "
-                f"reads version {SHARD_VERSION}): prepare the data again with `dppo prep ... --overwrite`"
+                f"{self.path}: written by {'a newer' if newer else 'an older'} dppo (shard format version {version}; "
+                f"this dppo reads version {SHARD_VERSION}): "
+                + ("upgrade dppo" if newer else "prepare the data again with `dppo prep ... --overwrite`")
             )
         self.kind: str = self.meta["kind"]
         self._shards: list[_Shard] = []
@@ -128,11 +133,15 @@ class Shards:
         prompt = parts[SEG_PROMPT]
         row = int(shard.arrays["ex_row"][j])
         if self.kind == "sft":
-            resp = parts[SEG_RESPONSE]
-            input_ids = np.concatenate([prompt, resp]).astype(np.int64)
-            labels = input_ids.copy()
-            labels[: len(prompt)] = -100
-            return {"input_ids": input_ids, "labels": labels, "source_row": row}
+            kinds, offs, lens = shard.segments(j)
+            a, b = int(offs[0]), int(offs[-1]) + int(lens[-1])  # an example's segments are contiguous
+            input_ids = shard.tokens[a:b].astype(np.int64)
+            labels = np.full(len(input_ids), -100, dtype=np.int64)
+            starts = offs.astype(np.int64) - a
+            spans = [(int(s), int(s + n)) for k, s, n in zip(kinds, starts, lens) if k == SEG_RESPONSE]
+            for s, e in spans:
+                labels[s:e] = input_ids[s:e]
+            return {"input_ids": input_ids, "labels": labels, "spans": spans, "source_row": row}
         scores = shard.arrays["ex_scores"][2 * j : 2 * j + 2]
         return {
             "prompt_id": shard.prompt_id(j),
@@ -150,17 +159,26 @@ class Shards:
             yield self[i]
 
     def lengths(self) -> dict[str, np.ndarray]:
-        """Per-example segment lengths (int64), e.g. ``{"prompt": ..., "chosen": ..., ...}``."""
+        """Per-example segment lengths (int64), e.g. ``{"prompt": ..., "chosen": ..., ...}``. For a
+        whole SFT conversation, ``prompt`` is the sum of its context segments and ``response`` the
+        sum of its label spans (the tokens its loss counts)."""
         names = {SEG_PROMPT: "prompt", SEG_RESPONSE: "response", SEG_CHOSEN: "chosen", SEG_REJECTED: "rejected", SEG_YGEN: "ygen"}
         out: dict[str, list[np.ndarray]] = {}
         for shard in self._shards:
             kinds = shard.arrays["seg_kind"]
             lens = shard.arrays["seg_len"].astype(np.int64)
+            owner = np.repeat(np.arange(shard.n_examples), np.diff(shard.arrays["ex_seg_off"].astype(np.int64)))
             for code, name in names.items():
-                sel = lens[kinds == code]
-                if len(sel):
-                    out.setdefault(name, []).append(sel)
+                sel = kinds == code
+                if sel.any():
+                    out.setdefault(name, []).append(np.bincount(owner[sel], weights=lens[sel], minlength=shard.n_examples).astype(np.int64))
         return {k: np.concatenate(v) for k, v in out.items()}
+
+    def spans(self, i: int) -> list[tuple[int, int]]:
+        """The label spans ``[start, end)`` of SFT example ``i`` in its ``input_ids``."""
+        if self.kind != "sft":
+            raise ValueError(f"{self.path}: {self.kind} shards have no label spans (chosen and rejected are whole responses)")
+        return self[i]["spans"]
 
     def fingerprint(self) -> str:
         """16 hex digits identifying the folder's contents: the index headers carry the checksums of

@@ -152,7 +152,7 @@ def ygen_to_run(plan: YgenPlan, loss_cfg: LossConfig, refs: dict[str, torch.Tens
 def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | None = None) -> LogProbs:
     """Policy (and cached reference) log-probabilities of examples ``ids``, as :class:`LogProbs`.
 
-    SFT: one sequence per example (prompt, response). Pairs: (prompt, chosen) and (prompt, rejected)
+    SFT: one sequence per example, its label spans counted. Pairs: (prompt, chosen) and (prompt, rejected)
     of every example in one packed row, plus (prompt, y_gen) of the examples :func:`ygen_to_run`
     picks, and after the forward a second row for those the policy's vote needs beyond them.
     Differentiable when grad is enabled.
@@ -160,11 +160,8 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
     shards = inputs.shards
     examples = [shards[int(i)] for i in ids]
     if shards.kind == "sft":
-        seqs = []
-        for ex in examples:
-            n_prompt = int((ex["labels"] == -100).sum())
-            seqs.append((ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:]))
-        out = _run(inputs, seqs, counts)
+        # every label span of the example counts (each assistant turn of a whole conversation)
+        out = _run(inputs, PackedBatch.from_token_masks([(ex["input_ids"], ex["labels"] != -100) for ex in examples]), counts)
         return LogProbs(policy_chosen=out.sums.clone(), n_chosen=out.counts.clone())
 
     b = len(examples)

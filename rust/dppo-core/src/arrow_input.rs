@@ -202,9 +202,15 @@ fn require<'a>(batch: &'a RecordBatch, name: &str, what: &str) -> Result<&'a Arr
     })
 }
 
-fn f64_col(array: Option<&ArrayRef>) -> impl Fn(usize) -> Option<f64> + '_ {
+/// A score column: `Ok(value)` per row (None when null or absent), `Err(())` where a value is
+/// present but not a number (a column of another type).
+fn f64_col(array: Option<&ArrayRef>) -> impl Fn(usize) -> std::result::Result<Option<f64>, ()> + '_ {
     let cast = array.and_then(|a| arrow_cast_f64(a));
-    move |i| cast.as_ref().and_then(|v| v.get(i).copied().flatten())
+    move |i| match (&cast, array) {
+        (Some(v), _) => Ok(v.get(i).copied().flatten()),
+        (None, Some(a)) if a.data_type() != &DataType::Null && !a.is_null(i) => Err(()),
+        _ => Ok(None),
+    }
 }
 
 fn arrow_cast_f64(a: &ArrayRef) -> Option<Vec<Option<f64>>> {
@@ -219,6 +225,12 @@ fn arrow_cast_f64(a: &ArrayRef) -> Option<Vec<Option<f64>>> {
         DataType::Float32 => prim!(Float32Type),
         DataType::Int64 => prim!(Int64Type),
         DataType::Int32 => prim!(Int32Type),
+        DataType::Int16 => prim!(Int16Type),
+        DataType::Int8 => prim!(Int8Type),
+        DataType::UInt64 => prim!(UInt64Type),
+        DataType::UInt32 => prim!(UInt32Type),
+        DataType::UInt16 => prim!(UInt16Type),
+        DataType::UInt8 => prim!(UInt8Type),
         _ => None,
     }
 }
@@ -252,8 +264,12 @@ fn jsonl_objects(batch: &RecordBatch) -> Option<Vec<Option<serde_json::Map<Strin
     })
 }
 
-fn value_f64(v: Option<&serde_json::Value>) -> Option<f64> {
-    v.and_then(|x| x.as_f64())
+/// A score of a jsonl row: `Err(())` when present but not a number.
+fn value_f64(v: Option<&serde_json::Value>) -> std::result::Result<Option<f64>, ()> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).ok_or(()),
+    }
 }
 
 fn value_id(v: Option<&serde_json::Value>) -> RawStr {
@@ -288,13 +304,15 @@ pub fn pair_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPairRow>>
             .enumerate()
             .map(|(i, o)| {
                 let get = |k: &str| o.as_ref().and_then(|m| m.get(k));
+                let (sc, sr) = (value_f64(get("score_chosen")), value_f64(get("score_rejected")));
                 RawPairRow {
                     row: first_row + i as u64,
                     prompt_id: value_id(get("prompt_id")),
                     chosen: value_messages(get("chosen")),
                     rejected: value_messages(get("rejected")),
-                    score_chosen: value_f64(get("score_chosen")),
-                    score_rejected: value_f64(get("score_rejected")),
+                    score_error: sc.is_err() || sr.is_err(),
+                    score_chosen: sc.unwrap_or(None),
+                    score_rejected: sr.unwrap_or(None),
                     invalid: o.is_none(),
                 }
             })
@@ -307,14 +325,18 @@ pub fn pair_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPairRow>>
     let sc = f64_col(batch.column_by_name("score_chosen"));
     let sr = f64_col(batch.column_by_name("score_rejected"));
     Ok((0..batch.num_rows())
-        .map(|i| RawPairRow {
-            row: first_row + i as u64,
-            prompt_id: pid.get_id(i),
-            chosen: chosen.get(i),
-            rejected: rejected.get(i),
-            score_chosen: sc(i),
-            score_rejected: sr(i),
-            invalid: false,
+        .map(|i| {
+            let (c, r) = (sc(i), sr(i));
+            RawPairRow {
+                row: first_row + i as u64,
+                prompt_id: pid.get_id(i),
+                chosen: chosen.get(i),
+                rejected: rejected.get(i),
+                score_error: c.is_err() || r.is_err(),
+                score_chosen: c.unwrap_or(None),
+                score_rejected: r.unwrap_or(None),
+                invalid: false,
+            }
         })
         .collect())
 }

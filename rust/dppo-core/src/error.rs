@@ -19,6 +19,8 @@ pub enum PrepError {
     Corrupt { path: PathBuf, reason: String },
     #[error("{0}")]
     Config(String),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 pub type Result<T> = std::result::Result<T, PrepError>;

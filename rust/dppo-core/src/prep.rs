@@ -34,11 +34,11 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::error::{IoContext, PrepError, Result};
-use crate::record::{first_exchange, pair, RawPairRow, RawSftRow, Skip};
+use crate::record::{conversation, first_exchange, pair, pair_conversations, RawPairRow, RawSftRow, Skip, Turns};
 use crate::shard::{self, SegKind, ShardStats, ShardWriter};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
-use crate::truncate::{shorten_prompt, truncate_example, KeepPart, Limits, PromptLayout};
+use crate::truncate::{shorten_prompt, truncate_conversation, truncate_pair, ConvLayout, KeepPart, Limits, PromptLayout};
 
 /// What kind of data a run prepares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub struct PrepOptions {
     pub allow_missing_ygen: bool,
     /// A new shard starts once this many tokens are written.
     pub shard_max_tokens: u64,
+    /// The first exchange of each conversation, or the whole conversation.
+    pub turns: Turns,
 }
 
 impl Default for PrepOptions {
@@ -82,6 +84,7 @@ impl Default for PrepOptions {
             strict: false,
             allow_missing_ygen: false,
             shard_max_tokens: 256 << 20,
+            turns: Turns::First,
         }
     }
 }
@@ -137,14 +140,28 @@ enum Reply<'a> {
     Ids(&'a [u32]),
 }
 
+/// A whole conversation, tokenized (see [`Encoder::encode_whole`]).
+struct Whole {
+    ids: Vec<u32>,
+    conv: ConvLayout,
+    layout: PromptLayout,
+    fallback: bool,
+    resplit: bool,
+    /// A turn's own rendering (as the last turn) is not a prefix of the conversation's.
+    rerendered: bool,
+}
+
 /// One tokenized example before truncation.
 struct Encoded {
     row: u64,
     id: String,
     prompt: Vec<u32>,
     layout: PromptLayout,
-    /// (kind, ids) per response, in shard order: Response | Chosen, Rejected[, Ygen]
+    /// (kind, ids) per response, in shard order: Response | Chosen, Rejected[, Ygen]. Empty for a
+    /// whole SFT conversation, whose ids are all in `prompt` and its label spans in `conv`.
     responses: Vec<(SegKind, Vec<u32>)>,
+    /// `--turns all`: the exchanges of the conversation (SFT) or of the pair's history.
+    conv: Option<ConvLayout>,
     resplit: bool,
     /// The template did not place the user turn's content verbatim: only the generation header
     /// is protected from truncation.
@@ -154,6 +171,8 @@ struct Encoded {
     /// chosen and rejected came from generated ids (Some(true)) or from text (Some(false)).
     pair_from_ids: Option<bool>,
     scores: [f32; 2],
+    /// See [`Whole::rerendered`].
+    rerendered: bool,
 }
 
 #[derive(Default)]
@@ -163,6 +182,7 @@ struct Counts {
     skipped: BTreeMap<Skip, u64>,
     boundary_resplit: u64,
     frame_fallback: u64,
+    rerendered: u64,
     untruncated_tokens: u64,
     ygen_missing_examples: Vec<String>,
     ygen_bad_rows: u64,
@@ -243,15 +263,169 @@ impl Encoder {
         Ok((PromptLayout { head: head.len() as u32, tail: tail.len() as u32, pieces }, false))
     }
 
-    /// Tokenize a prompt and its responses; see the module docs for the response rule.
-    fn encode(&self, prompt_msgs: &[Message], responses: &[(SegKind, Reply<'_>)]) -> std::result::Result<Encoded, Skip> {
+    /// The ids of `text` and the token position of each byte offset of `marks`.
+    ///
+    /// Special tokens always split the text, so the ids are those of the pieces between them,
+    /// tokenized one by one. A mark inside a piece lands after the tokens `text[piece..mark]`
+    /// tokenizes to when they are a prefix of the piece's ids; otherwise (a token merged across the
+    /// mark) after their longest common prefix, and its `clean` entry is false.
+    fn encode_marked(&self, text: &str, marks: &[usize]) -> std::result::Result<(Vec<u32>, Vec<u32>, Vec<bool>), Skip> {
+        let mut order: Vec<usize> = (0..marks.len()).collect();
+        order.sort_by_key(|&i| marks[i]);
+        let mut cuts = vec![0];
+        if let Some(ac) = &self.specials {
+            for m in ac.find_iter(text) {
+                cuts.push(m.start());
+                cuts.push(m.end());
+            }
+        }
+        cuts.push(text.len());
+        cuts.dedup();
+        let mut ids: Vec<u32> = Vec::with_capacity(text.len() / 3);
+        let mut pos = vec![0u32; marks.len()];
+        let mut clean = vec![true; marks.len()];
+        let mut next = 0;
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            while next < order.len() && marks[order[next]] <= a {
+                pos[order[next]] = ids.len() as u32;
+                next += 1;
+            }
+            if a >= b {
+                continue;
+            }
+            let piece = self.tokenize(&text[a..b])?;
+            while next < order.len() && marks[order[next]] < b {
+                let i = order[next];
+                let left = self.tokenize(&text[a..marks[i]])?;
+                let common = left.iter().zip(&piece).take_while(|(x, y)| x == y).count();
+                clean[i] = common == left.len();
+                pos[i] = (ids.len() + common) as u32;
+                next += 1;
+            }
+            ids.extend_from_slice(&piece);
+        }
+        for &i in &order[next..] {
+            pos[i] = ids.len() as u32;
+        }
+        Ok((ids, pos, clean))
+    }
+
+    /// A whole conversation `msgs` rendered as `text` (`self.render(msgs, generation)`): its ids,
+    /// the label span of each assistant turn, where its first exchange begins (when it can be
+    /// dropped), and the layout of the prompt of its last turn: `text[..start of the last span]`
+    /// for an SFT conversation (`generation` false), all of `text` for a pair's history.
+    ///
+    /// The label span of assistant turn k runs from the end of `msgs[..k]` rendered with the
+    /// generation header to the end of `msgs[..=k]` rendered without it: both must be prefixes of
+    /// `text` (else `template_not_prefix`).
+    fn encode_whole(&self, msgs: &[Message], text: &str, generation: bool) -> std::result::Result<Whole, Skip> {
+        let render = |m: &[Message], g: bool| self.template.render(m, g).map_err(|_| Skip::TemplateError);
+        let asst: Vec<usize> = msgs.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
+        let mut marks = Vec::with_capacity(2 * asst.len() + 3);
+        let mut rerendered = false;
+        for &k in &asst {
+            let p = render(&msgs[..k], true)?;
+            let f = render(&msgs[..=k], false)?;
+            if !text.starts_with(&p) {
+                return Err(Skip::TemplateNotPrefix);
+            }
+            // A template that writes a turn differently once later turns exist (an end-of-text
+            // after the last turn only): the span ends where the two renderings part.
+            let end = if text.starts_with(&f) {
+                f.len()
+            } else {
+                rerendered = true;
+                let mut common = text.bytes().zip(f.bytes()).take_while(|(a, b)| a == b).count();
+                while !text.is_char_boundary(common) {
+                    common -= 1;
+                }
+                common
+            };
+            if end <= p.len() {
+                return Err(Skip::TemplateNotPrefix);
+            }
+            marks.push(p.len());
+            marks.push(end);
+        }
+        let n = asst.len();
+        let (prompt_msgs, prompt_end) = if generation { (msgs, text.len()) } else { (&msgs[..asst[n - 1]], marks[2 * n - 2]) };
+        let prompt_text = &text[..prompt_end];
+        let content = self.template.content_span(prompt_msgs, prompt_text, true);
+        if let Some((a, b)) = content {
+            marks.push(a);
+            marks.push(b);
+        }
+        // the first exchange can be dropped when the template renders the conversation without it
+        // as the same text with it removed
+        let droppable = if generation { n } else { n - 1 };
+        let mut first_mark = None;
+        if droppable > 0 {
+            let u1 = usize::from(msgs[0].role == "system");
+            let rest: Vec<Message> = msgs[..u1].iter().chain(&msgs[asst[0] + 1..]).cloned().collect();
+            let shorter = render(&rest, generation)?;
+            let after = &text[marks[1]..];
+            if let Some(before) = shorter.strip_suffix(after) {
+                if text.starts_with(before) && before.len() <= marks[0] {
+                    first_mark = Some(marks.len());
+                    marks.push(before.len());
+                }
+            }
+        }
+        let (ids, pos, clean) = self.encode_marked(text, &marks)?;
+        let spans: Vec<(u32, u32)> = (0..n).map(|j| (pos[2 * j], pos[2 * j + 1])).collect();
+        let resplit = !clean[..2 * n].iter().all(|&c| c);
+        let first = first_mark.filter(|&i| clean[i]).map(|i| pos[i]);
+        let prompt_len = if generation { ids.len() } else { spans[n - 1].0 as usize };
+        let (layout, fallback) = match content {
+            Some(_) if clean[2 * n] && clean[2 * n + 1] => (
+                PromptLayout { head: pos[2 * n], tail: (prompt_len as u32).saturating_sub(pos[2 * n + 1]), pieces: None },
+                false,
+            ),
+            _ => self.layout(prompt_msgs, prompt_text, &ids[..prompt_len])?,
+        };
+        Ok(Whole { ids, conv: ConvLayout { first, spans }, layout, fallback, resplit, rerendered })
+    }
+
+    /// A whole SFT conversation (`--turns all`): its ids, every assistant turn a label span.
+    fn encode_conversation(&self, msgs: &[Message]) -> std::result::Result<Encoded, Skip> {
+        let text = self.template.render(msgs, false).map_err(|_| Skip::TemplateError)?;
+        let w = self.encode_whole(msgs, &text, false)?;
+        Ok(Encoded {
+            row: 0,
+            id: String::new(),
+            prompt: w.ids,
+            layout: w.layout,
+            responses: Vec::new(),
+            conv: Some(w.conv),
+            resplit: w.resplit,
+            frame_fallback: w.fallback,
+            ygen_from_ids: None,
+            pair_from_ids: None,
+            scores: [f32::NAN; 2],
+            rerendered: w.rerendered,
+        })
+    }
+
+    /// Tokenize a prompt and its responses; see the module docs for the response rule. `whole`:
+    /// the prompt is a multi-turn history (`--turns all`), whose exchanges are recorded.
+    fn encode(&self, prompt_msgs: &[Message], responses: &[(SegKind, Reply<'_>)], whole: bool) -> std::result::Result<Encoded, Skip> {
         let prompt_text = self.template.render(prompt_msgs, true).map_err(|_| Skip::TemplateError)?;
         let cut = self.tail_start(&prompt_text);
-        let (head, tail) = prompt_text.split_at(cut);
-        let mut prompt = self.tokenize(head)?;
-        let tail_ids = self.tokenize(tail)?;
-        prompt.extend_from_slice(&tail_ids);
-        let (layout, frame_fallback) = self.layout(prompt_msgs, &prompt_text, &prompt)?;
+        let tail_ids = self.tokenize(&prompt_text[cut..])?;
+        let mut conv = None;
+        let mut rerendered = false;
+        let (prompt, layout, frame_fallback) = if whole {
+            let w = self.encode_whole(prompt_msgs, &prompt_text, true)?;
+            conv = Some(w.conv);
+            rerendered = w.rerendered;
+            (w.ids, w.layout, w.fallback)
+        } else {
+            let mut prompt = self.tokenize(&prompt_text[..cut])?;
+            prompt.extend_from_slice(&tail_ids);
+            let (layout, fallback) = self.layout(prompt_msgs, &prompt_text, &prompt)?;
+            (prompt, layout, fallback)
+        };
         let mut resplit = false;
         let mut msgs = prompt_msgs.to_vec();
         let mut out = Vec::with_capacity(responses.len());
@@ -295,18 +469,20 @@ impl Encoder {
             prompt,
             layout,
             responses: out,
+            conv,
             resplit,
             frame_fallback,
             ygen_from_ids: None,
             pair_from_ids: None,
             scores: [f32::NAN; 2],
+            rerendered,
         })
     }
 
     /// The prompt of `messages` (rendered with the generation header, tokenized), shortened to at
     /// most `max_prompt_len` tokens by removing content of its user turn, never template tokens.
     pub fn prompt_ids(&self, messages: &[Message], max_prompt_len: Option<u32>, keep: KeepPart) -> std::result::Result<Vec<u32>, Skip> {
-        let mut ex = self.encode(messages, &[])?;
+        let mut ex = self.encode(messages, &[], false)?;
         if let Some(budget) = max_prompt_len {
             shorten_prompt(&mut ex.prompt, &ex.layout, budget, keep)?;
         }
@@ -449,14 +625,20 @@ impl Preparer {
         if row.invalid {
             return Err(Skip::InvalidJson);
         }
-        let (prompt, resp) = first_exchange(&row.messages)?;
-        let mut ex = self.enc.encode(&prompt, &[(SegKind::Response, Reply::Text(&resp))])?;
+        let mut ex = match self.opts.turns {
+            Turns::First => {
+                let (prompt, resp) = first_exchange(&row.messages)?;
+                self.enc.encode(&prompt, &[(SegKind::Response, Reply::Text(&resp))], false)?
+            }
+            Turns::All => self.enc.encode_conversation(&conversation(&row.messages)?)?,
+        };
         ex.row = row.row;
         Ok(ex)
     }
 
     fn encode_pair(&self, row: &RawPairRow) -> std::result::Result<Encoded, Skip> {
-        let (id, prompt, chosen, rejected) = pair(row)?;
+        let whole = self.opts.turns == Turns::All;
+        let (id, prompt, chosen, rejected) = if whole { pair_conversations(row)? } else { pair(row)? };
         let ygen_msg;
         let generated = self.pair_ids.as_ref().map(|m| m.get(&id));
         let mut responses = match generated {
@@ -475,7 +657,7 @@ impl Preparer {
             }
             ygen_from_ids = Some(y.ids.is_some());
         }
-        let mut ex = self.enc.encode(&prompt, &responses)?;
+        let mut ex = self.enc.encode(&prompt, &responses, whole)?;
         let score = |s: Option<f64>| s.map(|v| v as f32).unwrap_or(f32::NAN);
         ex.row = row.row;
         ex.id = id;
@@ -527,6 +709,7 @@ impl Preparer {
                     self.counts.kept += 1;
                     self.counts.boundary_resplit += ex.resplit as u64;
                     self.counts.frame_fallback += ex.frame_fallback as u64;
+                    self.counts.rerendered += ex.rerendered as u64;
                     match ex.ygen_from_ids {
                         Some(true) => self.counts.ygen_from_ids += 1,
                         Some(false) => self.counts.ygen_from_text += 1,
@@ -536,6 +719,15 @@ impl Preparer {
                         Some(true) => self.counts.pair_ids_from_ids += 1,
                         Some(false) => self.counts.pair_ids_from_text += 1,
                         None => {}
+                    }
+                    if ex.responses.is_empty() {
+                        // a whole SFT conversation: one sequence
+                        let n = ex.prompt.len();
+                        self.counts.untruncated_tokens += n as u64;
+                        if self.hist.len() <= n {
+                            self.hist.resize(n + 1, 0);
+                        }
+                        self.hist[n] += 1;
                     }
                     for (kind, ids) in &ex.responses {
                         let n = ex.prompt.len() + ids.len();
@@ -574,6 +766,17 @@ impl Preparer {
             buf.extend_from_slice(&(*kind as u32).to_le_bytes());
             buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
         }
+        match &ex.conv {
+            None => buf.extend_from_slice(&u32::MAX.to_le_bytes()),
+            Some(c) => {
+                buf.extend_from_slice(&(c.spans.len() as u32).to_le_bytes());
+                buf.extend_from_slice(&c.first.unwrap_or(u32::MAX).to_le_bytes());
+                for &(a, b) in &c.spans {
+                    buf.extend_from_slice(&a.to_le_bytes());
+                    buf.extend_from_slice(&b.to_le_bytes());
+                }
+            }
+        }
         let ids = ex.prompt.iter().chain(pieces).chain(ex.responses.iter().flat_map(|r| r.1.iter()));
         for &t in ids {
             buf.extend_from_slice(&t.to_le_bytes());
@@ -587,8 +790,9 @@ impl Preparer {
     }
 
     /// Pass 2. `extra_meta` (source description, tokenizer name, ...) is merged into meta.json.
-    /// `progress(done, total)` is called as examples are written.
-    pub fn finish(mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64)) -> Result<serde_json::Value> {
+    /// `progress(done, total)` is called as examples are written; when it returns false the run
+    /// stops, its working folder is removed and [`PrepError::Interrupted`] is returned.
+    pub fn finish(mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<serde_json::Value> {
         let result = self.finish_inner(extra_meta, progress);
         if result.is_err() {
             let _ = fs::remove_dir_all(&self.work_dir);
@@ -601,7 +805,7 @@ impl Preparer {
         let _ = fs::remove_dir_all(&self.work_dir);
     }
 
-    fn finish_inner(&mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64)) -> Result<serde_json::Value> {
+    fn finish_inner(&mut self, extra_meta: serde_json::Value, progress: &mut dyn FnMut(u64, u64) -> bool) -> Result<serde_json::Value> {
         let mut spill = self.spill.take().expect("finish called once");
         spill.flush().at(&self.spill_path)?;
         drop(spill);
@@ -646,7 +850,11 @@ impl Preparer {
         for done in 0..total {
             let mut ex = read_spilled(&mut reader, &self.spill_path)?;
             let mut flags = if ex.resplit { shard::FLAG_BOUNDARY_RESPLIT } else { 0 };
-            let cut = match truncate_example(&mut ex.prompt, &ex.layout, &mut ex.responses, limits) {
+            let truncated = match ex.conv.as_mut() {
+                Some(conv) if ex.responses.is_empty() => truncate_conversation(&mut ex.prompt, conv, &ex.layout, limits),
+                conv => truncate_pair(&mut ex.prompt, &ex.layout, conv.as_deref(), &mut ex.responses, limits),
+            };
+            let cut = match truncated {
                 Ok(cut) => cut,
                 Err(skip) => {
                     if self.opts.strict {
@@ -663,10 +871,19 @@ impl Preparer {
             if cut.prompt_truncated() {
                 flags |= shard::FLAG_PROMPT_TRUNCATED;
             }
-            if cut.response_truncated() {
+            if cut.response_truncated() || cut.ygen_truncated() {
                 flags |= shard::FLAG_RESPONSE_TRUNCATED;
             }
-            t.add(&cut);
+            if cut.exchanges_dropped > 0 {
+                flags |= shard::FLAG_EXCHANGES_DROPPED;
+            }
+            let sft_conversation = ex.conv.is_some() && ex.responses.is_empty();
+            t.add(&cut, sft_conversation);
+            if sft_conversation {
+                t.label_spans += ex.conv.as_ref().map_or(0, |c| c.spans.len() as u64);
+            } else if self.opts.kind == DataKind::Sft {
+                t.label_spans += 1;
+            }
             if writer.as_ref().is_some_and(|w| w.tokens() >= self.opts.shard_max_tokens) {
                 shards.push(writer.take().unwrap().finish()?);
             }
@@ -674,11 +891,31 @@ impl Preparer {
                 let name = format!("shard-{:05}", shards.len());
                 writer = Some(ShardWriter::create(&self.work_dir, &name, kind, hflags)?);
             }
-            let mut segs: Vec<(SegKind, &[u32])> = vec![(SegKind::Prompt, &ex.prompt)];
-            segs.extend(ex.responses.iter().map(|(k, ids)| (*k, ids.as_slice())));
+            let mut segs: Vec<(SegKind, &[u32])> = Vec::with_capacity(3);
+            match &ex.conv {
+                Some(conv) if ex.responses.is_empty() => {
+                    // context and label segments in turn: [context, label]+ [context]
+                    let mut at = 0usize;
+                    for &(a, b) in &conv.spans {
+                        let (a, b) = (a as usize, b as usize);
+                        if a > at || segs.is_empty() {
+                            segs.push((SegKind::Prompt, &ex.prompt[at..a]));
+                        }
+                        segs.push((SegKind::Response, &ex.prompt[a..b]));
+                        at = b;
+                    }
+                    if at < ex.prompt.len() {
+                        segs.push((SegKind::Prompt, &ex.prompt[at..]));
+                    }
+                }
+                _ => {
+                    segs.push((SegKind::Prompt, &ex.prompt));
+                    segs.extend(ex.responses.iter().map(|(k, ids)| (*k, ids.as_slice())));
+                }
+            }
             writer.as_mut().unwrap().add(ex.row, &ex.id, &segs, flags, ex.scores)?;
-            if done % 4096 == 4095 || done + 1 == total {
-                progress(done + 1, total);
+            if (done % 4096 == 4095 || done + 1 == total) && !progress(done + 1, total) {
+                return Err(PrepError::Interrupted);
             }
         }
         if let Some(w) = writer.take() {
@@ -721,9 +958,17 @@ impl Preparer {
             "response_tokens_removed": t.response_tokens,
             "response_tokens_removed_max": t.response_tokens_max,
             "ygen_tokens_removed": t.ygen_tokens,
+            "ygen_truncated": t.ygen_truncated,
+            "turns": self.opts.turns.name(),
+            "exchanges_dropped": t.exchanges_dropped,
+            "exchange_tokens_removed": t.exchange_tokens,
+            "conversations_shortened": t.conversations_shortened,
+            "label_spans": t.label_spans,
+            "label_spans_dropped": t.label_spans_dropped,
             "truncate_prompt": self.opts.truncate_prompt.name(),
             "template_frame_fallback": c.frame_fallback,
             "boundary_resplit": c.boundary_resplit,
+            "turns_rendered_differently": c.rerendered,
             "max_len": max_len,
             "max_len_from": max_len_from,
             "max_prompt_len": max_prompt_len,
@@ -857,12 +1102,25 @@ struct Truncated {
     response_tokens: u64,
     response_tokens_max: u64,
     ygen_tokens: u64,
+    ygen_truncated: u64,
+    exchanges_dropped: u64,
+    exchange_tokens: u64,
+    conversations_shortened: u64,
+    label_spans_dropped: u64,
+    label_spans: u64,
 }
 
 impl Truncated {
-    fn add(&mut self, cut: &crate::truncate::Cut) {
+    fn add(&mut self, cut: &crate::truncate::Cut, sft_conversation: bool) {
         let (p, r) = (cut.prompt_removed as u64, cut.response_removed as u64);
-        self.examples += (cut.prompt_truncated() || cut.response_truncated()) as u64;
+        self.examples += (cut.prompt_truncated() || cut.response_truncated() || cut.exchanges_dropped > 0) as u64;
+        self.ygen_truncated += cut.ygen_truncated() as u64;
+        self.exchanges_dropped += cut.exchanges_dropped as u64;
+        self.exchange_tokens += cut.exchange_tokens_removed as u64;
+        self.conversations_shortened += (cut.exchanges_dropped > 0) as u64;
+        if sft_conversation {
+            self.label_spans_dropped += cut.exchanges_dropped as u64;
+        }
         self.prompts += cut.prompt_truncated() as u64;
         self.responses_examples += cut.response_truncated() as u64;
         self.responses += cut.responses_cut as u64;
@@ -882,6 +1140,7 @@ struct Spilled {
     prompt: Vec<u32>,
     layout: PromptLayout,
     responses: Vec<(SegKind, Vec<u32>)>,
+    conv: Option<ConvLayout>,
 }
 
 fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
@@ -912,6 +1171,17 @@ fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
         };
         heads.push((k, u32_(r)? as usize));
     }
+    let n_spans = u32_(r)?;
+    let conv = if n_spans == u32::MAX {
+        None
+    } else {
+        let first = u32_(r)?;
+        let mut spans = Vec::with_capacity(n_spans as usize);
+        for _ in 0..n_spans {
+            spans.push((u32_(r)?, u32_(r)?));
+        }
+        Some(ConvLayout { first: (first != u32::MAX).then_some(first), spans })
+    };
     let mut read_ids = |len: usize| -> Result<Vec<u32>> {
         let mut bytes = vec![0u8; 4 * len];
         r.read_exact(&mut bytes).at(path)?;
@@ -931,6 +1201,7 @@ fn read_spilled(r: &mut impl Read, path: &Path) -> Result<Spilled> {
         prompt,
         layout: PromptLayout { head, tail, pieces },
         responses,
+        conv,
     })
 }
 

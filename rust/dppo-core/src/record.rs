@@ -49,6 +49,8 @@ pub struct RawPairRow {
     pub rejected: RawMessages,
     pub score_chosen: Option<f64>,
     pub score_rejected: Option<f64>,
+    /// A score is present but not a number.
+    pub score_error: bool,
     pub invalid: bool,
 }
 
@@ -67,10 +69,12 @@ pub enum Skip {
     InvalidJson,
     PromptTooLong,
     TokenizerError,
+    NonNumericScore,
+    NotTruncatable,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 12] = [
+    pub const ALL: [Skip; 14] = [
         Skip::MissingField,
         Skip::EmptyContent,
         Skip::NonStringContent,
@@ -83,6 +87,8 @@ impl Skip {
         Skip::InvalidJson,
         Skip::PromptTooLong,
         Skip::TokenizerError,
+        Skip::NonNumericScore,
+        Skip::NotTruncatable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +105,8 @@ impl Skip {
             Skip::InvalidJson => "invalid_json",
             Skip::PromptTooLong => "prompt_too_long",
             Skip::TokenizerError => "tokenizer_error",
+            Skip::NonNumericScore => "non_numeric_score",
+            Skip::NotTruncatable => "not_truncatable",
         }
     }
 
@@ -108,9 +116,11 @@ impl Skip {
             Skip::MissingField => "a required field is missing or null",
             Skip::EmptyContent => "a message has empty content",
             Skip::NonStringContent => "a message content or role is not a string",
-            Skip::BadRoles => "roles must be [system], user, assistant",
+            Skip::BadRoles => "roles must be [system], user, assistant (alternating, ending with assistant for --turns all)",
             Skip::NoAssistantTurn => "the conversation has no assistant turn after the first user turn",
-            Skip::PromptMismatch => "chosen and rejected do not share the same prompt messages",
+            Skip::PromptMismatch => {
+                "chosen and rejected do not share the same prompt messages (with --turns all: every message but the last)"
+            }
             Skip::MissingYgen => "the y_gen file has no response for this prompt_id",
             Skip::TemplateNotPrefix => {
                 "the rendered prompt is not a prefix of the rendered conversation (chat template)"
@@ -122,6 +132,11 @@ impl Skip {
                  header) exceed --max-prompt-len"
             }
             Skip::TokenizerError => "the tokenizer failed on this row's text",
+            Skip::NonNumericScore => "score_chosen or score_rejected is present but not a number",
+            Skip::NotTruncatable => {
+                "the conversation is longer than max_len and its chat template does not render it without its \
+                 earliest exchange as the same text, so no exchange can be dropped"
+            }
         }
     }
 }
@@ -178,16 +193,100 @@ pub fn first_exchange(messages: &RawMessages) -> Result<(Vec<Message>, Message),
     }
 }
 
-/// A validated preference pair: the shared prompt and the two responses.
-pub fn pair(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message), Skip> {
+/// Which turns of a conversation make an example (`--turns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Turns {
+    /// The first exchange only (the paper's reading; the default).
+    #[default]
+    First,
+    /// The whole conversation.
+    All,
+}
+
+impl Turns {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "first" => Some(Self::First),
+            "all" => Some(Self::All),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::First => "first",
+            Self::All => "all",
+        }
+    }
+}
+
+/// A whole conversation: an optional leading system message, then user and assistant turns
+/// alternating, starting with a user turn and ending with an assistant turn. Every message is
+/// validated.
+pub fn conversation(messages: &RawMessages) -> Result<Vec<Message>, Skip> {
+    let list = match messages {
+        RawMessages::Missing | RawMessages::NotAList => return Err(Skip::MissingField),
+        RawMessages::List(l) => l,
+    };
+    if list.is_empty() {
+        return Err(Skip::MissingField);
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let msg = message(m)?;
+        let sys = usize::from(out.first().is_some_and(|f: &Message| f.role == "system"));
+        let want = if i == 0 && msg.role == "system" {
+            "system"
+        } else if (i - sys) % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
+        if msg.role != want {
+            return Err(Skip::BadRoles);
+        }
+        out.push(msg);
+    }
+    match out.last() {
+        Some(m) if m.role == "assistant" => Ok(out),
+        Some(m) if m.role == "user" => Err(Skip::NoAssistantTurn),
+        _ => Err(Skip::BadRoles),
+    }
+}
+
+fn prompt_id(row: &RawPairRow) -> Result<String, Skip> {
     if row.invalid {
         return Err(Skip::InvalidJson);
     }
-    let prompt_id = match &row.prompt_id {
-        RawStr::Str(s) if !s.is_empty() => s.clone(),
-        RawStr::NotString => return Err(Skip::NonStringContent),
-        _ => return Err(Skip::MissingField),
-    };
+    match &row.prompt_id {
+        RawStr::Str(s) if !s.is_empty() => Ok(s.clone()),
+        RawStr::NotString => Err(Skip::NonStringContent),
+        _ => Err(Skip::MissingField),
+    }
+}
+
+/// A validated preference pair of whole conversations (`--turns all`): `chosen` and `rejected`
+/// share every message but their last assistant turn, and that shared history is the prompt.
+pub fn pair_conversations(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message), Skip> {
+    let id = prompt_id(row)?;
+    if row.score_error {
+        return Err(Skip::NonNumericScore);
+    }
+    let mut chosen = conversation(&row.chosen)?;
+    let mut rejected = conversation(&row.rejected)?;
+    let (c, r) = (chosen.pop().unwrap(), rejected.pop().unwrap());
+    if chosen != rejected {
+        return Err(Skip::PromptMismatch);
+    }
+    Ok((id, chosen, c, r))
+}
+
+/// A validated preference pair: the shared prompt and the two responses.
+pub fn pair(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message), Skip> {
+    let prompt_id = prompt_id(row)?;
+    if row.score_error {
+        return Err(Skip::NonNumericScore);
+    }
     let (p_chosen, chosen) = first_exchange(&row.chosen)?;
     let (p_rejected, rejected) = first_exchange(&row.rejected)?;
     if p_chosen != p_rejected {
@@ -250,8 +349,48 @@ mod tests {
             rejected: RawMessages::List(vec![m("user", "v"), m("assistant", "b")]),
             score_chosen: None,
             score_rejected: None,
+            score_error: false,
             invalid: false,
         };
         assert_eq!(pair(&row).unwrap_err(), Skip::PromptMismatch);
+        assert_eq!(pair_conversations(&row).unwrap_err(), Skip::PromptMismatch);
+    }
+
+    #[test]
+    fn conversations_alternate_and_end_with_an_assistant_turn() {
+        let l = RawMessages::List(vec![m("system", "s"), m("user", "u"), m("assistant", "a"), m("user", "v"), m("assistant", "b")]);
+        assert_eq!(conversation(&l).unwrap().len(), 5);
+        let cases = [
+            (vec![m("user", "u"), m("assistant", "a"), m("user", "v")], Skip::NoAssistantTurn),
+            (vec![m("user", "u"), m("assistant", "a"), m("assistant", "b")], Skip::BadRoles),
+            (vec![m("user", "u"), m("assistant", "a"), m("system", "s"), m("assistant", "b")], Skip::BadRoles),
+            (vec![m("system", "s")], Skip::BadRoles),
+            (vec![m("user", "u"), m("assistant", "a"), m("user", " "), m("assistant", "b")], Skip::EmptyContent),
+        ];
+        for (msgs, want) in cases {
+            assert_eq!(conversation(&RawMessages::List(msgs.clone())).unwrap_err(), want, "{msgs:?}");
+        }
+    }
+
+    #[test]
+    fn pair_conversations_share_the_history() {
+        let hist = vec![m("user", "u"), m("assistant", "a"), m("user", "v")];
+        let mut c = hist.clone();
+        c.push(m("assistant", "good"));
+        let mut r = hist.clone();
+        r.push(m("assistant", "bad"));
+        let row = RawPairRow {
+            row: 0,
+            prompt_id: RawStr::Str("p".into()),
+            chosen: RawMessages::List(c),
+            rejected: RawMessages::List(r),
+            score_chosen: Some(1.0),
+            score_rejected: None,
+            score_error: false,
+            invalid: false,
+        };
+        let (id, p, c, r) = pair_conversations(&row).unwrap();
+        assert_eq!((id.as_str(), p.len(), c.content.as_str(), r.content.as_str()), ("p", 3, "good", "bad"));
+
     }
 }

@@ -18,8 +18,9 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::error::{IoContext, PrepError, Result};
 
 pub const MAGIC: &[u8; 8] = b"DPPOSHRD";
-/// Version 2 dropped the packing rows of version 1.
-pub const VERSION: u32 = 2;
+/// Version 2 dropped the packing rows of version 1; version 3 lets an SFT example hold several
+/// context and label segments in turn (a whole conversation, every assistant turn a label span).
+pub const VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 128;
 
 pub const KIND_SFT: u32 = 1;
@@ -29,9 +30,10 @@ pub const KIND_PAIRS: u32 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum SegKind {
-    /// Context: the rendered prompt, never a label.
+    /// Context: the rendered prompt (for a whole SFT conversation, each stretch between two
+    /// assistant turns), never a label.
     Prompt = 0,
-    /// The assistant turn of an SFT example.
+    /// An assistant turn of an SFT example: a label span.
     Response = 1,
     Chosen = 2,
     Rejected = 3,
@@ -43,6 +45,8 @@ pub const FLAG_PROMPT_TRUNCATED: u32 = 1;
 pub const FLAG_RESPONSE_TRUNCATED: u32 = 2;
 /// A response whose ids were not a continuation of the prompt's ids (see `prep`).
 pub const FLAG_BOUNDARY_RESPLIT: u32 = 4;
+/// Whole exchanges were dropped from the start of the conversation (`--turns all`).
+pub const FLAG_EXCHANGES_DROPPED: u32 = 8;
 
 /// Header flags.
 pub const HAS_YGEN: u32 = 1;
@@ -237,8 +241,9 @@ impl ShardWriter {
         self.n_tokens
     }
 
-    /// Append an example. The first segment must be the prompt; the tokens the trainer sees of
-    /// it are the sum over its other segments of (prompt length + segment length).
+    /// Append an example. The first segment must be the prompt. The tokens the trainer sees of a
+    /// pair are the sum over its other segments of (prompt length + segment length); of an SFT
+    /// example, all of its tokens (one sequence).
     pub fn add(
         &mut self,
         row: u64,
@@ -258,7 +263,9 @@ impl ShardWriter {
             self.tok.write_all(bytes).at(&self.tok_path)?;
             self.hasher.update(bytes);
             self.n_tokens += ids.len() as u64;
-            if i > 0 {
+            if self.kind == KIND_SFT {
+                unit += ids.len() as u32;
+            } else if i > 0 {
                 unit += prompt_len + ids.len() as u32;
             }
         }
@@ -350,6 +357,11 @@ pub fn open_index(idx_path: &Path, verify: bool) -> Result<Header> {
         });
     }
     if verify {
+        // SAFETY: the map is read-only, lives only for this checksum and is dropped before we
+        // return; dppo never writes a shard in place (a folder is assembled under a `.partial`
+        // name and renamed), so no other process of ours changes the file while it is mapped. A
+        // foreign writer truncating the file under us could fault the read (SIGBUS): that is the
+        // documented hazard of any memory map, accepted here as numpy's `memmap` accepts it.
         let map = unsafe { memmap2::Mmap::map(&File::open(&tok_path).at(&tok_path)?) }.at(&tok_path)?;
         if xxhash_rust::xxh3::xxh3_64(&map) != header.tok_checksum {
             return Err(PrepError::Corrupt { path: tok_path, reason: "token checksum mismatch".into() });
@@ -413,12 +425,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_two(dir.path());
         let idx = dir.path().join("shard-00000.idx");
-        let mut b = std::fs::read(&idx).unwrap();
-        b[8..12].copy_from_slice(&1u32.to_le_bytes());
-        let hc = xxhash_rust::xxh3::xxh3_64(&b[0..88]);
-        b[88..96].copy_from_slice(&hc.to_le_bytes());
-        std::fs::write(&idx, &b).unwrap();
-        let e = open_index(&idx, false).unwrap_err().to_string();
-        assert!(e.contains("shard-00000.idx") && e.contains("version 1") && e.contains("dppo prep"), "{e}");
+        for old in 1..VERSION {
+            let mut b = std::fs::read(&idx).unwrap();
+            b[8..12].copy_from_slice(&old.to_le_bytes());
+            let hc = xxhash_rust::xxh3::xxh3_64(&b[0..88]);
+            b[88..96].copy_from_slice(&hc.to_le_bytes());
+            let copy = dir.path().join(format!("old-{old}.idx"));
+            std::fs::write(&copy, &b).unwrap();
+            std::fs::copy(dir.path().join("shard-00000.tok"), copy.with_extension("tok")).unwrap();
+            let e = open_index(&copy, false).unwrap_err().to_string();
+            assert!(e.contains(&format!("old-{old}.idx")) && e.contains(&format!("version {old}")) && e.contains("dppo prep"), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 }

@@ -67,6 +67,7 @@ fn pair_row(row: u64, id: &str, user: &str, chosen: &str, rejected: &str) -> Raw
         rejected: RawMessages::List(vec![msg("user", user), msg("assistant", rejected)]),
         score_chosen: Some(8.0),
         score_rejected: Some(2.0),
+        score_error: false,
         invalid: false,
     }
 }
@@ -110,7 +111,7 @@ fn prepare_sft(dir: &Path, llama: bool, rows: &[RawSftRow], opts: PrepOptions) -
     let out = dir.join("out");
     let mut p = Preparer::new(tokenizer(llama), template(llama), PrepOptions { kind: DataKind::Sft, ..opts }, &out, false).unwrap();
     p.feed_sft(rows).unwrap();
-    p.finish(serde_json::json!({}), &mut |_, _| {}).unwrap();
+    p.finish(serde_json::json!({}), &mut |_, _| true).unwrap();
     read_back(&out)
 }
 
@@ -183,7 +184,7 @@ fn a_prompt_whose_template_alone_is_too_long_is_a_counted_skip_or_a_strict_error
     let out = dir.path().join("strict");
     let mut p = Preparer::new(tokenizer(false), template(false), PrepOptions { strict: true, kind: DataKind::Sft, ..opts }, &out, false).unwrap();
     p.feed_sft(&rows).unwrap();
-    let e = p.finish(serde_json::json!({}), &mut |_, _| {}).unwrap_err().to_string();
+    let e = p.finish(serde_json::json!({}), &mut |_, _| true).unwrap_err().to_string();
     assert!(e.contains("row 1") && e.contains("prompt_too_long"), "{e}");
 }
 
@@ -203,7 +204,7 @@ fn ygen_ids_are_stored_as_generated_and_text_is_tokenized() {
         Some(YgenRow { prompt_id: "c".into(), response: text.into(), ids: Some(vec![u32::MAX]) }),
     ]);
     p.feed_pairs(&[pair_row(0, "a", "q one", "yes", "no"), pair_row(1, "b", "q two", "yes", "no")]).unwrap();
-    p.finish(serde_json::json!({}), &mut |_, _| {}).unwrap();
+    p.finish(serde_json::json!({}), &mut |_, _| true).unwrap();
     let (ex, counts) = read_back(&out);
     let end = tok.encode("<|im_end|>\n").unwrap();
     assert_eq!(ex[0][3].0, shard::SegKind::Ygen as u32);
@@ -225,7 +226,7 @@ fn the_spill_round_trips_every_field() {
     let mut p = Preparer::new(tokenizer(false), template(false), PrepOptions { max_len: MaxLen::Fixed(4096), ..Default::default() }, &out, false).unwrap();
     p.feed_pairs(&rows[..20]).unwrap();
     p.feed_pairs(&rows[20..]).unwrap();
-    p.finish(serde_json::json!({"extra": 1}), &mut |_, _| {}).unwrap();
+    p.finish(serde_json::json!({"extra": 1}), &mut |_, _| true).unwrap();
     let (ex, counts) = read_back(&out);
     assert_eq!(ex.len(), 50);
     assert_eq!(counts["truncated"], 0);

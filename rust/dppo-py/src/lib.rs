@@ -13,6 +13,7 @@ use arrow_array::RecordBatch;
 use dppo_core::prep::{encode_prompts as core_encode_prompts, DataKind, Encoder, MaxLen, PrepOptions, Preparer as CorePreparer};
 use dppo_core::template::{ChatTemplate, Message};
 use dppo_core::tokenizer::Tokenizer as CoreTokenizer;
+use dppo_core::record::Turns;
 use dppo_core::truncate::KeepPart;
 use dppo_core::{arrow_input, pack, shard, PrepError};
 use pyo3::create_exception;
@@ -33,7 +34,7 @@ fn err(e: PrepError) -> PyErr {
         PrepError::Io { .. } => StorageError::new_err(msg),
         PrepError::Corrupt { .. } => ShardError::new_err(msg),
         PrepError::Tokenizer(_) | PrepError::Template(_) => TokenizerError::new_err(msg),
-        PrepError::Input(_) | PrepError::BadRow { .. } | PrepError::Config(_) => InputError::new_err(msg),
+        PrepError::Input(_) | PrepError::BadRow { .. } | PrepError::Config(_) | PrepError::Interrupted => InputError::new_err(msg),
     }
 }
 
@@ -179,9 +180,14 @@ fn pack_rows(py: Python<'_>, lengths: Vec<u64>, max_tokens: u64, max_items: usiz
     if max_tokens == 0 {
         return Err(InputError::new_err("the token budget of a micro-batch must be positive"));
     }
-    let clamp = |v: u64| v.min(u32::MAX as u64) as u32;
-    let lens: Vec<u32> = lengths.into_iter().map(clamp).collect();
-    Ok(py.detach(|| pack::best_fit_decreasing(&lens, clamp(max_tokens), max_items)))
+    let too_long = |what: String| InputError::new_err(format!("{what} is over the packing limit of {} tokens", u32::MAX));
+    let budget = u32::try_from(max_tokens).map_err(|_| too_long(format!("the micro-batch token budget {max_tokens}")))?;
+    let lens = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| u32::try_from(v).map_err(|_| too_long(format!("item {i} ({v} tokens)"))))
+        .collect::<PyResult<Vec<u32>>>()?;
+    Ok(py.detach(|| pack::best_fit_decreasing(&lens, budget, max_items)))
 }
 
 /// One preparation run (`dppo prep sft|prefs`): feed Arrow batches, then finish.
@@ -202,7 +208,7 @@ impl Preparer {
     #[new]
     #[pyo3(signature = (kind, tokenizer_dir, out_dir, *, max_len=None, percentile=95.0, max_prompt_len=None,
                         truncate_prompt="start", strict=false, allow_missing_ygen=false, overwrite=false,
-                        shard_max_tokens=256<<20, tokenizer_fallback=false))]
+                        shard_max_tokens=256<<20, tokenizer_fallback=false, turns="first"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
@@ -217,7 +223,9 @@ impl Preparer {
         overwrite: bool,
         shard_max_tokens: u64,
         tokenizer_fallback: bool,
+        turns: &str,
     ) -> PyResult<Self> {
+        let turns = Turns::parse(turns).ok_or_else(|| InputError::new_err(format!("--turns must be first or all, got {turns:?}")))?;
         let kind = match kind {
             "sft" => DataKind::Sft,
             "pairs" | "prefs" => DataKind::Pairs,
@@ -237,6 +245,7 @@ impl Preparer {
             strict,
             allow_missing_ygen,
             shard_max_tokens,
+            turns,
         };
         let inner = CorePreparer::new(Arc::new(tok), template, opts, &out_dir, overwrite).map_err(err)?;
         Ok(Self { inner: Some(inner), kind })
@@ -297,16 +306,31 @@ impl Preparer {
         let extra: serde_json::Value = serde_json::from_str(extra_meta_json)
             .map_err(|e| InputError::new_err(format!("extra metadata is not JSON: {e}")))?;
         let prep = self.inner.take().ok_or_else(|| InputError::new_err("this preparation run is already finished"))?;
-        let summary = py.detach(move || {
-            let mut cb = |done: u64, total: u64| {
-                if let Some(p) = &progress {
-                    Python::attach(|py| {
-                        let _ = p.call1(py, (done, total));
-                    });
-                }
+        // An exception raised by the callback, or a signal (Ctrl-C) seen while it runs, stops the
+        // run: the engine's progress callback returns false, `finish` removes its working folder
+        // and the exception is raised here.
+        let mut raised: Option<PyErr> = None;
+        let summary = py.detach(|| {
+            let mut cb = |done: u64, total: u64| -> bool {
+                Python::attach(|py| {
+                    let outcome = match &progress {
+                        Some(p) => p.call1(py, (done, total)).map(|_| ()),
+                        None => Ok(()),
+                    };
+                    match outcome.and_then(|_| py.check_signals()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            raised = Some(e);
+                            false
+                        }
+                    }
+                })
             };
             prep.finish(extra, &mut cb)
         });
+        if let Some(e) = raised {
+            return Err(e);
+        }
         summary.map(|s| s.to_string()).map_err(err)
     }
 
