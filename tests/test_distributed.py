@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dppo.data import open_shards
 from train_fixtures import *  # noqa: F403
 from train_fixtures import read_metrics
 
@@ -100,6 +101,7 @@ def relative_difference(a: Path, b: Path, init: Path) -> float:
 
 CASES = {
     "sft": {},
+    "sft-all": {},  # whole conversations: every assistant turn labelled
     "dpo": {"beta": 0.1},
     "unll": {"alpha": 1.0, "vote_clip": 20.0},  # the policy's vote: y_gen skipping with the second row
     "conll": {"alpha": 1.0, "vote_clip": 20.0},
@@ -108,12 +110,16 @@ CASES = {
 
 @pytest.mark.parametrize(
     "method,parallel",
-    [pytest.param("unll", "fsdp"), pytest.param("sft", "ddp"),
+    [pytest.param("unll", "fsdp"), pytest.param("sft", "ddp"), pytest.param("sft-all", "fsdp"),
      *[pytest.param(m, p, marks=pytest.mark.slow) for m in CASES for p in ("fsdp", "ddp") if (m, p) not in
-       (("unll", "fsdp"), ("sft", "ddp"))]],
+       (("unll", "fsdp"), ("sft", "ddp"), ("sft-all", "fsdp"))]],
 )
-def test_two_ranks_give_the_update_of_one_process(tmp_path, method, parallel, init_dir, pair_shards, sft_shards):
-    data = fresh(sft_shards if method == "sft" else pair_shards, tmp_path)
+def test_two_ranks_give_the_update_of_one_process(tmp_path, method, parallel, init_dir, pair_shards, sft_shards,
+                                                  sft_all_shards):
+    data = fresh({"sft": sft_shards, "sft-all": sft_all_shards}.get(method, pair_shards), tmp_path)
+    if method == "sft-all":
+        assert max(len(open_shards(data).spans(i)) for i in range(10)) > 1
+        method = "sft"
     # a small token budget: uneven micro-batch counts per rank, the empty ones that keep them in step
     opts = {**CASES[method], "max_tokens_per_batch": 160}
     # the ranks first: they compute (and cache) the reference log-probs themselves, a no-grad pass

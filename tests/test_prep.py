@@ -414,7 +414,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tok_dir):
 
 def test_strict_names_the_first_bad_row(tmp_path, tok_dir):
     src = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_SFT])
-    with pytest.raises(engine.DppoError, match=r"^row 1: a message has empty content \(empty_content\)$"):
+    with pytest.raises(engine.DppoError, match=r"^row 2: a message has empty content \(empty_content\)$"):
         run("sft", src, tok_dir, tmp_path / "o", strict=True)
     assert not (tmp_path / "o").exists()
 
@@ -427,7 +427,7 @@ def test_bad_pairs(tmp_path, tok_dir):
     s = run("prefs", write_parquet(tmp_path / "x.parquet", rows), tok_dir, tmp_path / "o")
     assert s["rows_kept"] == 1
     assert s["dropped"]["prompt_mismatch"] == 1 and s["dropped"]["missing_field"] == 1 and s["dropped"]["no_assistant_turn"] == 1
-    with pytest.raises(engine.DppoError, match=f"row 1 \\(prompt_id {rows[1]['prompt_id']}\\)"):
+    with pytest.raises(engine.DppoError, match=f"row 2 \\(prompt_id {rows[1]['prompt_id']}\\)"):
         run("prefs", tmp_path / "x.parquet", tok_dir, tmp_path / "o2", strict=True)
 
 
@@ -626,3 +626,71 @@ def test_cli_bare_prep_offline_is_one_line(tmp_path, monkeypatch):
     lines = [l for l in r.output.strip().splitlines() if l.strip()]
     text = r.output.replace("\n", "")
     assert len(lines) <= 3 and "tokenizer 'Qwen/Qwen2.5-0.5B'" in text and "HF_HUB_OFFLINE" in text
+
+
+# -- rows users have (datasets folders, scores, y_gen's room) ---------------------------------------
+def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path, tok_dir):
+    import datasets
+
+    rows = testing.sft_rows(20, seed=2)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    s = run("sft", tmp_path / "saved", tok_dir, tmp_path / "o")
+    assert s["rows_in"] == 20 and s["rows_kept"] == 20
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:5]), "test": datasets.Dataset.from_list(rows[5:8])}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert run("sft", tmp_path / "dict", tok_dir, tmp_path / "o2", split="test")["rows_in"] == 3
+    with pytest.raises(SourceError, match="without split 'valid'"):
+        run("sft", tmp_path / "dict", tok_dir, tmp_path / "o3", split="valid")
+
+
+def test_a_non_numeric_score_is_a_bad_row(tmp_path, tok_dir):
+    rows = testing.pair_rows(6, seed=3)
+    rows[2]["score_chosen"] = "high"
+    rows[4]["score_rejected"] = [1]
+    s = run("prefs", write_jsonl(tmp_path / "p.jsonl", rows), tok_dir, tmp_path / "o")
+    assert s["rows_kept"] == 4 and s["dropped"]["non_numeric_score"] == 2
+    with pytest.raises(engine.InputError, match=r"^row 3 .*not a number \(non_numeric_score\)$"):
+        run("prefs", tmp_path / "p.jsonl", tok_dir, tmp_path / "o2", strict=True)
+    for r in rows:
+        r["score_chosen"] = str(r["score_chosen"])
+    s = run("prefs", write_parquet(tmp_path / "p.parquet", rows), tok_dir, tmp_path / "o3")  # a string column
+    assert s["rows_kept"] == 0 or s["dropped"]["non_numeric_score"] > 0
+
+
+def test_a_long_ygen_leaves_the_pairs_prompt_as_it_is(tmp_path, tok_dir, pairs_file, pairs_rows):
+    ygen = [{"prompt_id": r["prompt_id"], "response": " ".join(["word"] * 400)} for r in pairs_rows]
+    write_jsonl(tmp_path / "ygen.jsonl", ygen)
+    s = run("prefs", pairs_file, tok_dir, tmp_path / "with", max_len=120, ygen=tmp_path / "ygen.jsonl")
+    plain = run("prefs", pairs_file, tok_dir, tmp_path / "without", max_len=120)
+    a, b = open_shards(tmp_path / "with"), open_shards(tmp_path / "without")
+    assert [x["prompt_ids"].tolist() for x in a] == [x["prompt_ids"].tolist() for x in b]
+    assert s["prompt_tokens_removed"] == plain["prompt_tokens_removed"]
+    assert s["ygen_truncated"] == len(a) and s["ygen_tokens_removed"] > 0
+    assert all(len(x["prompt_ids"]) + len(x["ygen_ids"]) <= 120 for x in a)
+
+
+def test_a_rounds_prep_counts_only_its_own_pairs(tmp_path, tok_dir, pairs_file, pairs_rows):
+    ygen = [{"prompt_id": r["prompt_id"], "response": "a reply"} for r in pairs_rows[:30]]
+    write_jsonl(tmp_path / "ygen.jsonl", ygen)
+    s = run("prefs", pairs_file, tok_dir, tmp_path / "o", ygen=tmp_path / "ygen.jsonl", ygen_subset=True)
+    assert s["rows_in"] == 30 and s["dropped"]["missing_ygen"] == 0 and s["outside_ygen"] == len(pairs_rows) - 30
+
+
+def test_pack_rows_refuses_lengths_it_cannot_hold():
+    with pytest.raises(engine.InputError, match="item 1 .* over the packing limit"):
+        engine.pack_rows([3, 2**32], 10)
+    with pytest.raises(engine.InputError, match="budget"):
+        engine.pack_rows([3], 2**32)
+
+
+def test_an_exception_in_the_progress_callback_stops_finish(tmp_path, tok_dir, sft_file):
+    prep = engine.Preparer("sft", str(tok_dir), str(tmp_path / "o"))
+    for batch in open_source(str(sft_file)).batches:
+        prep.feed(batch, 0)
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prep.finish("{}", stop)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))

@@ -102,6 +102,24 @@ def sft_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path, sft_file
 
 
 @pytest.fixture(scope="session")
+def sft_all_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    """Whole conversations (``--turns all``): 2 to 3 exchanges each, every assistant turn labelled."""
+    from dppo import synthetic
+
+    source = synthetic.sft_rows(120, seed=11, long_every=0)
+    rows = []
+    for i in range(40):  # the first exchanges of two or three source rows, after the first's system turn
+        group = source[3 * i: 3 * i + 2 + i % 2]
+        msgs = [m for m in group[0]["messages"] if m["role"] == "system"]
+        for r in group:
+            msgs += [m for m in r["messages"] if m["role"] != "system"][:2]
+        rows.append({"messages": msgs})
+    root = tmp_path_factory.mktemp("sft_all")
+    data = write_jsonl(root / "conversations.jsonl", rows)
+    return _prep("sft", data, tok_dir, root / "shards", turns="all")
+
+
+@pytest.fixture(scope="session")
 def separable_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
     """Pairs whose chosen answers always use one set of words and rejected answers another."""
     import random

@@ -217,14 +217,14 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
         gens = read_generations(ygen)
         times["generate_s"] = round(time.perf_counter() - t, 1)
 
-        # 2. the round's pairs with that y_gen (pairs outside the round have none: left out, counted)
+        # 2. the round's pairs with that y_gen (pairs outside the round are not part of its prep)
         t = time.perf_counter()
         shards = rdir / "shards"
         stamp = rdir / "shards.ygen-stamp"
         ygen_id = f"{ygen.stat().st_size}-{ygen.stat().st_mtime_ns}"
         if not ((shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == ygen_id):
             prepare(PrepConfig("prefs", cfg.data, cfg.tokenizer, shards, ygen=ygen, max_len=cfg.max_len,
-                               allow_missing_ygen=len(subset) < len(rows), overwrite=True),
+                               ygen_subset=len(subset) < len(rows), overwrite=True),
                     console=console, show_progress=show_progress)
             stamp.write_text(ygen_id)
         times["prep_s"] = round(time.perf_counter() - t, 1)

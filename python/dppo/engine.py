@@ -1,7 +1,8 @@
 """The native data engine (Rust, ``dppo._native``), as the library uses it: the one module that imports it.
 
 Everything here is the engine's own, re-exported with types (``_native.pyi``): the tokenizer, the
-preparation run, chat-template rendering, prompt encoding, the packing of micro-batches and shard
+preparation run, chat-template rendering, the prompts of rows (``prompt_rows``: the one parser
+of rows into prompts, shared by prep, generate, eval and curriculum), prompt encoding, the packing of micro-batches and shard
 indexes, and the engine's exceptions, all subclasses of :class:`DppoError`:
 
 =================== ==========================================================================
@@ -28,6 +29,7 @@ from dppo._native import (
     encode_prompts,
     open_shard_index,
     pack_rows,
+    prompt_rows,
     render_chat,
     render_chats,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "render_chats",
     "encode_prompts",
     "pack_rows",
+    "prompt_rows",
     "open_shard_index",
     "__version__",
 ]

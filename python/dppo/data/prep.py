@@ -51,6 +51,7 @@ class PrepConfig:
     turns: Literal["first", "all"] = "first"  # the first exchange (the paper's reading) or the whole conversation
     strict: bool = False
     allow_missing_ygen: bool = False
+    ygen_subset: bool = False  # only the pairs the y_gen file answers (a curriculum round's): the rest are not rows of this run
     overwrite: bool = False
     batch_rows: int = 4096
     tokenizer_fallback: bool = False
@@ -129,7 +130,7 @@ def _summary_table(title: str, s: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("what", style="bold")
     t.add_column("value", justify="right")
-    t.add_row("rows in", f"{s['rows_in']:,}")
+    t.add_row("rows in", f"{s['rows_in']:,}" + (f"  (and {s['outside_ygen']:,} pairs outside this y_gen, not part of this run)" if s.get("outside_ygen") else ""))
     t.add_row("rows kept", f"{s['rows_kept']:,}")
     dropped = {k: v for k, v in s["dropped"].items() if v}
     t.add_row("rows dropped", f"{s['rows_dropped']:,}" + (f"  ({', '.join(f'{k} {v:,}' for k, v in dropped.items())})" if dropped else ""))
@@ -182,6 +183,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
         overwrite=cfg.overwrite,
         tokenizer_fallback=cfg.tokenizer_fallback,
         turns=cfg.turns,
+        ygen_subset=cfg.ygen_subset,
     )
     ygen_desc = None
     try:

@@ -74,6 +74,37 @@ class Source:
     files: list[Path] = field(default_factory=list)
 
 
+def _saved_dataset(path: Path, split: str | None) -> Path | None:
+    """The folder of a data set written by ``datasets``' ``save_to_disk`` (``state.json``,
+    ``dataset_info.json``, ``data-*.arrow``), or, for a saved ``DatasetDict``
+    (``dataset_dict.json``), the folder of ``split`` (default ``train``); None for other folders."""
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        import json
+
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        name = split or "train"
+        if name not in splits:
+            raise SourceError(f"{path}: a saved DatasetDict without split '{name}' (its splits: {', '.join(splits)}); pass --split")
+        return path / name
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return path
+    return None
+
+
+def _saved_files(path: Path) -> list[Path]:
+    """The Arrow files of a ``save_to_disk`` folder, in ``state.json``'s order."""
+    import json
+
+    state = json.loads((path / "state.json").read_text())
+    files = [path / f["filename"] for f in state.get("_data_files", [])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceError(f"{path}: state.json lists {', '.join(missing)}, which are missing")
+    return files
+
+
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -190,7 +221,8 @@ def open_source(
     """Open ``src``: an existing local file or folder, else a Hugging Face hub data set id."""
     path = Path(src).expanduser()
     if path.exists():
-        files = _local_files(path)
+        saved = _saved_dataset(path, split)
+        files = _saved_files(saved) if saved is not None else _local_files(path)
         if not files:
             raise SourceError(f"{path}: no parquet, jsonl, json or arrow files found")
 
@@ -203,6 +235,8 @@ def open_source(
             "path": str(path.resolve()),
             "files": [{"name": str(f.relative_to(path)) if path.is_dir() else f.name, "blake2b": file_fingerprint(f)} for f in files],
         }
+        if saved is not None:
+            desc["format"] = "datasets.save_to_disk"
         return Source(desc, batches(), _count_rows(files), files)
 
     if str(src).startswith((".", "/", "~")) or str(src).endswith(DATA_SUFFIXES):

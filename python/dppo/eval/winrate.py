@@ -75,6 +75,7 @@ class EvalConfig(FlatOptions):
     data: DataSource
     out: Path
     limit: int | None = 1000
+    turns: str = "first"  # the prompt: the first user turn, or the whole history ("all")
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     cache_dir: Path | None = None
     api_base: str | None = None
@@ -219,7 +220,7 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
     models = [cfg.baseline, *cfg.models]
     names = _labels(cfg.baseline, cfg.models)
     dirs = [(d, model_tokenizer_dir(d, cfg.decode.tokenizer)) for d in map(resolve_model, models)]
-    rows, source = load_prompts(cfg.data, limit=cfg.limit)
+    rows, source = load_prompts(cfg.data, limit=cfg.limit, turns=cfg.turns)
     if any(r.ids is not None for r in rows):
         raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
     prompt_of = {r.prompt_id: r.prompt for r in rows}

@@ -40,7 +40,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -172,6 +172,7 @@ class GenConfig(FlatOptions):
     data: DataSource
     out: Path
     limit: int | None = None
+    turns: str = "first"  # the prompt: the first user turn, or the whole history ("all"), as prep takes it
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     overwrite: bool = False
 
@@ -234,44 +235,16 @@ def _prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _first_turn(row: dict[str, Any]) -> tuple[tuple[tuple[str, str], ...], str] | None:
-    """``([system,] user)`` messages and the user's text, as prep takes the prompt, or None."""
-    for key in ("chosen", "messages"):
-        msgs = row.get(key)
-        if not isinstance(msgs, list) or not msgs:
-            continue
-        out: list[tuple[str, str]] = []
-        for m in msgs[:2]:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return None
-            if not m["content"].strip():
-                return None
-            out.append((m["role"], m["content"]))
-            if m["role"] == "user":
-                return tuple(out), m["content"]
-            if m["role"] != "system" or len(out) > 1:
-                return None
-        return None
-    prompt = row.get("prompt")
-    if isinstance(prompt, str) and prompt.strip():
-        return (("user", prompt),), prompt
-    return None
+def _prompts_of(batch: Any, first_row: int, turns: str) -> list[tuple[int, str | None, list[tuple[str, str]] | None, str | None]]:
+    """The prompt of each row of a batch, by the engine's one rule set (``dppo.engine.prompt_rows``,
+    the parser ``dppo prep`` uses): from ``chosen``, else ``messages``, else a ``prompt`` string;
+    ``turns="all"`` takes the whole history up to the last user turn, as ``prep --turns all``."""
+    from dppo import engine
 
-
-def _rows_of(batch: Any) -> Iterator[dict[str, Any]]:
-    from dppo.data.sources import JSONL_COLUMN
-
-    table = batch.to_arrow() if hasattr(batch, "to_arrow") else batch
-    if JSONL_COLUMN in table.column_names:
-        for line in table.column(JSONL_COLUMN).to_pylist():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            yield row if isinstance(row, dict) else {}
-        return
-    cols = [c for c in ("prompt_id", "prompt", "chosen", "messages") if c in table.column_names]
-    yield from table.select(cols).to_pylist()
+    try:
+        return engine.prompt_rows(batch, first_row, turns)
+    except engine.InputError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _is_shards(path: Path) -> bool:
@@ -279,11 +252,19 @@ def _is_shards(path: Path) -> bool:
     return meta.get("format") == "dppo-shards"
 
 
-def load_prompts(source: DataSource | str, *, limit: int | None = None) -> tuple[list[PromptRow], dict[str, Any]]:
+def load_prompts(
+    source: DataSource | str, *, limit: int | None = None, turns: str = "first"
+) -> tuple[list[PromptRow], dict[str, Any]]:
     """The distinct prompts of a data source (first ``limit`` in source order) and a summary
-    (``description``, ``rows_in``, ``skipped``, ``duplicates``). A plain string names a source."""
+    (``description``, ``rows_in``, ``skipped``, ``duplicates``). A plain string names a source.
+
+    Rows are parsed by the engine (``dppo.engine.prompt_rows``); ``turns="all"`` takes the whole
+    history up to the last user turn, as ``dppo prep --turns all``. A row without a ``prompt_id``
+    is named by the sha256 of its last user turn's text (UltraFeedback's convention)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
+    if turns not in ("first", "all"):
+        raise ConfigError(f"--turns must be first or all, got {turns!r}")
     source = DataSource.of(source)
     data = source.data
     if _is_shards(Path(data)):
@@ -293,20 +274,18 @@ def load_prompts(source: DataSource | str, *, limit: int | None = None) -> tuple
     seen: set[str] = set()
     rows_in = skipped = duplicates = 0
     for batch in src.batches:
-        for row in _rows_of(batch):
+        for _row, pid, messages, _reason in _prompts_of(batch, rows_in, turns):
             rows_in += 1
-            turn = _first_turn(row)
-            if turn is None:
+            if messages is None:
                 skipped += 1
                 continue
-            messages, text = turn
-            pid = row.get("prompt_id")
-            pid = pid if isinstance(pid, str) and pid else _prompt_id(text)
+            text = messages[-1][1]
+            pid = pid or _prompt_id(text)
             if pid in seen:
                 duplicates += 1
                 continue
             seen.add(pid)
-            prompts.append(PromptRow(pid, text, messages))
+            prompts.append(PromptRow(pid, text, tuple(messages)))
             if limit is not None and len(prompts) >= limit:
                 break
         if limit is not None and len(prompts) >= limit:
@@ -462,7 +441,7 @@ def generate(cfg: GenConfig, *, console: Console | None = None, show_progress: b
     """Generate a response to every prompt of ``cfg.data`` (resuming ``cfg.out``); returns a summary."""
     model_dir = resolve_model(cfg.model)
     tok_dir = model_tokenizer_dir(model_dir, cfg.decode.tokenizer)
-    rows, source = load_prompts(cfg.data, limit=cfg.limit)
+    rows, source = load_prompts(cfg.data, limit=cfg.limit, turns=cfg.turns)
     shard_tok = source["description"].get("tokenizer", {}).get("fingerprint") if source["description"].get("type") == "shards" else None
     if shard_tok is not None and tokenizer_fingerprint(tok_dir) != shard_tok:
         raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")

@@ -13,7 +13,7 @@ use arrow_schema::DataType;
 
 use crate::error::{PrepError, Result};
 use crate::prep::{PairIdsRow, YgenRow};
-use crate::record::{RawMessage, RawMessages, RawPairRow, RawSftRow, RawStr};
+use crate::record::{RawMessage, RawMessages, RawPairRow, RawPromptRow, RawSftRow, RawStr};
 
 /// A column read as strings, whatever its physical string type.
 enum StrCol<'a> {
@@ -337,6 +337,48 @@ pub fn pair_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPairRow>>
                 score_rejected: r.unwrap_or(None),
                 invalid: false,
             }
+        })
+        .collect())
+}
+
+/// Rows read for their prompts: `chosen`, `messages` or `prompt`, and `prompt_id` where present.
+pub fn prompt_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPromptRow>> {
+    if let Some(objs) = jsonl_objects(batch) {
+        return Ok(objs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let get = |k: &str| o.as_ref().and_then(|m| m.get(k));
+                RawPromptRow {
+                    row: first_row + i as u64,
+                    prompt_id: value_id(get("prompt_id")),
+                    chosen: value_messages(get("chosen")),
+                    messages: value_messages(get("messages")),
+                    prompt: value_str(get("prompt")),
+                    invalid: o.is_none(),
+                }
+            })
+            .collect());
+    }
+    if ["chosen", "messages", "prompt"].iter().all(|c| batch.column_by_name(c).is_none()) {
+        let cols: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+        return Err(PrepError::Input(format!(
+            "the source has no prompts: no column 'chosen', 'messages' or 'prompt'; its columns are: {}",
+            cols.join(", ")
+        )));
+    }
+    let pid = StrCol::new(batch.column_by_name("prompt_id"));
+    let chosen = MsgCol::new(batch.column_by_name("chosen"));
+    let messages = MsgCol::new(batch.column_by_name("messages"));
+    let prompt = StrCol::new(batch.column_by_name("prompt"));
+    Ok((0..batch.num_rows())
+        .map(|i| RawPromptRow {
+            row: first_row + i as u64,
+            prompt_id: pid.get_id(i),
+            chosen: chosen.get(i),
+            messages: messages.get(i),
+            prompt: prompt.get(i),
+            invalid: false,
         })
         .collect())
 }

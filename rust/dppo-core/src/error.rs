@@ -13,7 +13,9 @@ pub enum PrepError {
     Tokenizer(String),
     #[error("{0}")]
     Input(String),
-    #[error("row {row}{id}: {reason}", id = .prompt_id.as_ref().map(|p| format!(" (prompt_id {p})")).unwrap_or_default())]
+    /// `row` is the 0-based index of the row in the source; the message counts from 1 (the file's
+    /// line for jsonl), as editors and `sed -n Np` do.
+    #[error("row {n}{id}: {reason}", n = .row + 1, id = .prompt_id.as_ref().map(|p| format!(" (prompt_id {p})")).unwrap_or_default())]
     BadRow { row: u64, prompt_id: Option<String>, reason: String },
     #[error("{path}: corrupt shard: {reason}")]
     Corrupt { path: PathBuf, reason: String },

@@ -72,6 +72,9 @@ pub struct PrepOptions {
     pub shard_max_tokens: u64,
     /// The first exchange of each conversation, or the whole conversation.
     pub turns: Turns,
+    /// Prepare only the pairs whose prompt_id the y_gen file has (a curriculum round's own pairs):
+    /// the others are not rows of this run, only counted as `outside_ygen`.
+    pub ygen_subset: bool,
 }
 
 impl Default for PrepOptions {
@@ -85,6 +88,7 @@ impl Default for PrepOptions {
             allow_missing_ygen: false,
             shard_max_tokens: 256 << 20,
             turns: Turns::First,
+            ygen_subset: false,
         }
     }
 }
@@ -183,6 +187,7 @@ struct Counts {
     boundary_resplit: u64,
     frame_fallback: u64,
     rerendered: u64,
+    outside_ygen: u64,
     untruncated_tokens: u64,
     ygen_missing_examples: Vec<String>,
     ygen_bad_rows: u64,
@@ -339,6 +344,14 @@ impl Encoder {
                 let mut common = text.bytes().zip(f.bytes()).take_while(|(a, b)| a == b).count();
                 while !text.is_char_boundary(common) {
                     common -= 1;
+                }
+                // never inside a special token (`<|end|>` and `<|endoftext|>` share `<|`)
+                if let Some(ac) = &self.specials {
+                    if let Some(m) = ac.find_iter(text).find(|m| m.end() > common) {
+                        if m.start() < common {
+                            common = m.start();
+                        }
+                    }
                 }
                 common
             };
@@ -688,6 +701,10 @@ impl Preparer {
 
     fn absorb(&mut self, encoded: Vec<(u64, String, std::result::Result<Encoded, Skip>)>) -> Result<()> {
         for (row, id, e) in encoded {
+            if self.opts.ygen_subset && matches!(e, Err(Skip::MissingYgen)) {
+                self.counts.outside_ygen += 1;
+                continue;
+            }
             self.counts.rows_in += 1;
             match e {
                 Err(skip) => {
@@ -969,6 +986,7 @@ impl Preparer {
             "template_frame_fallback": c.frame_fallback,
             "boundary_resplit": c.boundary_resplit,
             "turns_rendered_differently": c.rerendered,
+            "outside_ygen": c.outside_ygen,
             "max_len": max_len,
             "max_len_from": max_len_from,
             "max_prompt_len": max_prompt_len,

@@ -254,6 +254,75 @@ pub fn conversation(messages: &RawMessages) -> Result<Vec<Message>, Skip> {
     }
 }
 
+/// A row read for its prompt only (`dppo generate`, `dppo eval`, `dppo curriculum`): whichever
+/// of the pair, SFT and prompt-only schemas it has.
+#[derive(Debug, Clone)]
+pub struct RawPromptRow {
+    pub row: u64,
+    pub prompt_id: RawStr,
+    pub chosen: RawMessages,
+    pub messages: RawMessages,
+    /// A prompt-only file's `prompt` column (a string: one user turn).
+    pub prompt: RawStr,
+    pub invalid: bool,
+}
+
+/// The prompt of a row, by the rules `dppo prep` takes it: from `chosen` (the pair schema), else
+/// `messages` (the SFT schema), else a `prompt` string (one user turn). `--turns first`: the
+/// optional system turn and the first user turn; `all`: the whole history, every message up to
+/// the last user turn (a trailing assistant turn, the answer, is not part of it). Returns the
+/// messages and the prompt id when the row has one.
+pub fn prompt_of(row: &RawPromptRow, turns: Turns) -> Result<(Option<String>, Vec<Message>), Skip> {
+    if row.invalid {
+        return Err(Skip::InvalidJson);
+    }
+    let id = match &row.prompt_id {
+        RawStr::Str(s) if !s.is_empty() => Some(s.clone()),
+        RawStr::NotString => return Err(Skip::NonStringContent),
+        _ => None,
+    };
+    let msgs = match (&row.chosen, &row.messages) {
+        (RawMessages::List(_) | RawMessages::NotAList, _) => &row.chosen,
+        (_, RawMessages::List(_) | RawMessages::NotAList) => &row.messages,
+        _ => {
+            let text = text(&row.prompt)?;
+            if text.trim().is_empty() {
+                return Err(Skip::EmptyContent);
+            }
+            return Ok((id, vec![Message::new("user", text)]));
+        }
+    };
+    let RawMessages::List(list) = msgs else { return Err(Skip::MissingField) };
+    let mut out: Vec<Message> = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let msg = message(m)?;
+        let sys = usize::from(out.first().is_some_and(|f| f.role == "system"));
+        let want = if i == 0 && msg.role == "system" {
+            "system"
+        } else if (i - sys) % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
+        if msg.role != want {
+            return Err(Skip::BadRoles);
+        }
+        let first_user = msg.role == "user";
+        out.push(msg);
+        if turns == Turns::First && first_user {
+            return Ok((id, out));
+        }
+    }
+    if out.last().is_some_and(|m| m.role == "assistant") {
+        out.pop();
+    }
+    match out.last() {
+        Some(m) if m.role == "user" => Ok((id, out)),
+        None => Err(Skip::MissingField),
+        _ => Err(Skip::BadRoles),
+    }
+}
+
 fn prompt_id(row: &RawPairRow) -> Result<String, Skip> {
     if row.invalid {
         return Err(Skip::InvalidJson);
@@ -354,6 +423,32 @@ mod tests {
         };
         assert_eq!(pair(&row).unwrap_err(), Skip::PromptMismatch);
         assert_eq!(pair_conversations(&row).unwrap_err(), Skip::PromptMismatch);
+    }
+
+    #[test]
+    fn prompts_of_each_schema() {
+        let conv = RawMessages::List(vec![m("system", "s"), m("user", "u"), m("assistant", "a"), m("user", "v"), m("assistant", "b")]);
+        let row = |chosen: RawMessages, messages: RawMessages, prompt: RawStr| RawPromptRow {
+            row: 0,
+            prompt_id: RawStr::Missing,
+            chosen,
+            messages,
+            prompt,
+            invalid: false,
+        };
+        let r = row(conv.clone(), RawMessages::Missing, RawStr::Missing);
+        let (id, p) = prompt_of(&r, Turns::First).unwrap();
+        assert_eq!((id, p.len(), p[1].content.as_str()), (None, 2, "u"));
+        let (_, p) = prompt_of(&r, Turns::All).unwrap();
+        assert_eq!((p.len(), p[3].content.as_str()), (4, "v"));
+        let r = row(RawMessages::Missing, conv, RawStr::Missing);
+        assert_eq!(prompt_of(&r, Turns::All).unwrap().1.len(), 4);
+        let r = row(RawMessages::Missing, RawMessages::Missing, RawStr::Str("hi".into()));
+        assert_eq!(prompt_of(&r, Turns::First).unwrap().1, vec![Message::new("user", "hi")]);
+        let r = row(RawMessages::Missing, RawMessages::Missing, RawStr::Str("  ".into()));
+        assert_eq!(prompt_of(&r, Turns::First).unwrap_err(), Skip::EmptyContent);
+        let r = row(RawMessages::List(vec![m("assistant", "a")]), RawMessages::Missing, RawStr::Missing);
+        assert_eq!(prompt_of(&r, Turns::First).unwrap_err(), Skip::BadRoles);
     }
 
     #[test]

@@ -185,7 +185,7 @@ fn a_prompt_whose_template_alone_is_too_long_is_a_counted_skip_or_a_strict_error
     let mut p = Preparer::new(tokenizer(false), template(false), PrepOptions { strict: true, kind: DataKind::Sft, ..opts }, &out, false).unwrap();
     p.feed_sft(&rows).unwrap();
     let e = p.finish(serde_json::json!({}), &mut |_, _| true).unwrap_err().to_string();
-    assert!(e.contains("row 1") && e.contains("prompt_too_long"), "{e}");
+    assert!(e.contains("row 2") && e.contains("prompt_too_long"), "{e}");
 }
 
 #[test]

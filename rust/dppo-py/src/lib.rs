@@ -171,6 +171,36 @@ fn encode_prompts(
     py.detach(|| core_encode_prompts(&enc, &convs, max_prompt_len, keep)).map_err(err)
 }
 
+/// The prompt of every row of an Arrow table, by the engine's one rule set (see
+/// `record::prompt_of`): `(row, prompt_id or None, [(role, content)] or None, skip reason or None)`.
+#[pyfunction]
+#[pyo3(signature = (data, first_row=0, turns="first"))]
+#[allow(clippy::type_complexity)]
+fn prompt_rows(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    first_row: u64,
+    turns: &str,
+) -> PyResult<Vec<(u64, Option<String>, Option<Vec<(String, String)>>, Option<&'static str>)>> {
+    let turns = Turns::parse(turns).ok_or_else(|| InputError::new_err(format!("--turns must be first or all, got {turns:?}")))?;
+    let batches = record_batches(data)?;
+    py.detach(|| -> Result<_, PrepError> {
+        let mut out = Vec::new();
+        let mut row = first_row;
+        for b in &batches {
+            for r in arrow_input::prompt_rows(b, row)? {
+                out.push(match dppo_core::record::prompt_of(&r, turns) {
+                    Ok((id, msgs)) => (r.row, id, Some(msgs.into_iter().map(|m| (m.role, m.content)).collect()), None),
+                    Err(skip) => (r.row, None, None, Some(skip.name())),
+                });
+            }
+            row += b.num_rows() as u64;
+        }
+        Ok(out)
+    })
+    .map_err(err)
+}
+
 /// Group items of the given lengths into rows (micro-batches) of at most `max_tokens` tokens and
 /// at most `max_items` items (0: any number), by best-fit decreasing: the one packing of dppo.
 /// Rows list item indices, ascending; an item longer than `max_tokens` gets a row of its own.
@@ -208,7 +238,7 @@ impl Preparer {
     #[new]
     #[pyo3(signature = (kind, tokenizer_dir, out_dir, *, max_len=None, percentile=95.0, max_prompt_len=None,
                         truncate_prompt="start", strict=false, allow_missing_ygen=false, overwrite=false,
-                        shard_max_tokens=256<<20, tokenizer_fallback=false, turns="first"))]
+                        shard_max_tokens=256<<20, tokenizer_fallback=false, turns="first", ygen_subset=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
@@ -224,6 +254,7 @@ impl Preparer {
         shard_max_tokens: u64,
         tokenizer_fallback: bool,
         turns: &str,
+        ygen_subset: bool,
     ) -> PyResult<Self> {
         let turns = Turns::parse(turns).ok_or_else(|| InputError::new_err(format!("--turns must be first or all, got {turns:?}")))?;
         let kind = match kind {
@@ -246,6 +277,7 @@ impl Preparer {
             allow_missing_ygen,
             shard_max_tokens,
             turns,
+            ygen_subset,
         };
         let inner = CorePreparer::new(Arc::new(tok), template, opts, &out_dir, overwrite).map_err(err)?;
         Ok(Self { inner: Some(inner), kind })
@@ -382,6 +414,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_shard_index, m)?)?;
     m.add_function(wrap_pyfunction!(encode_prompts, m)?)?;
     m.add_function(wrap_pyfunction!(pack_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(prompt_rows, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

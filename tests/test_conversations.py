@@ -1,0 +1,336 @@
+"""Whole conversations (`--turns all`): ids equal transformers' `apply_chat_template`, label spans
+equal the prefix rule computed here from transformers' own rendering, truncation that keeps the
+template, pairs after a multi-turn history, and one SFT step against plain PyTorch."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dppo import engine, synthetic
+from dppo.data import ShardError, open_shards
+from dppo.data.prep import PrepConfig, prepare
+
+from conftest import write_jsonl, write_parquet
+from train_fixtures import *  # noqa: F403
+from train_fixtures import run_train
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+FAMILIES = {  # file in tests/templates: (bos, eos, special tokens)
+    "qwen2.5": (None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]),
+    "llama3.2": ("<|begin_of_text|>", "<|eot_id|>", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "smollm2": (None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]),
+    "mistral": ("<s>", "</s>", ["<s>", "</s>", "[INST]", "[/INST]"]),
+    "gemma2": ("<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]),
+    "phi3": (None, "<|endoftext|>", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "olmo2": ("<|endoftext|>", "<|endoftext|>", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]),
+    "qwen3": (None, "<|im_end|>", ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]),
+}
+NO_SYSTEM = {"gemma2"}
+
+
+def run(kind, data, tok, out, **kw):
+    return prepare(PrepConfig(kind, str(data), str(tok), Path(out), **kw), show_progress=False)
+
+
+def conversations(n: int, seed: int, system: bool = True, long: bool = False) -> list[list[dict]]:
+    """SmolTalk-shaped conversations: 1 to 4 exchanges, some with a system turn."""
+    rng = random.Random(seed)
+    words = "the a model answers questions about data with care and some short words of text here".split()
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) + rng.choice([".", "?", "!", ""])
+
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": text(2, 6)}] if system and rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 4)):
+            msgs.append({"role": "user", "content": text(2, 40 if long else 12)})
+            msgs.append({"role": "assistant", "content": text(2, 40 if long else 15)})
+        out.append(msgs)
+    return out
+
+
+def render(hf, msgs, gen):
+    return hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def encode(hf, text):
+    return hf(text, add_special_tokens=False)["input_ids"]
+
+
+def prefix_rule(hf, msgs):
+    """(ids, spans) by transformers' rendering: ids = apply_chat_template(msgs); the span of assistant
+    turn k runs from the tokens of msgs[:k] rendered with the generation header to those of msgs[:k+1]
+    (where a template writes a turn differently once later turns exist, to where the two renderings
+    part). None where the rule has no answer (a prefix that is not one): such rows are skipped."""
+    full_text = render(hf, msgs, False)
+    ids = encode(hf, full_text)
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        p = render(hf, msgs[:k], True)
+        f = render(hf, msgs[: k + 1], False)
+        if not full_text.startswith(p):
+            return None
+        if not full_text.startswith(f):
+            common = next((i for i, (a, b) in enumerate(zip(full_text, f)) if a != b), min(len(f), len(full_text)))
+            for t in hf.added_tokens_decoder.values():  # never inside a special token
+                at = full_text.find(t.content, max(0, common - len(t.content) + 1))
+                if 0 <= at < common < at + len(t.content):
+                    common = at
+            if common <= len(p):
+                return None
+            f = full_text[:common]
+        start, end = encode(hf, p), encode(hf, f)
+        assert ids[: len(start)] == start and ids[: len(end)] == end, "a boundary re-split (not in these fixtures)"
+        spans.append((len(start), len(end)))
+    return ids, spans
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    corpus = synthetic.english_corpus(40_000)
+    out = {}
+    for name, (bos, eos, specials) in FAMILIES.items():
+        out[name] = synthetic.make_tokenizer(
+            tmp_path_factory.mktemp(f"tok-{name}"), corpus, vocab_size=400,
+            template=(TEMPLATE_DIR / f"{name}.jinja").read_text(), special_tokens=specials, eos_token=eos,
+            pad_token=specials[-1] if name != "llama3.2" else eos, bos_token=bos)
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_whole_conversations_equal_apply_chat_template_and_the_prefix_rule(tmp_path, name, family_tokenizers):
+    from transformers import AutoTokenizer
+
+    tok = family_tokenizers[name]
+    hf = AutoTokenizer.from_pretrained(str(tok))
+    convs = conversations(24, seed=1, system=name not in NO_SYSTEM)
+    rows = [{"messages": c, "extra": i} for i, c in enumerate(convs)]
+    s = run("sft", write_jsonl(tmp_path / "sft.jsonl", rows), tok, tmp_path / "out", turns="all", max_len=100_000)
+    want = [prefix_rule(hf, c) for c in convs]
+    kept = [w for w in want if w is not None]
+    assert s["rows_kept"] == len(kept) and s["dropped"]["template_not_prefix"] == len(want) - len(kept)
+    assert s["label_spans"] == sum(len(w[1]) for w in kept)
+    shards = open_shards(tmp_path / "out")
+    for ex, (ids, spans) in zip(shards, kept, strict=True):
+        assert ex["input_ids"].tolist() == ids, name
+        assert ex["spans"] == spans, name
+        labels = np.full(len(ids), -100)
+        for a, b in spans:
+            labels[a:b] = np.asarray(ids[a:b])
+        assert ex["labels"].tolist() == labels.tolist()
+    if name == "qwen3":
+        # Qwen3 writes an empty <think> block into the last assistant turn only: an earlier turn
+        # rendered as the last one is not a prefix of the conversation, so only single-exchange
+        # conversations are kept (the docs say so)
+        assert 0 < len(kept) < len(want)
+        assert all(len(w[1]) == 1 for w in kept)
+    elif name != "mistral":  # Mistral puts the system turn before the last user turn only
+        assert len(kept) == len(want)
+
+
+def _long_rows(n, seed):
+    return [{"messages": c} for c in conversations(n, seed=seed, long=True)]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(family_tokenizers):
+    return family_tokenizers["llama3.2"]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3"])
+def test_truncation_drops_earliest_exchanges_whole_and_keeps_the_template(tmp_path, tok_dir, llama_tok, family):
+    from transformers import AutoTokenizer
+
+    tok = tok_dir if family == "chatml" else llama_tok
+    hf = AutoTokenizer.from_pretrained(str(tok))
+    rows = _long_rows(40, seed=3)
+    data = write_parquet(tmp_path / "sft.parquet", rows)
+    max_len, max_prompt_len = (90, 60) if family == "chatml" else (200, 150)  # Llama 3.2's system header is long
+    s = run("sft", data, tok, tmp_path / "out", turns="all", max_len=max_len, max_prompt_len=max_prompt_len)
+    assert s["exchanges_dropped"] > 0 and s["conversations_shortened"] > 0
+    assert s["label_spans_dropped"] == s["exchanges_dropped"]
+    gen_header = encode(hf, render(hf, [{"role": "user", "content": "x"}], True)[len(render(hf, [{"role": "user", "content": "x"}], False)):])
+    shards = open_shards(tmp_path / "out")
+    assert len(shards) == len(rows) == s["rows_kept"]
+    exact = partial = 0
+    for ex, row in zip(shards, rows):
+        ids = ex["input_ids"].tolist()
+        assert len(ids) <= max_len
+        msgs = row["messages"]
+        full = encode(hf, render(hf, msgs, False))
+        if len(full) <= max_len:
+            assert ids == full
+            continue
+        # the earliest exchanges went first, whole: the result is the template's own rendering of
+        # the conversation without them, or (down to one exchange) that exchange truncated
+        sys = msgs[:1] if msgs[0]["role"] == "system" else []
+        rest = msgs[len(sys):]
+        candidates = [encode(hf, render(hf, sys + rest[2 * j:], False)) for j in range(len(rest) // 2)]
+        if ids in candidates:
+            exact += 1
+            j = candidates.index(ids)
+            want = prefix_rule(hf, sys + rest[2 * j:])[1]
+            assert ex["spans"] == want  # every kept label span whole
+            continue
+        partial += 1
+        last = sys + rest[-2:]
+        (a, b), = ex["spans"]
+        # the generation header precedes the one label span; the system turn and the user header lead
+        assert ids[a - len(gen_header): a] == gen_header
+        head = encode(hf, render(hf, last[:-1], True))
+        assert ids[:4] == head[:4]
+        assert ids[a:b] == encode(hf, render(hf, last, False))[len(head):][: b - a]
+    assert exact > 0 and partial > 0
+
+
+def test_a_template_that_cannot_drop_exchanges_is_counted(tmp_path, tok_dir):
+    # a template marking the first turn renders the conversation without its first exchange differently
+    tmpl = ("{% for m in messages %}<|im_start|>{{ m.role }}{{ ' first' if loop.first else '' }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in tok_dir.iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = tmpl
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tok / "chat_template.jinja").unlink(missing_ok=True)
+    rows = _long_rows(20, seed=4)
+    s = run("sft", write_jsonl(tmp_path / "d.jsonl", rows), tok, tmp_path / "out", turns="all", max_len=90)
+    # without a system turn the first user turn is marked: no exchange can go (with one, the system
+    # turn carries the mark and exchanges can)
+    assert s["dropped"]["not_truncatable"] > 0
+    assert s["dropped"]["not_truncatable"] + s["rows_kept"] == len(rows)
+    assert all(len(ex["input_ids"]) <= 90 for ex in open_shards(tmp_path / "out"))
+
+
+def test_pairs_after_a_history(tmp_path, tok_dir, hf_tokenizer):
+    hf = hf_tokenizer
+    rows = []
+    for i, c in enumerate(conversations(30, seed=5)):
+        hist = c[:-1]
+        rows.append({"prompt_id": f"p{i}", "chosen": hist + [{"role": "assistant", "content": f"good answer {i}"}],
+                     "rejected": hist + [{"role": "assistant", "content": f"bad {i}"}], "score_chosen": 9.0, "score_rejected": 1.0})
+    bad = json.loads(json.dumps(rows[3]))
+    bad["rejected"][0]["content"] += " changed"
+    bad["prompt_id"] = "bad"
+    data = write_jsonl(tmp_path / "p.jsonl", rows + [bad])
+    s = run("prefs", data, tok_dir, tmp_path / "out", turns="all", max_len=100_000)
+    assert s["rows_kept"] == 30 and s["dropped"]["prompt_mismatch"] == 1
+    shards = open_shards(tmp_path / "out")
+    for ex, row in zip(shards, rows):
+        prompt = encode(hf, render(hf, row["chosen"][:-1], True))
+        assert ex["prompt_ids"].tolist() == prompt
+        for side in ("chosen", "rejected"):
+            full = encode(hf, render(hf, row[side], False))
+            assert ex["prompt_ids"].tolist() + ex[f"{side}_ids"].tolist() == full
+    assert any(len(r["chosen"]) > 4 for r in rows)
+    # --strict names the bad row counted from 1: the file's last line
+    with pytest.raises(engine.InputError, match=f"row {len(rows) + 1} \\(prompt_id bad\\)"):
+        run("prefs", data, tok_dir, tmp_path / "strict", turns="all", strict=True, max_len=100_000)
+
+
+def test_a_pair_history_is_shortened_from_its_earliest_exchange(tmp_path, tok_dir, hf_tokenizer):
+    hf = hf_tokenizer
+    rows = []
+    for i, c in enumerate(conversations(30, seed=6, long=True)):
+        rows.append({"prompt_id": f"p{i}", "chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no."}]})
+    s = run("prefs", write_jsonl(tmp_path / "p.jsonl", rows), tok_dir, tmp_path / "out", turns="all", max_len=120,
+            max_prompt_len=80)
+    assert s["exchanges_dropped"] > 0
+    header = encode(hf, "<|im_end|>\n<|im_start|>assistant\n")
+    for ex, row in zip(open_shards(tmp_path / "out"), rows):
+        p = ex["prompt_ids"].tolist()
+        assert p[-len(header):] == header and len(p) + len(ex["chosen_ids"]) <= 120
+        full = encode(hf, render(hf, row["chosen"][:-1], True))
+        if len(full) + len(encode(hf, render(hf, row["chosen"], False))) - len(full) > 120 and len(full) > 80:
+            assert len(p) <= 80
+
+
+def test_shards_of_an_older_format_are_refused_in_one_line(tmp_path, tok_dir, sft_file):
+    run("sft", sft_file, tok_dir, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    meta["version"] = 2
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="version 2.*dppo prep") as e:
+        open_shards(tmp_path / "out")
+    assert "\n" not in str(e.value)
+
+
+def test_turns_first_is_the_default_and_spans_are_exposed(tmp_path, tok_dir, hf_tokenizer):
+    convs = conversations(10, seed=7)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in convs])
+    s = run("sft", data, tok_dir, tmp_path / "first", max_len=100_000)
+    assert s["turns"] == "first" and s["label_spans"] == 10
+    shards = open_shards(tmp_path / "first")
+    for ex, c in zip(shards, convs):
+        first = c[: 3 if c[0]["role"] == "system" else 2]
+        ids, spans = prefix_rule(hf_tokenizer, first)
+        assert ex["input_ids"].tolist() == ids and ex["spans"] == spans
+    assert shards.spans(1) == shards[1]["spans"]
+    lengths = shards.lengths()
+    assert (lengths["prompt"] + lengths["response"]).tolist() == [len(ex["input_ids"]) for ex in shards]
+    s = run("sft", data, tok_dir, tmp_path / "all", turns="all", max_len=100_000)
+    every = open_shards(tmp_path / "all")
+    lengths = every.lengths()
+    assert lengths["response"].tolist() == [sum(b - a for a, b in ex["spans"]) for ex in every]
+    assert s["label_spans"] == sum(len(c) // 2 for c in convs)
+
+
+# -- one SGD step: dppo train on --turns all shards against plain PyTorch ------------------------
+def test_one_sgd_step_on_whole_conversations_equals_plain_pytorch(tmp_path, tok_dir, hf_tokenizer, init_dir):
+    from transformers import AutoModelForCausalLM
+
+    convs = conversations(8, seed=8)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in convs])
+    run("sft", data, tok_dir, tmp_path / "shards", turns="all", max_len=100_000)
+    lr = 1.0
+    out = run_train(tmp_path / "run", method="sft", data=str(tmp_path / "shards"), init=str(init_dir), optimizer="sgd",
+                    lr=lr, max_samples=4, max_steps=1)
+    policy = AutoModelForCausalLM.from_pretrained(str(init_dir), torch_dtype=torch.float32)
+    total, count = 0.0, 0
+    for c in convs[:4]:  # transformers' own rendering and the prefix rule, written here
+        ids, spans = prefix_rule(hf_tokenizer, c)
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(policy(x).logits[0, :-1].float(), -1).gather(-1, x[0, 1:, None])[:, 0]
+        for a, b in spans:
+            total = total + logp[a - 1: b - 1].sum()
+            count += b - a
+    loss = -total / count  # the token mean over every labelled token of the step
+    loss.backward()
+    got = load_file(out / "model" / "model.safetensors")
+    checked = 0
+    for name, param in policy.named_parameters():
+        if name in got:
+            torch.testing.assert_close(got[name] - param.detach(), -lr * param.grad, rtol=1e-4, atol=2e-7, msg=name)
+            checked += 1
+    assert checked == len(got)
+
+
+def test_generate_takes_the_history_prep_takes(tmp_path, tok_dir):
+    from dppo.generate import load_prompts, render_prompts
+
+    rows = []
+    for i, c in enumerate(conversations(20, seed=9)):
+        rows.append({"prompt_id": f"p{i}", "chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no"}]})
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    run("prefs", data, tok_dir, tmp_path / "out", turns="all", max_len=100_000)
+    prompts, info = load_prompts(str(data), turns="all")
+    assert info["skipped"] == 0 and len(prompts) == 20
+    ids = dict(zip([p.prompt_id for p in prompts], render_prompts(prompts, tok_dir), strict=True))
+    shards = open_shards(tmp_path / "out")
+    for ex in shards:
+        assert ids[ex["prompt_id"]] == ex["prompt_ids"].tolist()
+    assert any(len(p.messages) > 2 for p in prompts)
+    first, _ = load_prompts(str(data))
+    assert all(p.messages[-1][0] == "user" and len(p.messages) <= 2 for p in first)
