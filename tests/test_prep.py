@@ -536,7 +536,7 @@ def test_existing_output_needs_overwrite(tmp_path, tok_dir, sft_file):
 def test_meta_records_provenance(tmp_path, tok_dir, sft_file):
     run("sft", sft_file, tok_dir, tmp_path / "o")
     meta = open_shards(tmp_path / "o").meta
-    assert meta["format"] == "dppo-shards" and meta["version"] == 2 and meta["kind"] == "sft"
+    assert meta["format"] == "dppo-shards" and meta["version"] == 3 and meta["kind"] == "sft"
     assert meta["tokenizer"]["fingerprint"] == engine.Tokenizer(str(tok_dir)).fingerprint
     assert meta["chat_template"] == testing.QWEN_STYLE_TEMPLATE
     assert meta["source"]["type"] == "local" and len(meta["source"]["files"][0]["blake2b"]) == 16
@@ -651,10 +651,12 @@ def test_a_non_numeric_score_is_a_bad_row(tmp_path, tok_dir):
     assert s["rows_kept"] == 4 and s["dropped"]["non_numeric_score"] == 2
     with pytest.raises(engine.InputError, match=r"^row 3 .*not a number \(non_numeric_score\)$"):
         run("prefs", tmp_path / "p.jsonl", tok_dir, tmp_path / "o2", strict=True)
+    rows[4]["score_rejected"] = 1.0
     for r in rows:
         r["score_chosen"] = str(r["score_chosen"])
+    rows[0]["score_chosen"] = None  # a null is an absent score, not a bad one
     s = run("prefs", write_parquet(tmp_path / "p.parquet", rows), tok_dir, tmp_path / "o3")  # a string column
-    assert s["rows_kept"] == 0 or s["dropped"]["non_numeric_score"] > 0
+    assert s["rows_kept"] == 1 and s["dropped"]["non_numeric_score"] == 5
 
 
 def test_a_long_ygen_leaves_the_pairs_prompt_as_it_is(tmp_path, tok_dir, pairs_file, pairs_rows):
