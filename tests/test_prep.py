@@ -638,9 +638,14 @@ def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path, tok_dir):
     assert s["rows_in"] == 20 and s["rows_kept"] == 20
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:5]), "test": datasets.Dataset.from_list(rows[5:8])}).save_to_disk(
         str(tmp_path / "dict"))
-    assert run("sft", tmp_path / "dict", tok_dir, tmp_path / "o2", split="test")["rows_in"] == 3
+    from dppo.data.sources import DataSource
+
+    def split(name, out):
+        return prepare(PrepConfig("sft", DataSource(str(tmp_path / "dict"), split=name), str(tok_dir), out), show_progress=False)
+
+    assert split("test", tmp_path / "o2")["rows_in"] == 3
     with pytest.raises(SourceError, match="without split 'valid'"):
-        run("sft", tmp_path / "dict", tok_dir, tmp_path / "o3", split="valid")
+        split("valid", tmp_path / "o3")
 
 
 def test_a_non_numeric_score_is_a_bad_row(tmp_path, tok_dir):
