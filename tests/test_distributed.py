@@ -118,7 +118,8 @@ def test_two_ranks_give_the_update_of_one_process(tmp_path, method, parallel, in
                                                   sft_all_shards):
     data = fresh({"sft": sft_shards, "sft-all": sft_all_shards}.get(method, pair_shards), tmp_path)
     if method == "sft-all":
-        assert max(len(open_shards(data).spans(i)) for i in range(10)) > 1
+        shards = open_shards(data)
+        assert sum(len(shards.spans(i)) > 1 for i in range(len(shards))) > len(shards) // 2
         method = "sft"
     # a small token budget: uneven micro-batch counts per rank, the empty ones that keep them in step
     opts = {**CASES[method], "max_tokens_per_batch": 160}

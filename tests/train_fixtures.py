@@ -27,6 +27,7 @@ __all__ = [
     "pair_shards",
     "pair_shards_noygen",
     "sft_shards",
+    "sft_all_shards",
     "separable_shards",
     "run_train",
     "read_metrics",
@@ -116,7 +117,8 @@ def sft_all_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> P
         rows.append({"messages": msgs})
     root = tmp_path_factory.mktemp("sft_all")
     data = write_jsonl(root / "conversations.jsonl", rows)
-    return _prep("sft", data, tok_dir, root / "shards", turns="all")
+    prepare(PrepConfig("sft", str(data), str(tok_dir), root / "shards", max_len=160, turns="all"), show_progress=False)
+    return root / "shards"
 
 
 @pytest.fixture(scope="session")
