@@ -176,13 +176,16 @@ def _finish(cfg: CurriculumConfig, record: dict[str, Any], record_path: Path) ->
 
 
 def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the rounds; returns the contents of ``RUN/curriculum.json``."""
-    from dppo.data import open_shards
-    from dppo.data.prep import PrepConfig, prepare
+    """Run (or continue) the rounds; returns the contents of ``RUN/curriculum.json``.
+
+    The phases: claim ``RUN/`` and its record (``_open_record``: a resumed curriculum must have
+    the same options); check the train options and read the prompts, once; each round not yet
+    finished (``_run_round``: y_gen, the pairs, the wrong votes and training); ``RUN/model``
+    (``_finish``). With ``pairs="judge"`` the rounds are online ones (``dppo.online``).
+    """
     from dppo.generate import load_prompts
-    from dppo.generate.run import DecodeConfig, generate_rows, read_generations
-    from dppo.train import train
-    from dppo.train.config import TrainConfig, load_config
+    from dppo.generate.run import DecodeConfig
+    from dppo.train.config import load_config
 
     if cfg.pairs == "judge":
         from dppo.online import online_rounds
@@ -206,57 +209,72 @@ def curriculum(cfg: CurriculumConfig, *, console: Console | None = None, show_pr
             continue
         rdir.mkdir(parents=True, exist_ok=True)
         console.rule(f"round {k} of {cfg.rounds}: {len(plan[k - 1]):,} prompts, policy {policy}")
-        times: dict[str, float] = {}
-
-        # 1. y_gen: the greedy responses of the policy entering the round (resumes per batch)
-        t = time.perf_counter()
-        ygen = rdir / "ygen.parquet"
-        subset = [rows[i] for i in plan[k - 1]]
-        generate_rows(str(policy), subset, ygen, decode, console=console, show_progress=show_progress,
-                      show_summary=False, label=f"round {k}: y_gen")
-        gens = read_generations(ygen)
-        times["generate_s"] = round(time.perf_counter() - t, 1)
-
-        # 2. the round's pairs with that y_gen (pairs outside the round are not part of its prep)
-        t = time.perf_counter()
-        shards = rdir / "shards"
-        stamp = rdir / "shards.ygen-stamp"
-        ygen_id = f"{ygen.stat().st_size}-{ygen.stat().st_mtime_ns}"
-        if not ((shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == ygen_id):
-            prepare(PrepConfig("prefs", cfg.data, cfg.tokenizer, shards, ygen=ygen, max_len=cfg.max_len,
-                               ygen_subset=len(subset) < len(rows), overwrite=True),
-                    console=console, show_progress=show_progress)
-            stamp.write_text(ygen_id)
-        times["prep_s"] = round(time.perf_counter() - t, 1)
-
-        # 3. how often the entering policy votes wrong on them, then training
-        t = time.perf_counter()
-        wrong = _wrong_votes(policy, shards, cfg)
         ref = init_dir if cfg.round_ref == "init" else policy
-        run_cfg: TrainConfig = load_config(None, method=cfg.method, data=str(shards), init=str(policy), ref=str(ref),
-                                           out=str(rdir), resume=True, **cfg.train)
-        train(run_cfg, console=console)
-        times["train_s"] = round(time.perf_counter() - t, 1)
-        metrics = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
-        summary = {
-            "round": k,
-            "policy": str(policy),
-            "reference": str(ref),
-            "prompts": len(subset),
-            "pairs": len(open_shards(shards)),
-            "wrong_vote_fraction": wrong,
-            "mean_ygen_tokens": float(np.mean([g["response_tokens"] for g in gens])) if gens else None,
-            "steps": len(metrics),
-            "final_loss": metrics[-1]["loss"] if metrics else None,
-            "penalized": float(np.mean([m.get("penalized", 0.0) for m in metrics])) if metrics else None,
-            **times,
-        }
+        subset = [rows[i] for i in plan[k - 1]]
+        summary = _run_round(cfg, k, rdir, policy, ref, subset, len(subset) < len(rows), decode, console, show_progress)
         record["rounds"] = [r for r in record["rounds"] if r["round"] != k] + [summary]
         write_json(record_path, record)
-        console.print(f"round {k}: wrong votes {wrong:.3f} of {summary['pairs']} pairs, y_gen "
+        console.print(f"round {k}: wrong votes {summary['wrong_vote_fraction']:.3f} of {summary['pairs']} pairs, y_gen "
                       f"{summary['mean_ygen_tokens'] or 0:.1f} tokens, final loss {summary['final_loss']:.4f}", highlight=False)
         policy = rdir / "model"
-
     _finish(cfg, record, record_path)
     return record
 
+
+def _run_round(cfg: CurriculumConfig, k: int, rdir: Path, policy: Path, ref: Path, subset: list[Any], partial: bool,
+               decode: Any, console: Console, show_progress: bool) -> dict[str, Any]:
+    """Round ``k``: y_gen from the policy entering it, the round's pairs with that y_gen, how often
+    the policy votes wrong on them, then training; returns the round's line of the record."""
+    from dppo.data import open_shards
+    from dppo.generate.run import generate_rows, read_generations
+    from dppo.train import train
+    from dppo.train.config import load_config
+
+    times: dict[str, float] = {}
+    # 1. y_gen: the greedy responses of the policy entering the round (resumes per batch)
+    t = time.perf_counter()
+    ygen = rdir / "ygen.parquet"
+    generate_rows(str(policy), subset, ygen, decode, console=console, show_progress=show_progress,
+                  show_summary=False, label=f"round {k}: y_gen")
+    gens = read_generations(ygen)
+    times["generate_s"] = round(time.perf_counter() - t, 1)
+    # 2. the round's pairs with that y_gen (pairs outside the round are not part of its prep)
+    t = time.perf_counter()
+    shards = _round_pairs(cfg, rdir, ygen, partial, console, show_progress)
+    times["prep_s"] = round(time.perf_counter() - t, 1)
+    # 3. how often the entering policy votes wrong on them, then training
+    t = time.perf_counter()
+    wrong = _wrong_votes(policy, shards, cfg)
+    train(load_config(None, method=cfg.method, data=str(shards), init=str(policy), ref=str(ref), out=str(rdir),
+                      resume=True, **cfg.train), console=console)
+    times["train_s"] = round(time.perf_counter() - t, 1)
+    metrics = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "round": k,
+        "policy": str(policy),
+        "reference": str(ref),
+        "prompts": len(subset),
+        "pairs": len(open_shards(shards)),
+        "wrong_vote_fraction": wrong,
+        "mean_ygen_tokens": float(np.mean([g["response_tokens"] for g in gens])) if gens else None,
+        "steps": len(metrics),
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "penalized": float(np.mean([m.get("penalized", 0.0) for m in metrics])) if metrics else None,
+        **times,
+    }
+
+
+def _round_pairs(cfg: CurriculumConfig, rdir: Path, ygen: Path, partial: bool, console: Console, show_progress: bool) -> Path:
+    """``rdir/shards``: the pairs joined with the round's y_gen (a partial round prepares only its own
+    pairs), kept when already prepared from this very y_gen file."""
+    from dppo.data.prep import PrepConfig, prepare
+
+    shards = rdir / "shards"
+    stamp = rdir / "shards.ygen-stamp"
+    ygen_id = f"{ygen.stat().st_size}-{ygen.stat().st_mtime_ns}"
+    if not ((shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == ygen_id):
+        prepare(PrepConfig("prefs", cfg.data, cfg.tokenizer, shards, ygen=ygen, max_len=cfg.max_len,
+                           ygen_subset=partial, overwrite=True),
+                console=console, show_progress=show_progress)
+        stamp.write_text(ygen_id)
+    return shards

@@ -187,17 +187,21 @@ def _progress(console: Console, show: bool) -> Progress:
 
 
 def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Generate, judge and compare (module docstring); returns what ``results.json`` holds."""
-    from dppo.generate.run import generate_rows, generation_settings, load_prompts, read_generations
-    from dppo.eval.judges import JudgeOptions, ScoreCache, make_judge, score_items
+    """Generate, judge and compare (module docstring); returns what ``results.json`` holds.
+
+    The phases: check everything that can fail before the long work (``_prepare``: the judge, every
+    model, the prompts); every model's answers, cached (``_answers``); every answer judged,
+    data-parallel under torchrun (``_judge_answers``); each model against the baseline
+    (``_compare_models``); the files written by rank 0 (``_write_outputs``); the report, and a
+    failure if a model has no scored comparison.
+    """
+    from dppo.distributed import barrier
+    from dppo.distributed import setup as setup_distributed
 
     if not cfg.models:
         raise ConfigError("name at least one model to evaluate")
     if cfg.tie_tolerance < 0:
         raise ConfigError(f"--tie-tolerance must be >= 0, got {cfg.tie_tolerance}")
-    from dppo.distributed import all_gather_objects, all_reduce_sum, barrier
-    from dppo.distributed import setup as setup_distributed
-
     dist, _ = setup_distributed(cfg.decode.device)
     console = console or Console(stderr=True)
     if not dist.main:
@@ -206,114 +210,11 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
     out = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    # Everything that can fail is checked before generating: the judge (an unknown judge, a missing
-    # API key, an offline hub, a classifier without a score head), every model and the prompts.
-    judge = make_judge(
-        cfg.judge,
-        JudgeOptions(
-            batch_size=cfg.judge_batch_size,
-            api_base=cfg.api_base,
-            concurrency=cfg.concurrency,
-        ),
-    )
-    judge.check()
-    models = [cfg.baseline, *cfg.models]
-    names = _labels(cfg.baseline, cfg.models)
-    dirs = [(d, model_tokenizer_dir(d, cfg.decode.tokenizer)) for d in map(resolve_model, models)]
-    rows, source = load_prompts(cfg.data, limit=cfg.limit, turns=cfg.turns)
-    if any(r.ids is not None for r in rows):
-        raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
-    prompt_of = {r.prompt_id: r.prompt for r in rows}
-
-    # -- generation (cached by model fingerprint, tokenizer and settings) -----------------------------
-    dtype_name = resolve_dtype(cfg.decode.dtype, resolve_device(cfg.decode.device))
-    responses: dict[str, dict[str, dict[str, Any]]] = {}
-    gen_files: dict[str, str] = {}
-    for model, name, (model_dir, tok_dir) in zip(models, names, dirs, strict=True):
-        settings = generation_settings(model_dir, tok_dir, cfg.decode, dtype_name)
-        key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
-        path = cache_dir / "generations" / f"{settings['model_fingerprint']}-{key}.parquet"
-        gen_files[name] = str(path)
-        generate_rows(model, rows, path, cfg.decode, console=console, show_progress=show_progress, show_summary=False,
-                      label=f"generate {name}")
-        responses[name] = {g["prompt_id"]: g for g in read_generations(path) if g["prompt_id"] in prompt_of}
-
-    # -- judging (cached by judge, prompt and response) -------------------------------------------------
-    items, owners = [], []
-    for name in names:
-        for r in rows:
-            g = responses[name].get(r.prompt_id)
-            if g is not None:
-                items.append((r.prompt, g["response"]))
-                owners.append((name, r.prompt_id))
-    # Data-parallel judging under torchrun: each rank scores every N-th answer with its own copy of
-    # the judge (a judge that fits one GPU); the scores meet on every rank.
-    mine = list(range(dist.rank, len(items), dist.world))
-    with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
-        task = progress.add_task(f"judge {judge.name}", total=len(mine))
-        my_scores = score_items(judge, [items[i] for i in mine], cache, progress=lambda n: progress.advance(task, n))
-    judge.close()
-    scores: list[Any] = [None] * len(items)
-    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
-        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
-            scores[i] = sc
-    (retries,) = all_reduce_sum(dist, judge.retries)
-    judge.retries = int(retries)
-    rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in rows} for name in names}
-    errors: dict[str, dict[str, str]] = {name: {} for name in names}
-    for (name, pid), sc in zip(owners, scores, strict=True):
-        rewards[name][pid] = sc.value
-        if sc.value is None:
-            errors[name][pid] = sc.error or "failed"
-
-    # -- comparison, tables, plots ---------------------------------------------------------------------
-    base = names[0]
-    table, details = [], []
-    for name in names[1:]:
-        c = compare(rewards[name], rewards[base], cfg.tie_tolerance)
-        lengths = [responses[name][pid]["response_tokens"] for pid in c.diffs]
-        chars = {pid: (len(responses[name][pid]["response"]), len(responses[base][pid]["response"])) for pid in c.diffs}
-        lc = length_controlled([c.outcome(pid, cfg.tie_tolerance) for pid in c.diffs],
-                               [chars[pid][0] - chars[pid][1] for pid in c.diffs])
-        table.append(
-            {
-                "model": name,
-                "path": models[names.index(name)],
-                "n": c.n,
-                "prompts": len(rows),
-                "win_rate": c.win_rate,
-                "se": c.se,
-                "wins": c.wins,
-                "losses": c.losses,
-                "ties": c.ties,
-                "strict_win_rate": c.strict_win_rate,
-                "strict_se": c.strict_se,
-                "lc_win_rate": lc.win_rate,
-                "lc_se": lc.se,
-                "lc_length_slope": lc.slope,
-                "mean_reward": c.mean_reward,
-                "baseline_mean_reward": c.baseline_mean_reward,
-                "mean_reward_diff": c.mean_diff,
-                "mean_response_tokens": sum(lengths) / len(lengths) if lengths else None,
-                "judge_failures": len(c.excluded["judge_failed"]),
-                "baseline_judge_failures": len(c.excluded["baseline_judge_failed"]),
-                "excluded_prompt_ids": c.excluded,
-            }
-        )
-        for pid, d in c.diffs.items():
-            details.append(
-                {
-                    "model": name,
-                    "prompt_id": pid,
-                    "reward": rewards[name][pid],
-                    "baseline_reward": rewards[base][pid],
-                    "diff": d,
-                    "outcome": c.outcome(pid, cfg.tie_tolerance),
-                    "response_tokens": responses[name][pid]["response_tokens"],
-                    "length": chars[pid][0],
-                    "baseline_length": chars[pid][1],
-                }
-            )
+    run = _prepare(cfg)
+    responses, gen_files = _answers(cfg, run, cache_dir, console, show_progress)
+    rewards, errors, answers = _judge_answers(run, responses, cache_dir, dist, console, show_progress)
+    table, details = _compare_models(cfg, run, responses, rewards)
+    base = run.names[0]
     base_lengths = [g["response_tokens"] for g in responses[base].values()]
     base_scores = [v for v in rewards[base].values() if v is not None]
     results = {
@@ -324,48 +225,180 @@ def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: 
             "mean_response_tokens": sum(base_lengths) / len(base_lengths) if base_lengths else None,
             "judge_failures": len(errors[base]),
         },
-        "judge": {"spec": cfg.judge, "key": judge.key, "retries": judge.retries,
+        "judge": {"spec": cfg.judge, "key": run.judge.key, "retries": run.judge.retries,
                   "failures": sum(len(errs) for errs in errors.values())},
-        "prompts": len(rows),
+        "prompts": len(run.rows),
         "models": table,
         "judge_errors": {name: errs for name, errs in errors.items() if errs},
         "generation_files": gen_files,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if dist.main:
-        write_json(out / "results.json", results)
-        write_atomic(out / "results.md", results_markdown(results))
-        write_atomic(out / "scores.jsonl", "".join(json.dumps(d) + "\n" for d in details))
-        write_json(out / "config.json", {"config": config_record(cfg), "source": source["description"]})
-        from dppo.eval.plots import plot_reward_differences, plot_win_rates
-
-        plot_win_rates(table, out / "winrate.png", baseline=base)
-        plot_reward_differences(
-            {row["model"]: [d["diff"] for d in details if d["model"] == row["model"]] for row in table},
-            out / "reward_diff.png",
-            baseline=base,
-        )
+        _write_outputs(out, cfg, results, details, run.source)
     barrier(dist)
     if show_progress:
-        print_table(console, _rich_table(results))
-        for name, errs in results["judge_errors"].items():
-            ids = ", ".join(pid[:16] + ("…" if len(pid) > 16 else "") for pid in list(errs)[:5]) + (", ..." if len(errs) > 5 else "")
-            first = next(iter(errs.values()))
-            console.print(
-                f"[yellow]{esc(name)}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {esc(ids)}; e.g. {esc(first)})",
-                highlight=False,
-            )
-        j = results["judge"]
-        console.print(f"judge {esc(cfg.judge)}: {len(items):,} answers, {j['retries']:,} retries, {j['failures']:,} failures", highlight=False)
-        console.print(f"results in {esc(out)}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
-    unscored = [row["model"] for row in table if row["n"] == 0]
+        _report(console, results, answers, out)
+    _fail_if_unscored(results, errors, out)
+    return results
+
+
+@dataclass(frozen=True)
+class _Eval:
+    """An evaluation checked and resolved: the judge, the models (baseline first) with their short
+    names and folders, the prompts and their source's description."""
+
+    judge: Any
+    models: list[str]
+    names: list[str]
+    dirs: list[tuple[Path, Path]]
+    rows: list[Any]
+    source: dict[str, Any]
+
+
+def _prepare(cfg: EvalConfig) -> _Eval:
+    """Everything that can fail, checked before generating: the judge (an unknown judge, a missing
+    API key, an offline hub, a classifier without a score head), every model and the prompts."""
+    from dppo.eval.judges import JudgeOptions, make_judge
+    from dppo.generate.run import load_prompts
+
+    judge = make_judge(cfg.judge, JudgeOptions(batch_size=cfg.judge_batch_size, api_base=cfg.api_base,
+                                               concurrency=cfg.concurrency))
+    judge.check()
+    models = [cfg.baseline, *cfg.models]
+    names = _labels(cfg.baseline, cfg.models)
+    dirs = [(d, model_tokenizer_dir(d, cfg.decode.tokenizer)) for d in map(resolve_model, models)]
+    rows, source = load_prompts(cfg.data, limit=cfg.limit, turns=cfg.turns)
+    if any(r.ids is not None for r in rows):
+        raise ConfigError(f"{cfg.data}: eval needs the raw data (the judge reads the prompt text), not prepared shards")
+    return _Eval(judge, models, names, dirs, rows, source)
+
+
+def _answers(cfg: EvalConfig, run: _Eval, cache_dir: Path, console: Console,
+             show_progress: bool) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
+    """Every model's answers by prompt_id, generated into (or read from) the cache, keyed by the
+    model's fingerprint, the tokenizer and the settings; and the cache file of each."""
+    from dppo.generate.run import generate_rows, generation_settings, read_generations
+
+    dtype_name = resolve_dtype(cfg.decode.dtype, resolve_device(cfg.decode.device))
+    wanted = {r.prompt_id for r in run.rows}
+    responses: dict[str, dict[str, dict[str, Any]]] = {}
+    gen_files: dict[str, str] = {}
+    for model, name, (model_dir, tok_dir) in zip(run.models, run.names, run.dirs, strict=True):
+        settings = generation_settings(model_dir, tok_dir, cfg.decode, dtype_name)
+        key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
+        path = cache_dir / "generations" / f"{settings['model_fingerprint']}-{key}.parquet"
+        gen_files[name] = str(path)
+        generate_rows(model, run.rows, path, cfg.decode, console=console, show_progress=show_progress, show_summary=False,
+                      label=f"generate {name}")
+        responses[name] = {g["prompt_id"]: g for g in read_generations(path) if g["prompt_id"] in wanted}
+    return responses, gen_files
+
+
+def _judge_answers(run: _Eval, responses: dict[str, dict[str, dict[str, Any]]], cache_dir: Path, dist: Any,
+                   console: Console, show_progress: bool) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, str]], int]:
+    """Every answer's reward (None where the judge failed, with its error), by model and prompt_id,
+    cached by judge, prompt and response; and the number of answers. Under torchrun each rank
+    scores every N-th answer with its own copy of the judge (a judge that fits one GPU); the scores
+    meet on every rank."""
+    from dppo.distributed import all_gather_objects, all_reduce_sum
+    from dppo.eval.judges import ScoreCache, score_items
+
+    items, owners = [], []
+    for name in run.names:
+        for r in run.rows:
+            g = responses[name].get(r.prompt_id)
+            if g is not None:
+                items.append((r.prompt, g["response"]))
+                owners.append((name, r.prompt_id))
+    mine = list(range(dist.rank, len(items), dist.world))
+    judge = run.judge
+    with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
+        task = progress.add_task(f"judge {judge.name}", total=len(mine))
+        my_scores = score_items(judge, [items[i] for i in mine], cache, progress=lambda n: progress.advance(task, n))
+    judge.close()
+    scores: list[Any] = [None] * len(items)
+    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
+        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
+            scores[i] = sc
+    (retries,) = all_reduce_sum(dist, judge.retries)
+    judge.retries = int(retries)
+    rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in run.rows} for name in run.names}
+    errors: dict[str, dict[str, str]] = {name: {} for name in run.names}
+    for (name, pid), sc in zip(owners, scores, strict=True):
+        rewards[name][pid] = sc.value
+        if sc.value is None:
+            errors[name][pid] = sc.error or "failed"
+    return rewards, errors, len(items)
+
+
+def _compare_models(cfg: EvalConfig, run: _Eval, responses: dict[str, dict[str, dict[str, Any]]],
+                    rewards: dict[str, dict[str, float | None]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each model against the baseline: its row of the results table, and its per-prompt details
+    (``scores.jsonl``)."""
+    base = run.names[0]
+    table, details = [], []
+    for model, name in zip(run.models[1:], run.names[1:], strict=True):
+        c = compare(rewards[name], rewards[base], cfg.tie_tolerance)
+        lengths = [responses[name][pid]["response_tokens"] for pid in c.diffs]
+        chars = {pid: (len(responses[name][pid]["response"]), len(responses[base][pid]["response"])) for pid in c.diffs}
+        lc = length_controlled([c.outcome(pid, cfg.tie_tolerance) for pid in c.diffs],
+                               [chars[pid][0] - chars[pid][1] for pid in c.diffs])
+        table.append({
+            "model": name, "path": model, "n": c.n, "prompts": len(run.rows),
+            "win_rate": c.win_rate, "se": c.se, "wins": c.wins, "losses": c.losses, "ties": c.ties,
+            "strict_win_rate": c.strict_win_rate, "strict_se": c.strict_se,
+            "lc_win_rate": lc.win_rate, "lc_se": lc.se, "lc_length_slope": lc.slope,
+            "mean_reward": c.mean_reward, "baseline_mean_reward": c.baseline_mean_reward, "mean_reward_diff": c.mean_diff,
+            "mean_response_tokens": sum(lengths) / len(lengths) if lengths else None,
+            "judge_failures": len(c.excluded["judge_failed"]),
+            "baseline_judge_failures": len(c.excluded["baseline_judge_failed"]),
+            "excluded_prompt_ids": c.excluded,
+        })
+        details += [{"model": name, "prompt_id": pid, "reward": rewards[name][pid], "baseline_reward": rewards[base][pid],
+                     "diff": d, "outcome": c.outcome(pid, cfg.tie_tolerance),
+                     "response_tokens": responses[name][pid]["response_tokens"],
+                     "length": chars[pid][0], "baseline_length": chars[pid][1]} for pid, d in c.diffs.items()]
+    return table, details
+
+
+def _write_outputs(out: Path, cfg: EvalConfig, results: dict[str, Any], details: list[dict[str, Any]],
+                   source: dict[str, Any]) -> None:
+    """(Rank 0.) results.json, results.md, scores.jsonl, config.json and the two figures."""
+    from dppo.eval.plots import plot_reward_differences, plot_win_rates
+
+    write_json(out / "results.json", results)
+    write_atomic(out / "results.md", results_markdown(results))
+    write_atomic(out / "scores.jsonl", "".join(json.dumps(d) + "\n" for d in details))
+    write_json(out / "config.json", {"config": config_record(cfg), "source": source["description"]})
+    table, base = results["models"], results["baseline"]["model"]
+    plot_win_rates(table, out / "winrate.png", baseline=base)
+    plot_reward_differences({row["model"]: [d["diff"] for d in details if d["model"] == row["model"]] for row in table},
+                            out / "reward_diff.png", baseline=base)
+
+
+def _report(console: Console, results: dict[str, Any], answers: int, out: Path) -> None:
+    print_table(console, _rich_table(results))
+    for name, errs in results["judge_errors"].items():
+        ids = ", ".join(pid[:16] + ("…" if len(pid) > 16 else "") for pid in list(errs)[:5]) + (", ..." if len(errs) > 5 else "")
+        first = next(iter(errs.values()))
+        console.print(
+            f"[yellow]{esc(name)}: {len(errs)} judge failure(s) excluded from n[/] (prompt_ids {esc(ids)}; e.g. {esc(first)})",
+            highlight=False,
+        )
+    j = results["judge"]
+    console.print(f"judge {esc(j['spec'])}: {answers:,} answers, {j['retries']:,} retries, {j['failures']:,} failures", highlight=False)
+    console.print(f"results in {esc(out)}/ (results.md, results.json, scores.jsonl, winrate.png, reward_diff.png)")
+
+
+def _fail_if_unscored(results: dict[str, Any], errors: dict[str, dict[str, str]], out: Path) -> None:
+    """A model with no scored comparison fails the evaluation (after its files are written)."""
+    unscored = [row["model"] for row in results["models"] if row["n"] == 0]
     if unscored:
         first = next((e for errs in errors.values() for e in errs.values()), "no answer to judge")
         raise EvaluationError(
             f"no scored comparison for {', '.join(unscored)}: the judge failed on every prompt "
             f"({results['judge']['failures']} failures after {results['judge']['retries']} retries; e.g. {first}); see {out}/results.json"
         )
-    return results
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
