@@ -2,8 +2,8 @@
 
 Data: N rows (default 50,000) in the UltraFeedback-binarized schema (``prompt``, ``prompt_id``,
 ``chosen`` / ``rejected`` / ``messages`` as [user, assistant] lists, ``score_chosen``,
-``score_rejected``) whose texts are slices of English prose available offline (the docstrings of
-Python's standard library, ``dppo.synthetic.english_corpus``), with UltraFeedback-like lognormal
+``score_rejected``) whose texts are slices of English-like prose made offline from a seed
+(``dppo.synthetic.english_corpus``, 0.7M characters), with UltraFeedback-like lognormal
 token lengths (medians ~100 prompt / ~300 chosen / ~250 rejected tokens, long tail), written as
 parquet in row groups of 1,000 rows. Tokenizer: a byte-level BPE of 32k tokens with the Qwen2
 split pattern and a Qwen-style ChatML template (``dppo.synthetic.make_tokenizer``). Corpus,
@@ -82,36 +82,14 @@ ROW_GROUP = 1000
 # ----------------------------------------------------------------------------------------------
 # data and tokenizer (cached)
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_fds():
-    """Silence fds 1 and 2 (english_corpus imports every stdlib module; some print)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(devnull)
-        os.close(saved[0])
-        os.close(saved[1])
-
-
 def corpus(work: Path) -> list[str]:
     path = work / "corpus.json"
     if path.is_file():
         return json.loads(path.read_text())
-    print("  extracting the English corpus (stdlib docstrings; once) ...", flush=True)
+    print("  making the English-like corpus (seeded; once) ...", flush=True)
     from dppo.synthetic import english_corpus
 
-    with _quiet_fds():
-        texts = english_corpus(50_000_000)
+    texts = english_corpus(700_000)
     path.write_text(json.dumps(texts))
     return texts
 

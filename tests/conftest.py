@@ -13,14 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dppo import synthetic as testing  # noqa: E402
+from dppo import synthetic  # noqa: E402
 
 
 def _corpus() -> list[str]:
     texts = []
-    for r in testing.sft_rows(200, seed=1):
+    for r in synthetic.sft_rows(200, seed=1):
         texts += [m["content"] for m in r["messages"]]
-    for r in testing.pair_rows(200, seed=2):
+    for r in synthetic.pair_rows(200, seed=2):
         texts += [r["prompt"], r["chosen"][1]["content"], r["rejected"][1]["content"]]
     texts.append("system user assistant You are a helpful assistant.")
     return texts
@@ -28,7 +28,7 @@ def _corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return testing.make_tokenizer(tmp_path_factory.mktemp("tok"), _corpus(), vocab_size=600)
+    return synthetic.make_tokenizer(tmp_path_factory.mktemp("tok"), _corpus(), vocab_size=600)
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +54,12 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_parquet(tmp_path_factory.mktemp("sft") / "smoltalk.parquet", testing.sft_rows(150, seed=3))
+    return write_parquet(tmp_path_factory.mktemp("sft") / "smoltalk.parquet", synthetic.sft_rows(150, seed=3))
 
 
 @pytest.fixture(scope="session")
 def pairs_rows() -> list[dict]:
-    return testing.pair_rows(120, seed=4)
+    return synthetic.pair_rows(120, seed=4)
 
 
 @pytest.fixture(scope="session")

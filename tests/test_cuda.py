@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from dppo import synthetic as testing
+from dppo import synthetic
 
 pytestmark = pytest.mark.cuda
 
@@ -130,7 +130,7 @@ def step_setup(tmp_path_factory, tok_dir):
     from conftest import write_jsonl
 
     root = tmp_path_factory.mktemp("cuda_step")
-    rows = testing.pair_rows(24, seed=8)
+    rows = synthetic.pair_rows(24, seed=8)
     write_jsonl(root / "pairs.jsonl", rows)
     write_jsonl(root / "ygen.jsonl", [{"prompt_id": r["prompt_id"], "response": r["rejected"][1]["content"][::-1]} for r in rows])
     prepare(PrepConfig("prefs", str(root / "pairs.jsonl"), str(tok_dir), root / "shards", ygen=root / "ygen.jsonl",

@@ -10,7 +10,7 @@ import pytest
 import tiny_models as tm
 import torch
 from conftest import write_jsonl
-from dppo import engine, synthetic as testing
+from dppo import engine, synthetic
 from dppo.data import open_shards
 from dppo.generate.decoding import Completion, Decoder, SamplingConfig, sample_key, supports_fast_decoding
 from dppo.errors import ConfigError
@@ -276,7 +276,7 @@ def test_prompts_render_exactly_as_prep(tmp_path, tok_dir, pairs_file, pairs_row
     src = write_jsonl(tmp_path / "mixed.jsonl", [sys_row, sys_row, {"prompt": "plain text"}, {"messages": []}, "not json"])
     rows, info = load_prompts(str(src))
     assert [r.messages for r in rows] == [(("system", "Be brief."), ("user", "Hi?")), (("user", "plain text"),)]
-    assert rows[1].prompt_id == testing.prompt_id("plain text")
+    assert rows[1].prompt_id == synthetic.prompt_id("plain text")
     assert info["duplicates"] == 1 and info["skipped"] == 2
     assert load_prompts(str(pairs_file), limit=5)[0] == load_prompts(str(pairs_file))[0][:5]
 

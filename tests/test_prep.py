@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dppo import engine, synthetic as testing
+from dppo import engine, synthetic
 from dppo.data import FLAG_BOUNDARY_RESPLIT, ShardError, open_shards
 from dppo.data.prep import PrepConfig, prepare
 from dppo.data.sources import open_source
@@ -34,7 +34,7 @@ def chat_ids(hf, messages, gen):
 
 # -- chat template and token ids -----------------------------------------------------------------
 def test_template_renders_like_transformers(tok_dir, hf_tokenizer):
-    for row in testing.sft_rows(30, seed=9):
+    for row in synthetic.sft_rows(30, seed=9):
         msgs = row["messages"][:3] if row["messages"][0]["role"] == "system" else row["messages"][:2]
         for gen, conv in ((False, msgs), (True, msgs[:-1])):
             want = hf_tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
@@ -43,7 +43,7 @@ def test_template_renders_like_transformers(tok_dir, hf_tokenizer):
 
 
 def test_batch_render_matches_one_by_one_and_names_the_bad_conversation(tok_dir):
-    convs = [[(m["role"], m["content"]) for m in row["messages"][:2]] for row in testing.sft_rows(40, seed=4)]
+    convs = [[(m["role"], m["content"]) for m in row["messages"][:2]] for row in synthetic.sft_rows(40, seed=4)]
     for gen in (False, True):
         want = [engine.render_chat(str(tok_dir), c, gen) for c in convs]
         assert engine.render_chats(str(tok_dir), convs, gen) == want
@@ -70,7 +70,7 @@ def test_sft_ids_equal_transformers_row_by_row(tmp_path, tok_dir, hf_tokenizer, 
     summary = run("sft", sft_file, tok_dir, tmp_path / "sft", max_len=100_000, tokenizer_fallback=fallback)
     assert summary["truncated"] == 0
     shards = open_shards(tmp_path / "sft")
-    rows = testing.sft_rows(150, seed=3)
+    rows = synthetic.sft_rows(150, seed=3)
     assert len(shards) == len(rows) == summary["rows_kept"]
     resplit = 0
     for i, row in enumerate(rows):
@@ -186,7 +186,7 @@ def test_auto_max_len_is_the_95th_percentile_and_truncation_keeps_the_template(
 
 
 def _long_prompt_rows(n, seed):
-    rows = testing.pair_rows(n, seed=seed, long_every=2)
+    rows = synthetic.pair_rows(n, seed=seed, long_every=2)
     for i, r in enumerate(rows):
         if i % 3 == 0:  # a very long user turn
             long = r["prompt"] + " " + " ".join(["data model answers"] * 60)
@@ -198,10 +198,10 @@ def _long_prompt_rows(n, seed):
 
 @pytest.fixture(scope="module")
 def llama_tok_dir(tmp_path_factory):
-    texts = [m["content"] for r in testing.sft_rows(200, seed=1) for m in r["messages"]]
-    return testing.make_tokenizer(
+    texts = [m["content"] for r in synthetic.sft_rows(200, seed=1) for m in r["messages"]]
+    return synthetic.make_tokenizer(
         tmp_path_factory.mktemp("llama_tok"), texts + ["user assistant system"], vocab_size=600,
-        template=testing.LLAMA3_TEMPLATE, special_tokens=testing.LLAMA3_SPECIAL_TOKENS,
+        template=synthetic.LLAMA3_TEMPLATE, special_tokens=synthetic.LLAMA3_SPECIAL_TOKENS,
         eos_token="<|eot_id|>", pad_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
     )
 
@@ -420,7 +420,7 @@ def test_strict_names_the_first_bad_row(tmp_path, tok_dir):
 
 
 def test_bad_pairs(tmp_path, tok_dir):
-    rows = testing.pair_rows(4, seed=1)
+    rows = synthetic.pair_rows(4, seed=1)
     rows[1]["rejected"][0] = {"role": "user", "content": "another prompt"}
     rows[2]["prompt_id"] = None
     rows[3]["chosen"] = rows[3]["chosen"][:1]
@@ -538,7 +538,7 @@ def test_meta_records_provenance(tmp_path, tok_dir, sft_file):
     meta = open_shards(tmp_path / "o").meta
     assert meta["format"] == "dppo-shards" and meta["version"] == 3 and meta["kind"] == "sft"
     assert meta["tokenizer"]["fingerprint"] == engine.Tokenizer(str(tok_dir)).fingerprint
-    assert meta["chat_template"] == testing.QWEN_STYLE_TEMPLATE
+    assert meta["chat_template"] == synthetic.QWEN_STYLE_TEMPLATE
     assert meta["source"]["type"] == "local" and len(meta["source"]["files"][0]["blake2b"]) == 16
     assert meta["counts"]["max_len_from"] == {"auto": {"percentile": 95.0}}
     assert meta["config"]["kind"] == "sft"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dppo import synthetic as testing
+from dppo import synthetic
 from dppo.train.config import load_config
 from dppo.data.prep import PrepConfig, prepare
 from dppo.train import train
@@ -58,7 +58,7 @@ def vocab_size(tok_dir: Path) -> int:
 
 
 def _save_model(path: Path, vocab: int, seed: int, tok_dir: Path | None) -> Path:
-    model = testing.tiny_qwen2(vocab, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=seed)
+    model = synthetic.tiny_qwen2(vocab, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, seed=seed)
     model.save_pretrained(path)
     if tok_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -135,7 +135,7 @@ def separable_shards(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) ->
         user = {"role": "user", "content": prompt}
         chosen = " ".join(rng.choice(good) for _ in range(rng.randint(4, 10)))
         rejected = " ".join(rng.choice(bad) for _ in range(rng.randint(4, 10)))
-        rows.append({"prompt": prompt, "prompt_id": testing.prompt_id(prompt),
+        rows.append({"prompt": prompt, "prompt_id": synthetic.prompt_id(prompt),
                      "chosen": [user, {"role": "assistant", "content": chosen}],
                      "rejected": [user, {"role": "assistant", "content": rejected}]})
     root = tmp_path_factory.mktemp("separable")

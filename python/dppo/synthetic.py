@@ -1,6 +1,8 @@
 """Offline building blocks for tests, benchmarks and the demo: a byte-level BPE tokenizer trained on
 the spot with ChatML special tokens and a Qwen-style chat template, tiny Qwen2-shaped models with
-random weights, and small files in the exact schemas of SmolTalk and UltraFeedback-binarized."""
+random weights, small files in the exact schemas of SmolTalk and UltraFeedback-binarized, and
+English-like prose made from a seed (the same on every machine). Shipped with the library (the demo
+builds its model and tokenizer with it); the tests import it as ``dppo.synthetic``."""
 
 from __future__ import annotations
 
@@ -76,33 +78,113 @@ LLAMA3_TEMPLATE = (
 LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
-def english_corpus(limit_chars: int = 2_000_000) -> list[str]:
-    """English prose available offline: the docstrings of Python's standard library."""
-    import importlib
-    import inspect
-    import pkgutil
-    import warnings
+# The 300 commonest English words, roughly by frequency (Zipf ranks 0..299 of the corpus's lexicon);
+# the ranks after them are pseudo-words spelled from English syllables.
+_COMMON_WORDS = tuple("""
+the of and to a in is that for it as with was on be by this are or from at which not have an but
+can their has more one all been its also other were they when there use used such these may only
+data between each time first into new two most some than many will would should could over under
+number model system value so if what about out up who them then no make like how our just because
+any well where much through back after before most people year way even want give day good know
+take see come think look work life child world school still try ask need feel become leave put mean
+keep let begin seem help talk turn start show hear play run move live believe hold bring happen
+write provide sit stand lose pay meet include continue set learn change lead understand watch follow
+stop create speak read allow add spend grow open walk win offer remember love consider appear buy
+wait serve die send expect build stay fall cut reach kill remain suggest raise pass sell require
+report decide pull it's don't can't I'm you're they'll we've isn't doesn't won't that's there's
+question answer list step result reason example problem part point group case week company program
+word fact hand place home water room mother area money story month lot right study book eye job
+business issue side kind head house service friend father power hour game line end member law car
+city community name president team minute idea kid body information nothing ago lead social whether
+back parent face others level office door health person art war history party morning air
+""".split())
+_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z",
+           "bl", "br", "ch", "cl", "cr", "dr", "fl", "fr", "gl", "gr", "pl", "pr", "qu", "sc", "sh", "sl", "sm",
+           "sn", "sp", "st", "str", "sw", "th", "tr", "wh")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "ea", "ai", "ou", "oo", "ie", "io", "ee", "y")
+_CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "d", "nd", "st", "ng", "nt", "rt", "ck", "ll", "ss", "x", "ct", "rn")
+_SUFFIXES = ("", "", "", "", "s", "s", "ed", "ing", "er", "ly", "tion", "ment", "al", "ive", "ness", "able", "ous", "ity")
+_LEXICON_SIZE = 60_000
 
+
+def _pseudo_word(rank: int) -> str:
+    """The lexicon's word of ``rank`` past the common ones: one to three English syllables and a
+    suffix, spelled from a hash of the rank (the same on every machine)."""
+    h = int.from_bytes(hashlib.blake2b(rank.to_bytes(8, "little"), digest_size=16).digest(), "little")
+    parts = []
+    for _ in range(1 + h % 3 if rank > 2000 else 1 + h % 2):
+        h //= 3
+        for pool in (_ONSETS, _VOWELS, _CODAS):
+            parts.append(pool[h % len(pool)])
+            h //= len(pool)
+    return "".join(parts) + _SUFFIXES[h % len(_SUFFIXES)]
+
+
+def _lexicon() -> tuple[tuple[str, ...], list[float]]:
+    """The lexicon (common words first) and its cumulative Zipf weights (1/rank), built once."""
+    global _LEXICON
+    if _LEXICON is None:
+        words = _COMMON_WORDS + tuple(_pseudo_word(r) for r in range(len(_COMMON_WORDS), _LEXICON_SIZE))
+        cumulative, total = [], 0.0
+        for rank in range(1, len(words) + 1):
+            total += 1.0 / rank
+            cumulative.append(total)
+        _LEXICON = (words, cumulative)
+    return _LEXICON
+
+
+_LEXICON: tuple[tuple[str, ...], list[float]] | None = None
+
+
+def _sentence(u: Any, words: tuple[str, ...], cumulative: list[float]) -> str:
+    """One sentence: 4..27 words drawn with Zipf's frequencies (rank r ~ 1/r), commas, now and then
+    a number, a parenthesis or a quotation, a capital first and an end mark."""
+    import bisect
+
+    out = []
+    for _ in range(4 + int(u() * 24)):
+        r = u()
+        if r < 0.03:
+            out.append(str(int(u() * 2100)) if u() < 0.7 else f"{u() * 100:.1f}")
+        else:
+            out.append(words[min(bisect.bisect_left(cumulative, u() * cumulative[-1]), len(words) - 1)])
+            if r > 0.93:
+                out[-1] += ","
+    if len(out) > 8 and u() < 0.1:
+        i = int(u() * (len(out) - 3))
+        left, right = ("(", ")") if u() < 0.5 else ("\u201c", "\u201d")
+        out[i], out[i + 2] = left + out[i].rstrip(","), out[i + 2].rstrip(",") + right
+    out[0] = out[0][:1].upper() + out[0][1:]
+    end = u()
+    return " ".join(out).rstrip(",") + ("." if end < 0.85 else "?" if end < 0.95 else "!")
+
+
+def english_corpus(limit_chars: int = 2_000_000, seed: int = 0) -> list[str]:
+    """English-like prose made offline from ``seed``: documents of paragraphs of sentences over a
+    Zipf-distributed lexicon (300 common English words, then pseudo-words spelled from English
+    syllables), with commas, numbers, quotations and roughly lognormal document lengths (median
+    ~800 characters). Documents are added until ``limit_chars``; ``english_corpus(n)`` is a prefix
+    of ``english_corpus(m)`` for ``n < m``.
+
+    The same text on every machine and Python version: it draws only from
+    ``random.Random(seed).random()`` (a sequence Python keeps across versions) and uses only
+    correctly rounded arithmetic (no platform ``log``/``exp``)."""
+    u = random.Random(seed).random
+    words, cumulative = _lexicon()
     texts: list[str] = []
     total = 0
-    names = sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))
-    skip = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "test", "lib2to3", "ensurepip", "venv", "pydoc_data"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            if name in skip or total >= limit_chars:
-                continue
-            try:
-                mod = importlib.import_module(name)
-            except Exception:
-                continue
-            if not getattr(mod, "__file__", "") or "site-packages" in getattr(mod, "__file__", ""):
-                continue
-            for obj in [mod, *(v for _, v in inspect.getmembers(mod) if inspect.isclass(v) or inspect.isfunction(v))]:
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 40:
-                    texts.append(doc)
-                    total += len(doc)
+    while total < limit_chars:
+        target = 500.0
+        for _ in range(8):  # a product of independent factors: roughly lognormal
+            target *= 0.6 + 0.9 * u()
+        paragraphs, size = [], 0
+        while size < target:
+            para = " ".join(_sentence(u, words, cumulative) for _ in range(1 + int(u() * 5)))
+            paragraphs.append(para)
+            size += len(para) + 2
+        doc = "\n\n".join(paragraphs)
+        texts.append(doc)
+        total += len(doc)
     return texts
 
 
