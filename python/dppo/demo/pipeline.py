@@ -198,19 +198,13 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
              seeds: int | None = None, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the results (also in ``out/results.json``).
 
-    Stages whose output already exists are reused, so an interrupted demo continues where it stopped.
+    The phases: the settings checked against those ``out`` was made with; the plan of stages
+    (``_Demo``: the world and the SFT model, the tuning grid, every seed's runs and evaluation); the
+    stages run in order into ``out`` (``_run_stages``), each reused where its output exists, so an
+    interrupted demo continues where it stopped; the results aggregated, written and shown.
     """
-    from dppo.artifacts import write_json
-    from dppo.curriculum import CurriculumConfig, curriculum
-    from dppo.train.config import TrainConfig
     from dppo.demo.judge import judge as demo_judge
-    from dppo.demo.world import write_world
-    from dppo.eval.winrate import EvalConfig, evaluate
-    from dppo.generate import DecodeConfig, GenConfig, SamplingConfig, generate
     from dppo.eval.judges import register_judge
-    from dppo.data.prep import PrepConfig, prepare
-    from dppo.data.sources import DataSource
-    from dppo.train import train
 
     s = settings or (QUICK if quick else FULL)
     if seeds is not None:
@@ -219,162 +213,16 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     out.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out, s)
     console = console or Console(stderr=True)
-    # Every stage writes its own messages into OUT/demo.log; the terminal shows one progress bar.
-    log_file = open(out / "demo.log", "a", encoding="utf-8")  # noqa: SIM115 (closed after the stages)
-    log = Console(file=log_file, width=120, force_terminal=False, soft_wrap=True)
     register_judge("demo", demo_judge, overwrite=True)
     t0 = time.perf_counter()
-
-    world_dir = out / "world"
-    paths = {k: world_dir / f"{k}.parquet" for k in ("sft", "prefs_train", "prefs_val", "prefs_test")}
-    paths["tokenizer"] = world_dir / "tokenizer"
-    plan = _Plan()
-    plan.add("make the world", world_dir / "world.json", lambda: write_world(
-        world_dir, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, n_val=s.n_val, seed=s.world_seed,
-        vocab_size=s.vocab_size))
-    sft_shards = out / "shards" / "sft"
-    plan.add("prep sft", sft_shards / "meta.json", lambda: prepare(
-        PrepConfig("sft", str(paths["sft"]), str(paths["tokenizer"]), sft_shards), console=log, show_progress=False))
-
-    def common(**kw: Any) -> dict[str, Any]:
-        return {"progress": False, "save_every": 0, "dtype": "fp32", **kw}
-
-    # One SFT model, one y_gen and one set of pair shards; the seeds vary the preference stage (its
-    # data order and every random number), as the paper compares methods from one SFT model.
-    base = out / "base"
-    init = base / "init"
-
-    plan.add("random init", init / "config.json", lambda: make_init_model(init, paths["tokenizer"], s))
-
-    def train_run(name: str, run: Path, method: str, data: Path, init_dir: Path, seed: int,
-                  options: Callable[[], dict[str, Any]]) -> None:
-        """A training stage whose options are read when it runs (the tuned ones exist only then)."""
-        def go() -> Any:
-            cfg = TrainConfig(method=method, data=str(data), init=str(init_dir), out=str(run), seed=seed,
-                              overwrite=True, **common(**options()))
-            return train(cfg, console=log)
-
-        plan.add(name, run / "model" / "config.json", go)
-
-    sft_run = base / "sft"
-    plan.add("train sft", sft_run / "model" / "config.json", lambda: train(sft_config(s, sft_shards, init, sft_run), console=log))
-    sft_model = sft_run / "model"
-    ygen = base / "ygen.parquet"
-    decode = DecodeConfig(sampling=SamplingConfig(max_new_tokens=s.max_new_tokens), batch_size=s.gen_batch)
-    plan.add("generate y_gen", ygen, lambda: generate(
-        GenConfig(model=str(sft_model), data=str(paths["prefs_train"]), out=ygen, decode=decode), console=log,
-        show_progress=False))
-    prefs = out / "shards" / "prefs"
-    plan.add("prep prefs --ygen", prefs / "meta.json", lambda: prepare(
-        PrepConfig("prefs", str(paths["prefs_train"]), str(paths["tokenizer"]), prefs, ygen=ygen), console=log, show_progress=False))
-    # before any preference method: where the SFT model votes wrong (the pairs its penalties act on)
-    plan.add("sft votes on the pairs", out / "diagnostics.json", lambda: write_json(
-        out / "diagnostics.json", _sft_votes(prefs, sft_model)))
-
-    pref_kw = dict(epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1, warmup_steps=s.pref_warmup)
-    clip = {"minll": s.vote_clip, "unll": s.vote_clip, "conll": s.conll_vote_clip}
-
-    def method_opts(method: str, lr: float, knob: str | None = None, value: float | None = None) -> dict[str, Any]:
-        extra = {"vote_clip": clip[method]} if method in clip else {}
-        return {**pref_kw, "lr": lr, **extra, **({knob: value} if knob else {})}
-
-    # -- tuning: the same grid for every method, judged on the validation prompts (seed 0) --------
-    tune = out / "tune"
-    grid = _grid(s)
-    for method, lr, knob, value, name in grid:
-        train_run(f"tune: {name}", tune / "runs" / name, method, prefs, sft_model, 0,
-                  lambda m=method, lr=lr, k=knob, v=value: method_opts(m, lr, k, v))
-
-    def tune_eval() -> Any:
-        models = [str(sft_model)] + [str(tune / "runs" / g[-1] / "model") for g in grid]
-        return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
-                                   data=DataSource(str(paths["prefs_val"])), out=tune / "eval", limit=None,
-                                   decode=decode, cache_dir=out / "cache"), console=log, show_progress=False)
-
-    plan.add("tune: eval on the validation prompts", tune / "eval" / "results.json", tune_eval)
-    plan.add("tune: choose each method's settings", tune / "choices.json", lambda: write_json(
-        tune / "choices.json", _choose(grid, json.loads((tune / "eval" / "results.json").read_text()))))
-
-    def chosen(method: str, **over: Any) -> dict[str, Any]:
-        c = json.loads((tune / "choices.json").read_text())[method]
-        return {**method_opts(method, c["lr"], c["knob"], c["value"]), **over}
-
-    # -- the test runs, per seed --------------------------------------------------------------------
-    for seed in range(s.seeds):
-        sd = out / f"seed{seed}"
-        runs = sd / "runs"
-        for m in COMPARED_METHODS:
-            train_run(f"seed {seed}: train {m}", runs / m, m, prefs, sft_model, seed, lambda m=m: chosen(m))
-        unll_model = runs / "unll" / "model"
-        train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", prefs, unll_model, seed,
-                  lambda u=unll_model: {**chosen("dpo"), "ref": str(u)})
-        train_run(f"seed {seed}: train unll, alpha linear to 0", runs / "unll-linear", "unll", prefs, sft_model, seed,
-                  lambda: chosen("unll", alpha_schedule="linear", alpha_end=0.0))
-
-        def run_curriculum(seed: int = seed, runs: Path = runs) -> Any:
-            opts = {**common(**chosen("unll")), "seed": seed}
-            return curriculum(CurriculumConfig(
-                rounds=s.curriculum_rounds, method="unll", data=str(paths["prefs_train"]), tokenizer=str(paths["tokenizer"]),
-                init=str(sft_model), out=runs / "curriculum", pairs_per_round=s.n_pairs // s.curriculum_rounds,
-                decode=decode, train=opts, seed=seed, resume=True), console=log, show_progress=False)
-
-        plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll", runs / "curriculum" / "model" / "config.json",
-                 run_curriculum)
-
-        def run_online(method: str, seed: int = seed, runs: Path = runs) -> Any:
-            from dppo.online import OnlineConfig
-
-            return curriculum(CurriculumConfig(
-                rounds=s.online_rounds, method=method, data=str(paths["prefs_train"]), tokenizer=str(paths["tokenizer"]),
-                init=str(sft_model), out=runs / f"online-{method}", pairs="judge",
-                online=OnlineConfig(judge="demo", samples=s.online_samples, temperature=s.online_temperature, seed=seed,
-                                    prompts_per_round=s.n_pairs // s.online_rounds),
-                decode=decode, train={**common(**chosen(method)), "seed": seed}, seed=seed, resume=True),
-                console=log, show_progress=False)
-
-        for m in s.online_methods:
-            plan.add(f"seed {seed}: online {m}, {s.online_rounds} rounds of {s.online_samples} samples",
-                     runs / f"online-{m}" / "model" / "config.json", lambda m=m: run_online(m))
-        for a in s.alphas:
-            train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs, sft_model, seed,
-                      lambda a=a: chosen("unll", alpha=a))
-        for n in s.sample_sizes:
-            for m in ("dpo", "unll"):
-                train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs, sft_model, seed,
-                          lambda m=m, n=n: chosen(m, max_samples=n))
-
-        def run_eval(sd: Path = sd, runs: Path = runs) -> Any:
-            models = [str(sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
-            return evaluate(EvalConfig(models=tuple(models), baseline=str(sft_model), judge="demo",
-                                       data=DataSource(str(paths["prefs_test"])), out=sd / "eval", limit=None,
-                                       decode=decode,
-                                       cache_dir=out / "cache"), console=log, show_progress=False)
-
-        plan.add(f"seed {seed}: eval vs sft", sd / "eval" / "results.json", run_eval)
-
-    columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    # Each stage's time when it ran, kept across runs into the same folder (a reused stage keeps it).
-    times_path = out / "stage_seconds.json"
-    stage_seconds: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
-    reused: list[str] = []
-    try:
-        with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():
-            task = bar.add_task("", total=len(plan.stages))
-            for name, done, fn in plan.stages:
-                bar.update(task, description=name)
-                if done.exists():
-                    reused.append(name)
-                else:
-                    log.rule(name)
-                    t = time.perf_counter()
-                    fn()
-                    stage_seconds[name] = round(time.perf_counter() - t, 2)
-                    times_path.write_text(json.dumps(stage_seconds, indent=2) + "\n")
-                bar.advance(task)
-    finally:
-        log_file.close()
-    stage_seconds = {name: stage_seconds[name] for name, _, _ in plan.stages if name in stage_seconds}
+    # Every stage writes its own messages into OUT/demo.log; the terminal shows one progress bar.
+    with open(out / "demo.log", "a", encoding="utf-8") as log_file:
+        demo = _Demo(s, out, Console(file=log_file, width=120, force_terminal=False, soft_wrap=True))
+        demo.base_stages()
+        demo.tuning_stages()
+        for seed in range(s.seeds):
+            demo.seed_stages(seed)
+        stage_seconds, reused = _run_stages(demo.plan, out, demo.log, console, show_progress)
     results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds, reused)
     if show_progress:
         print_table(console, _table(results))
@@ -387,6 +235,191 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
                       f"fig_data_efficiency.png, fig_reward_diff.png, fig_online.png; every stage's messages: {esc(out)}/demo.log",
                       highlight=False)
     return results
+
+
+class _Demo:
+    """The demo's stages, planned in order: each a name, the file that says it is done and the call
+    that makes it (the library's functions, as the CLI calls them). One SFT model, one y_gen and one
+    set of pair shards; the seeds vary the preference stage (its data order and every random
+    number), as the paper compares methods from one SFT model."""
+
+    def __init__(self, s: DemoSettings, out: Path, log: Console) -> None:
+        from dppo.generate import DecodeConfig, SamplingConfig
+
+        self.s, self.out, self.log, self.plan = s, out, log, _Plan()
+        world = out / "world"
+        self.world = world
+        self.paths = {k: world / f"{k}.parquet" for k in ("sft", "prefs_train", "prefs_val", "prefs_test")}
+        self.tokenizer = world / "tokenizer"
+        self.sft_model = out / "base" / "sft" / "model"
+        self.ygen = out / "base" / "ygen.parquet"
+        self.prefs = out / "shards" / "prefs"
+        self.tune = out / "tune"
+        self.grid = _grid(s)
+        self.decode = DecodeConfig(sampling=SamplingConfig(max_new_tokens=s.max_new_tokens), batch_size=s.gen_batch)
+
+    # -- the world, the SFT model, y_gen and the pairs ---------------------------------------------------
+    def base_stages(self) -> None:
+        from dppo.artifacts import write_json
+        from dppo.data.prep import PrepConfig, prepare
+        from dppo.demo.world import write_world
+        from dppo.generate import GenConfig, generate
+        from dppo.train import train
+
+        s, out, plan, log = self.s, self.out, self.plan, self.log
+        plan.add("make the world", self.world / "world.json", lambda: write_world(
+            self.world, n_sft=s.n_sft, n_pairs=s.n_pairs, n_test=s.n_test, n_val=s.n_val, seed=s.world_seed,
+            vocab_size=s.vocab_size))
+        sft_shards = out / "shards" / "sft"
+        plan.add("prep sft", sft_shards / "meta.json", lambda: prepare(
+            PrepConfig("sft", str(self.paths["sft"]), str(self.tokenizer), sft_shards), console=log, show_progress=False))
+        init = out / "base" / "init"
+        plan.add("random init", init / "config.json", lambda: make_init_model(init, self.tokenizer, s))
+        sft_run = self.sft_model.parent
+        plan.add("train sft", self.sft_model / "config.json", lambda: train(sft_config(s, sft_shards, init, sft_run), console=log))
+        plan.add("generate y_gen", self.ygen, lambda: generate(
+            GenConfig(model=str(self.sft_model), data=str(self.paths["prefs_train"]), out=self.ygen, decode=self.decode),
+            console=log, show_progress=False))
+        plan.add("prep prefs --ygen", self.prefs / "meta.json", lambda: prepare(
+            PrepConfig("prefs", str(self.paths["prefs_train"]), str(self.tokenizer), self.prefs, ygen=self.ygen),
+            console=log, show_progress=False))
+        # before any preference method: where the SFT model votes wrong (the pairs its penalties act on)
+        plan.add("sft votes on the pairs", out / "diagnostics.json", lambda: write_json(
+            out / "diagnostics.json", _sft_votes(self.prefs, self.sft_model)))
+
+    # -- tuning: the same grid for every method, judged on the validation prompts (seed 0) -------------
+    def tuning_stages(self) -> None:
+        from dppo.artifacts import write_json
+
+        tune = self.tune
+        for method, lr, knob, value, name in self.grid:
+            self.train_run(f"tune: {name}", tune / "runs" / name, method, self.sft_model, 0,
+                           lambda m=method, lr=lr, k=knob, v=value: self.method_opts(m, lr, k, v))
+        models = [str(self.sft_model)] + [str(tune / "runs" / g[-1] / "model") for g in self.grid]
+        self.eval_run("tune: eval on the validation prompts", tune / "eval", self.paths["prefs_val"], lambda: models)
+        self.plan.add("tune: choose each method's settings", tune / "choices.json", lambda: write_json(
+            tune / "choices.json", _choose(self.grid, json.loads((tune / "eval" / "results.json").read_text()))))
+
+    # -- the test runs of one seed ------------------------------------------------------------------------
+    def seed_stages(self, seed: int) -> None:
+        s, chosen, prefs_model = self.s, self.chosen, self.sft_model
+        sd = self.out / f"seed{seed}"
+        runs = sd / "runs"
+        for m in COMPARED_METHODS:
+            self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m))
+        unll_model = runs / "unll" / "model"
+        self.train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", unll_model, seed,
+                       lambda: {**chosen("dpo"), "ref": str(unll_model)})
+        self.train_run(f"seed {seed}: train unll, alpha linear to 0", runs / "unll-linear", "unll", prefs_model, seed,
+                       lambda: chosen("unll", alpha_schedule="linear", alpha_end=0.0))
+        self.plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll",
+                      runs / "curriculum" / "model" / "config.json", lambda: self.curriculum(seed, runs / "curriculum"))
+        for m in s.online_methods:
+            self.plan.add(f"seed {seed}: online {m}, {s.online_rounds} rounds of {s.online_samples} samples",
+                          runs / f"online-{m}" / "model" / "config.json", lambda m=m: self.online(m, seed, runs / f"online-{m}"))
+        for a in s.alphas:
+            self.train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs_model, seed,
+                           lambda a=a: chosen("unll", alpha=a))
+        for n in s.sample_sizes:
+            for m in ("dpo", "unll"):
+                self.train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs_model, seed,
+                               lambda m=m, n=n: chosen(m, max_samples=n))
+
+        def models() -> list[str]:
+            return [str(self.sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
+
+        self.eval_run(f"seed {seed}: eval vs sft", sd / "eval", self.paths["prefs_test"], models)
+
+    # -- the stages' calls ----------------------------------------------------------------------------------
+    def common(self, **kw: Any) -> dict[str, Any]:
+        return {"progress": False, "save_every": 0, "dtype": "fp32", **kw}
+
+    def method_opts(self, method: str, lr: float, knob: str | None = None, value: float | None = None) -> dict[str, Any]:
+        s = self.s
+        clip = {"minll": s.vote_clip, "unll": s.vote_clip, "conll": s.conll_vote_clip}
+        extra = {"vote_clip": clip[method]} if method in clip else {}
+        pref_kw = dict(epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1, warmup_steps=s.pref_warmup)
+        return {**pref_kw, "lr": lr, **extra, **({knob: value} if knob else {})}
+
+    def chosen(self, method: str, **over: Any) -> dict[str, Any]:
+        """``method``'s options with the settings tuning chose (read when the stage runs)."""
+        c = json.loads((self.tune / "choices.json").read_text())[method]
+        return {**self.method_opts(method, c["lr"], c["knob"], c["value"]), **over}
+
+    def train_run(self, name: str, run: Path, method: str, init_dir: Path, seed: int,
+                  options: Callable[[], dict[str, Any]]) -> None:
+        """A training stage on the pairs whose options are read when it runs (the tuned ones exist only then)."""
+        from dppo.train import train
+        from dppo.train.config import TrainConfig
+
+        def go() -> Any:
+            cfg = TrainConfig(method=method, data=str(self.prefs), init=str(init_dir), out=str(run), seed=seed,
+                              overwrite=True, **self.common(**options()))
+            return train(cfg, console=self.log)
+
+        self.plan.add(name, run / "model" / "config.json", go)
+
+    def eval_run(self, name: str, out: Path, prompts: Path, models: Callable[[], list[str]]) -> None:
+        """An evaluation stage: ``models()`` (the SFT model first: the baseline) on ``prompts``, judged by the demo's judge."""
+        from dppo.data.sources import DataSource
+        from dppo.eval.winrate import EvalConfig, evaluate
+
+        def go() -> Any:
+            cfg = EvalConfig(models=tuple(models()), baseline=str(self.sft_model), judge="demo", data=DataSource(str(prompts)),
+                             out=out, limit=None, decode=self.decode, cache_dir=self.out / "cache")
+            return evaluate(cfg, console=self.log, show_progress=False)
+
+        self.plan.add(name, out / "results.json", go)
+
+    def curriculum(self, seed: int, run: Path) -> Any:
+        from dppo.curriculum import CurriculumConfig, curriculum
+
+        s = self.s
+        opts = {**self.common(**self.chosen("unll")), "seed": seed}
+        return curriculum(CurriculumConfig(
+            rounds=s.curriculum_rounds, method="unll", data=str(self.paths["prefs_train"]), tokenizer=str(self.tokenizer),
+            init=str(self.sft_model), out=run, pairs_per_round=s.n_pairs // s.curriculum_rounds,
+            decode=self.decode, train=opts, seed=seed, resume=True), console=self.log, show_progress=False)
+
+
+    def online(self, method: str, seed: int, run: Path) -> Any:
+        """Online rounds (``dppo curriculum --pairs judge``) of ``method`` at its tuned settings, judged by the demo's judge."""
+        from dppo.curriculum import CurriculumConfig, curriculum
+        from dppo.online import OnlineConfig
+
+        s = self.s
+        return curriculum(CurriculumConfig(
+            rounds=s.online_rounds, method=method, data=str(self.paths["prefs_train"]), tokenizer=str(self.tokenizer),
+            init=str(self.sft_model), out=run, pairs="judge",
+            online=OnlineConfig(judge="demo", samples=s.online_samples, temperature=s.online_temperature, seed=seed,
+                                prompts_per_round=s.n_pairs // s.online_rounds),
+            decode=self.decode, train={**self.common(**self.chosen(method)), "seed": seed}, seed=seed, resume=True),
+            console=self.log, show_progress=False)
+
+
+def _run_stages(plan: _Plan, out: Path, log: Console, console: Console, show_progress: bool) -> tuple[dict[str, float], list[str]]:
+    """Every stage in order under one progress bar, a stage whose output exists reused; returns each
+    stage's time when it ran (kept across runs into the same folder in ``stage_seconds.json``: a
+    reused stage keeps it) and the names of the reused ones."""
+    columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    times_path = out / "stage_seconds.json"
+    stage_seconds: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
+    reused: list[str] = []
+    with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():
+        task = bar.add_task("", total=len(plan.stages))
+        for name, done, fn in plan.stages:
+            bar.update(task, description=name)
+            if done.exists():
+                reused.append(name)
+            else:
+                log.rule(name)
+                t = time.perf_counter()
+                fn()
+                stage_seconds[name] = round(time.perf_counter() - t, 2)
+                times_path.write_text(json.dumps(stage_seconds, indent=2) + "\n")
+            bar.advance(task)
+    return {name: stage_seconds[name] for name, _, _ in plan.stages if name in stage_seconds}, reused
 
 
 # -- tuning ---------------------------------------------------------------------------------------------
