@@ -632,7 +632,7 @@ def test_cli_bare_prep_offline_is_one_line(tmp_path, monkeypatch):
 def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path, tok_dir):
     import datasets
 
-    rows = testing.sft_rows(20, seed=2)
+    rows = synthetic.sft_rows(20, seed=2)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     s = run("sft", tmp_path / "saved", tok_dir, tmp_path / "o")
     assert s["rows_in"] == 20 and s["rows_kept"] == 20
@@ -649,7 +649,7 @@ def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path, tok_dir):
 
 
 def test_a_non_numeric_score_is_a_bad_row(tmp_path, tok_dir):
-    rows = testing.pair_rows(6, seed=3)
+    rows = synthetic.pair_rows(6, seed=3)
     rows[2]["score_chosen"] = "high"
     rows[4]["score_rejected"] = [1]
     s = run("prefs", write_jsonl(tmp_path / "p.jsonl", rows), tok_dir, tmp_path / "o")
