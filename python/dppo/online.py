@@ -277,33 +277,68 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+@dataclass
+class _Rounds:
+    """What every round of one online run shares (``online_rounds``' set-up)."""
+
+    cfg: Any
+    online: OnlineConfig
+    decode: Any
+    dist: Any
+    device: Any
+    console: Console
+    show_progress: bool
+    record: dict[str, Any]
+    record_path: Path
+    judge: Any
+    rows: list[Any]
+    plan: list[Any]
+    init_dir: Path
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
 def online_rounds(cfg: Any, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run (or continue) the online rounds of a curriculum ``cfg`` (``pairs="judge"``); returns the
     contents of ``RUN/curriculum.json``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from dppo.curriculum import _finish
+    from dppo.distributed import barrier
 
-    from dppo.curriculum import _finish, _open_record, _wrong_votes, round_prompts
-    from dppo.data import open_shards
-    from dppo.data.prep import PrepConfig, prepare
+    run = _start(cfg, console or Console(stderr=True), show_progress)
+    policy = run.init_dir
+    done = {r["round"]: r for r in run.record["rounds"]}
+    for k in range(1, cfg.rounds + 1):
+        rdir = run.out / f"round_{k}"
+        if not (k in done and (rdir / "model" / "config.json").is_file()):
+            _record_round(run, _round(run, k, policy, rdir))
+        policy = rdir / "model"
+    run.judge.close()
+    if run.dist.main:
+        _finish(cfg, run.record, run.record_path)
+    barrier(run.dist)
+    return run.record
+
+
+def _start(cfg: Any, console: Console, show_progress: bool) -> _Rounds:
+    """The run's record opened (or continued), then everything checked before any sampling: the
+    train options, the judge, the prompts."""
+    from dppo.curriculum import _open_record, round_prompts
     from dppo.distributed import barrier, on_main
     from dppo.distributed import setup as setup_distributed
     from dppo.eval.judges import JudgeOptions, make_judge
     from dppo.generate import load_prompts
-    from dppo.generate.run import DecodeConfig, generate_rows, read_generations
-    from dppo.train import train
+    from dppo.generate.run import DecodeConfig
     from dppo.train.config import load_config
 
     online: OnlineConfig = cfg.online
-    console = console or Console(stderr=True)
     decode = cfg.decode or DecodeConfig()
     dist, device = setup_distributed(decode.device)
     if not dist.main:
         console, show_progress = Console(stderr=True, quiet=True), False
-    out = Path(cfg.out)
     record, record_path = on_main(dist, _open_record, cfg, {"online": online.record()})
     barrier(dist)
-    # checked before any sampling: the train options, the judge, the prompts
     load_config(None, method=cfg.method, data="-", init=cfg.init, out="-", **cfg.train)
     judge = make_judge(online.judge, JudgeOptions(batch_size=online.judge_batch_size, api_base=online.api_base,
                                                   concurrency=online.concurrency))
@@ -312,120 +347,165 @@ def online_rounds(cfg: Any, *, console: Console | None = None, show_progress: bo
     if any(r.ids is not None for r in rows):
         raise ConfigError(f"{cfg.data.data}: online rounds need prompts as text (the judge reads them), not prepared shards")
     plan = round_prompts(len(rows), online.prompts_per_round, cfg.rounds, cfg.seed)
-    init_dir = resolve_model(cfg.init)
-    policy = init_dir
-    cache_path = out / "judge_scores.sqlite"
-    done = {r["round"]: r for r in record["rounds"]}
-    for k in range(1, cfg.rounds + 1):
-        rdir = out / f"round_{k}"
-        if k in done and (rdir / "model" / "config.json").is_file():
-            policy = rdir / "model"
-            continue
-        on_main(dist, rdir.mkdir, parents=True, exist_ok=True)
-        subset = [rows[i] for i in plan[k - 1]]
-        console.rule(f"round {k} of {cfg.rounds}: {len(subset):,} prompts x {online.samples} samples, policy {policy}")
-        times: dict[str, float] = {}
+    return _Rounds(cfg, online, decode, dist, device, console, show_progress, record, record_path, judge, rows, plan,
+                   resolve_model(cfg.init))
 
-        # 1. K samples per prompt, and y_gen (greedy), from the policy entering the round
-        t = time.perf_counter()
-        samples_path = rdir / "samples.parquet"
-        _sample(policy, subset, samples_path, decode, online, dist, device, console, show_progress, f"round {k}: sample")
-        ygen = rdir / "ygen.parquet"
-        generate_rows(str(policy), subset, ygen, decode, console=console, show_progress=show_progress,
-                      show_summary=False, label=f"round {k}: y_gen")
-        times["sample_s"] = round(time.perf_counter() - t, 1)
 
-        # 2. every sample and y_gen judged (cached: a resumed round pays nothing twice)
-        t = time.perf_counter()
-        samples = pq.read_table(samples_path).to_pylist()
-        gens = read_generations(ygen)
-        prompt_of = {r.prompt_id: r.prompt for r in subset}
-        items = [(s["prompt"], s["response"]) for s in samples] + [(prompt_of[g["prompt_id"]], g["response"]) for g in gens]
-        scores = _judge(judge, items, cache_path, dist, console, show_progress, f"round {k}: judge {judge.name}")
-        for s, sc in zip(samples, scores, strict=False):
-            s["score"], s["judge_error"] = sc.value, (None if sc.ok else (sc.error or "failed"))
-        ygen_scores = [sc.value for sc in scores[len(samples):]]
-        times["judge_s"] = round(time.perf_counter() - t, 1)
+def _round(run: _Rounds, k: int, policy: Path, rdir: Path) -> dict[str, Any]:
+    """Round ``k``: sample, judge, pair and prepare, vote and train (module docstring, steps 1-5)."""
+    from dppo.distributed import on_main
 
-        # 3. best vs worst per prompt; 4. prepared with the generated ids
-        t = time.perf_counter()
-        pairs, skipped = _pairs_table(subset, samples, online.samples)
-        shards = rdir / "shards"
+    on_main(run.dist, rdir.mkdir, parents=True, exist_ok=True)
+    subset = [run.rows[i] for i in run.plan[k - 1]]
+    run.console.rule(f"round {k} of {run.cfg.rounds}: {len(subset):,} prompts x {run.online.samples} samples, policy {policy}")
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    ygen = _sample_round(run, k, policy, subset, rdir)
+    times["sample_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    samples, gens, scores = _judge_round(run, k, subset, rdir, ygen)
+    times["judge_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    pairs, skipped = _prepare_round(run, k, subset, rdir, samples, gens, scores[len(samples):], ygen)
+    times["prep_s"] = round(time.perf_counter() - t, 1)
+    wrong, ref = _train_round(run, policy, rdir, times)
+    return _summary(run, k, policy, ref, rdir, subset, samples, gens, scores, pairs, skipped, wrong, times)
 
-        def write_and_prepare() -> None:
-            _write_parquet(pa.Table.from_pylist(samples, schema=_schema()), samples_path)
-            _write_parquet(pa.Table.from_pylist(
-                [{"prompt_id": g["prompt_id"], "score": v} for g, v in zip(gens, ygen_scores, strict=True)],
-                schema=pa.schema([("prompt_id", pa.string()), ("score", pa.float64())])), rdir / "ygen_scores.parquet")
-            pairs_path = rdir / "pairs.parquet"
-            _write_parquet(pairs, pairs_path)
-            write_json(meta_path_of(pairs_path), json.loads(meta_path_of(samples_path).read_text()))
-            if pairs.num_rows == 0:
-                raise ConfigError(f"round {k}: no pair among {len(subset)} prompts ({skipped['tied']} tied, "
-                                  f"{skipped['too_few_scored']} with fewer than two scored samples); see {samples_path}")
-            stamp = rdir / "shards.pairs-stamp"
-            pairs_id = hashlib.blake2b(pairs_path.read_bytes(), digest_size=8).hexdigest()
-            if (shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == pairs_id:
-                return
-            prepare(PrepConfig("prefs", DataSource(str(pairs_path)), cfg.tokenizer, shards, ygen=ygen, pair_ids=pairs_path,
-                               max_len=cfg.max_len, overwrite=True), console=console, show_progress=show_progress)
-            stamp.write_text(pairs_id)
 
-        on_main(dist, write_and_prepare)
-        barrier(dist)
-        times["prep_s"] = round(time.perf_counter() - t, 1)
+def _sample_round(run: _Rounds, k: int, policy: Path, subset: list[Any], rdir: Path) -> Path:
+    """Step 1: K samples per prompt (``samples.parquet``) and y_gen (``ygen.parquet``, returned)."""
+    from dppo.generate.run import generate_rows
 
-        # 5. the entering policy's votes on the pairs, then training
-        t = time.perf_counter()
-        wrong = on_main(dist, _wrong_votes, policy, shards, cfg)  # one rank writes the reference cache
-        times["reference_s"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        ref = init_dir if cfg.round_ref == "init" else policy
-        run_cfg = load_config(None, method=cfg.method, data=str(shards), init=str(policy), ref=str(ref), out=str(rdir),
-                              resume=True, **cfg.train)
-        train(run_cfg, console=console)
-        times["train_s"] = round(time.perf_counter() - t, 1)
-        metrics = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
-        sample_scores = [s["score"] for s in samples if s["score"] is not None]
-        summary: dict[str, Any] = {
-            "round": k,
-            "policy": str(policy),
-            "reference": str(ref),
-            "prompts": len(subset),
-            "samples": len(samples),
-            "mean_sample_score": _mean(sample_scores),
-            "mean_ygen_score": _mean([v for v in ygen_scores if v is not None]),
-            "tied_share": skipped["tied"] / len(subset) if subset else None,
-            "tied": skipped["tied"],
-            "too_few_scored": skipped["too_few_scored"],
-            "judge_failures": sum(1 for sc in scores if not sc.ok),
-            "judge_retries": judge.retries,
-            "pairs": pairs.num_rows,
-            "wrong_vote_fraction": wrong,
-            "mean_sample_tokens": _mean([len(s["response_ids"]) for s in samples]),
-            "mean_ygen_tokens": _mean([g["response_tokens"] for g in gens]),
-            "steps": len(metrics),
-            "final_loss": metrics[-1]["loss"] if metrics else None,
-            **times,
-        }
-        vc = json.loads((rdir / "config.json").read_text()).get("vote_clip_auto") if (rdir / "config.json").is_file() else None
-        if vc is not None:
-            summary["vote_clip"] = vc
-        if online.eval_data is not None:
-            summary["eval"] = _eval_round(cfg, online, rdir, init_dir, decode, console, show_progress)
-        record["rounds"] = [r for r in record["rounds"] if r["round"] != k] + [summary]
-        if dist.main:
-            write_json(record_path, record)
-            _plot(record, out / "online.png")
-        console.print(f"round {k}: {pairs.num_rows} pairs ({skipped['tied']} prompts tied), mean sample score "
+    _sample(policy, subset, rdir / "samples.parquet", run.decode, run.online, run.dist, run.device, run.console,
+            run.show_progress, f"round {k}: sample")
+    ygen = rdir / "ygen.parquet"
+    generate_rows(str(policy), subset, ygen, run.decode, console=run.console, show_progress=run.show_progress,
+                  show_summary=False, label=f"round {k}: y_gen")
+    return ygen
+
+
+def _judge_round(run: _Rounds, k: int, subset: list[Any], rdir: Path, ygen: Path) -> tuple[list[dict], list[dict], list[Any]]:
+    """Step 2: every sample and y_gen judged (cached: a resumed round pays nothing twice); the
+    samples carry their scores, the scores list ends with y_gen's."""
+    import pyarrow.parquet as pq
+
+    from dppo.generate.run import read_generations
+
+    samples = pq.read_table(rdir / "samples.parquet").to_pylist()
+    gens = read_generations(ygen)
+    prompt_of = {r.prompt_id: r.prompt for r in subset}
+    items = [(s["prompt"], s["response"]) for s in samples] + [(prompt_of[g["prompt_id"]], g["response"]) for g in gens]
+    scores = _judge(run.judge, items, run.out / "judge_scores.sqlite", run.dist, run.console, run.show_progress,
+                    f"round {k}: judge {run.judge.name}")
+    for s, sc in zip(samples, scores, strict=False):
+        s["score"], s["judge_error"] = sc.value, (None if sc.ok else (sc.error or "failed"))
+    return samples, gens, scores
+
+
+def _prepare_round(run: _Rounds, k: int, subset: list[Any], rdir: Path, samples: list[dict], gens: list[dict],
+                   ygen_scores: list[Any], ygen: Path) -> tuple[Any, dict[str, int]]:
+    """Steps 3 and 4: best vs worst per prompt (``pairs.parquet``), prepared with the generated ids
+    (on rank 0; the other ranks wait)."""
+    import pyarrow as pa
+
+    from dppo.data.prep import PrepConfig, prepare
+    from dppo.distributed import barrier, on_main
+
+    cfg = run.cfg
+    pairs, skipped = _pairs_table(subset, samples, run.online.samples)
+    samples_path, shards = rdir / "samples.parquet", rdir / "shards"
+    values = [sc.value for sc in ygen_scores]
+
+    def write_and_prepare() -> None:
+        _write_parquet(pa.Table.from_pylist(samples, schema=_schema()), samples_path)
+        _write_parquet(pa.Table.from_pylist(
+            [{"prompt_id": g["prompt_id"], "score": v} for g, v in zip(gens, values, strict=True)],
+            schema=pa.schema([("prompt_id", pa.string()), ("score", pa.float64())])), rdir / "ygen_scores.parquet")
+        pairs_path = rdir / "pairs.parquet"
+        _write_parquet(pairs, pairs_path)
+        write_json(meta_path_of(pairs_path), json.loads(meta_path_of(samples_path).read_text()))
+        if pairs.num_rows == 0:
+            raise ConfigError(f"round {k}: no pair among {len(subset)} prompts ({skipped['tied']} tied, "
+                              f"{skipped['too_few_scored']} with fewer than two scored samples); see {samples_path}")
+        stamp = rdir / "shards.pairs-stamp"
+        pairs_id = hashlib.blake2b(pairs_path.read_bytes(), digest_size=8).hexdigest()
+        if (shards / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == pairs_id:
+            return
+        prepare(PrepConfig("prefs", DataSource(str(pairs_path)), cfg.tokenizer, shards, ygen=ygen, pair_ids=pairs_path,
+                           max_len=cfg.max_len, overwrite=True), console=run.console, show_progress=run.show_progress)
+        stamp.write_text(pairs_id)
+
+    on_main(run.dist, write_and_prepare)
+    barrier(run.dist)
+    return pairs, skipped
+
+
+def _train_round(run: _Rounds, policy: Path, rdir: Path, times: dict[str, float]) -> tuple[float, Path]:
+    """Step 5: the entering policy's wrong-vote share on the round's pairs, then training from it;
+    returns the share and the reference trained against."""
+    from dppo.curriculum import _wrong_votes
+    from dppo.distributed import on_main
+    from dppo.train import train
+    from dppo.train.config import load_config
+
+    cfg = run.cfg
+    t = time.perf_counter()
+    wrong = on_main(run.dist, _wrong_votes, policy, rdir / "shards", cfg)  # one rank writes the reference cache
+    times["reference_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    ref = run.init_dir if cfg.round_ref == "init" else policy
+    run_cfg = load_config(None, method=cfg.method, data=str(rdir / "shards"), init=str(policy), ref=str(ref), out=str(rdir),
+                          resume=True, **cfg.train)
+    train(run_cfg, console=run.console)
+    times["train_s"] = round(time.perf_counter() - t, 1)
+    return wrong, ref
+
+
+def _summary(run: _Rounds, k: int, policy: Path, ref: Path, rdir: Path, subset: list[Any], samples: list[dict],
+             gens: list[dict], scores: list[Any], pairs: Any, skipped: dict[str, int], wrong: float,
+             times: dict[str, float]) -> dict[str, Any]:
+    """Round ``k``'s entry of ``curriculum.json`` (with ``--eval-data``: its win rate)."""
+    metrics = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines()]
+    ygen_scores = [sc.value for sc in scores[len(samples):]]
+    summary: dict[str, Any] = {
+        "round": k,
+        "policy": str(policy),
+        "reference": str(ref),
+        "prompts": len(subset),
+        "samples": len(samples),
+        "mean_sample_score": _mean([s["score"] for s in samples if s["score"] is not None]),
+        "mean_ygen_score": _mean([v for v in ygen_scores if v is not None]),
+        "tied_share": skipped["tied"] / len(subset) if subset else None,
+        "tied": skipped["tied"],
+        "too_few_scored": skipped["too_few_scored"],
+        "judge_failures": sum(1 for sc in scores if not sc.ok),
+        "judge_retries": run.judge.retries,
+        "pairs": pairs.num_rows,
+        "wrong_vote_fraction": wrong,
+        "mean_sample_tokens": _mean([len(s["response_ids"]) for s in samples]),
+        "mean_ygen_tokens": _mean([g["response_tokens"] for g in gens]),
+        "steps": len(metrics),
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        **times,
+    }
+    vc = json.loads((rdir / "config.json").read_text()).get("vote_clip_auto") if (rdir / "config.json").is_file() else None
+    if vc is not None:
+        summary["vote_clip"] = vc
+    if run.online.eval_data is not None:
+        summary["eval"] = _eval_round(run.cfg, run.online, rdir, run.init_dir, run.decode, run.console, run.show_progress)
+    return summary
+
+
+def _record_round(run: _Rounds, summary: dict[str, Any]) -> None:
+    """The round's entry into ``curriculum.json`` and ``online.png`` (rank 0), and its line."""
+    k = summary["round"]
+    run.record["rounds"] = [r for r in run.record["rounds"] if r["round"] != k] + [summary]
+    if run.dist.main:
+        write_json(run.record_path, run.record)
+        _plot(run.record, run.out / "online.png")
+    run.console.print(f"round {k}: {summary['pairs']} pairs ({summary['tied']} prompts tied), mean sample score "
                       f"{summary['mean_sample_score'] or float('nan'):.4g}, y_gen {summary['mean_ygen_score'] or float('nan'):.4g}, "
-                      f"wrong votes {wrong:.3f}", highlight=False)
-        policy = rdir / "model"
-    judge.close()
-    if dist.main:
-        _finish(cfg, record, record_path)
-    barrier(dist)
-    return record
+                      f"wrong votes {summary['wrong_vote_fraction']:.3f}", highlight=False)
 
 
 def _eval_round(cfg: Any, online: OnlineConfig, rdir: Path, init_dir: Path, decode: Any, console: Console,
