@@ -26,6 +26,18 @@ def _corpus() -> list[str]:
     return texts
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine (no thread barriers); a
+    module that wants it says ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic.make_tokenizer(tmp_path_factory.mktemp("tok"), _corpus(), vocab_size=600)

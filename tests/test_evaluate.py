@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import tiny_models as tm
 from dppo.data import DataSource
 from dppo.generate import DecodeConfig, SamplingConfig
@@ -16,16 +15,10 @@ from dppo.generate.decoding import Decoder
 from dppo.errors import ConfigError, EvaluationError, SourceError
 from dppo.eval.winrate import EvalConfig, compare, evaluate
 from dppo.eval.judges import register_judge
-from test_judges import KEY, ChatServer
+from chat_server import KEY, ChatServer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy machine (no thread barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- the arithmetic ------------------------------------------------------------------------------
 # prompt:     p0   p1   p2   p3   p4    p5    p6   p7   p8   p9

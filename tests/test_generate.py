@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models as tm
+from harness import dies_after, run_cli
 import torch
 from conftest import write_jsonl
 from dppo import engine, synthetic
@@ -30,13 +31,7 @@ from dppo.data.prep import PrepConfig, prepare
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy machine (no thread barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -365,34 +360,14 @@ def test_resume_after_a_crash_loses_only_the_batch_in_flight(tmp_path, model_dir
     assert [r["prompt_id"] for r in read_generations(out)] == [p.prompt_id for p in prompts]
 
 
-KILL_AFTER_PARTS = """
-import os, signal, sys
-import dppo.generate.run as run
-write = run._write_table
-calls = []
-def write_then_die(table, path):  # the second batch's part is on disk, then SIGKILL
-    write(table, path)
-    calls.append(1)
-    if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-run._write_table = write_then_die
-from dppo.cli.main import app
-app(sys.argv[1:])
-"""
-
-
 def test_a_killed_generation_resumes_from_its_parts(tmp_path, model_dir, pairs_file):
-    import os
     import signal
-    import subprocess
-    import sys
 
     out = tmp_path / "y.parquet"
     args = ["generate", "--model", str(model_dir), "--data", str(pairs_file), "--limit", "10", "--batch-size", "3",
             "--max-new-tokens", "6"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_PARTS, *args, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    # the second batch's part is on disk, then SIGKILL
+    killed = run_cli([*args, "--out", str(out)], dies_after("dppo.generate.run:_write_table", 2))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not out.exists() and len(list((tmp_path / "y.parquet.parts").glob("part-*.parquet"))) == 2
     common = dict(model=str(model_dir), data=str(pairs_file), limit=10, batch_size=3, max_new_tokens=6)
