@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 import torch
 
 from dppo import synthetic
+from harness import CLI, dies_after, run_cli
 
 pytestmark = pytest.mark.cuda
 
@@ -260,27 +260,9 @@ def test_generate_is_token_identical_to_transformers_greedy_with_and_without_cud
 
 # -- 4. a killed run resumes to the weights of an uninterrupted one ------------------------------------
 
-KILLER = """
-import os, signal, sys
-import torch.distributed.checkpoint as dcp
-save = dcp.save
-calls = []
-def save_then_die(*args, **kwargs):  # a checkpoint's part is written (2 per checkpoint), then SIGKILL
-    out = save(*args, **kwargs)
-    calls.append(1)
-    if len(calls) == int(os.environ["KILL_AT_SAVE"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-dcp.save = save_then_die
-from dppo.cli.main import app
-app(sys.argv[1:])
-"""
-
-
 def _cli(args: list[str], kill_at_save: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KILL_AT_SAVE": str(kill_at_save)}
-    code = KILLER if kill_at_save else "import sys; from dppo.cli.main import app; app(sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+    """The command line; with ``kill_at_save`` it dies by SIGKILL after that many checkpoint parts (2 per checkpoint)."""
+    return run_cli(args, dies_after("torch.distributed.checkpoint:save", kill_at_save) if kill_at_save else CLI, timeout=600)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

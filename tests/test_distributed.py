@@ -12,8 +12,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,55 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from dppo.data import open_shards
+from harness import dies_after, one_process, torchrun
 from train_fixtures import *  # noqa: F403
 from train_fixtures import read_metrics
 
-TIMEOUT = 300
 TIME_FIELDS = {"tokens_per_s", "examples_per_s", "step_s", "step_cpu_s", "elapsed_s", "mfu"}
-
-KILLER = """
-import os, signal, sys
-import torch.distributed.checkpoint as dcp
-save = dcp.save
-calls = []
-def save_then_die(*args, **kwargs):  # rank KILL_RANK dies by SIGKILL after its part of a checkpoint
-    out = save(*args, **kwargs)
-    calls.append(1)
-    if os.environ.get("RANK") == os.environ["KILL_RANK"] and len(calls) == int(os.environ["KILL_AT_SAVE"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-dcp.save = save_then_die
-from dppo.cli.main import app
-app(sys.argv[1:])
-"""
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], nproc: int = 2, script: Path | None = None, rdzv: bool = False,
-             **env: str) -> subprocess.CompletedProcess:
-    """``--standalone``, or with ``rdzv`` the multi-node form (a c10d rendezvous at an endpoint) on one node."""
-    target = [str(script)] if script is not None else ["-m", "dppo"]
-    launch = (["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "t"]
-              if rdzv else ["--standalone"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", str(nproc), *target, *args]
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def one_process(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dppo", *args], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-
 
 def train_args(method: str, data: Path, init: Path, out: Path, **opts: object) -> list[str]:
     base = {"method": method, "data": data, "init": init, "out": out, "optimizer": "sgd", "lr": 0.5, "batch-size": 3,
@@ -152,9 +106,9 @@ def test_a_rank_killed_mid_run_fails_the_job_naming_it_and_resume_is_exact(tmp_p
     whole = torchrun(_resumable(pair_shards, init_dir, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     script = tmp_path / "killer.py"
-    script.write_text(KILLER)
     # rank 1 dies by SIGKILL while writing the step-4 checkpoint (its 3rd part: model and optimizer per checkpoint)
-    killed = torchrun(_resumable(pair_shards, init_dir, tmp_path / "cut"), script=script, KILL_RANK="1", KILL_AT_SAVE="3")
+    script.write_text(dies_after("torch.distributed.checkpoint:save", 3, rank=1))
+    killed = torchrun(_resumable(pair_shards, init_dir, tmp_path / "cut"), script=script)
     assert killed.returncode != 0
     assert "rank      : 1" in killed.stderr and "SIGKILL" in killed.stderr
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step_2"]
@@ -202,20 +156,7 @@ def test_generation_on_two_ranks_equals_one_process_and_resumes(tmp_path, init_d
     assert read_generations(tmp_path / "one.parquet") == read_generations(tmp_path / "two.parquet")
     # a job killed after some batches: the rerun generates only the rest, per rank
     script = tmp_path / "stop.py"
-    script.write_text(
-        "import os, signal, sys\n"
-        "import dppo.generate.run as run\n"
-        "write = run._write_table\n"
-        "calls = []\n"
-        "def write_then_die(table, path):\n"
-        "    write(table, path)\n"
-        "    calls.append(1)\n"
-        "    if os.environ['RANK'] == '1' and len(calls) == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "run._write_table = write_then_die\n"
-        "from dppo.cli.main import app\n"
-        "app(sys.argv[1:])\n"
-    )
+    script.write_text(dies_after("dppo.generate.run:_write_table", 2, rank=1))  # rank 1 dies after its 2nd part
     out = tmp_path / "cut.parquet"
     killed = torchrun([*args, "--out", str(out)], script=script)
     assert killed.returncode != 0 and not out.exists()

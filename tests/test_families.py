@@ -36,7 +36,7 @@ from dppo.modeling import TESTED_MODEL_TYPES, PackedBatch, check_packed_forward,
 from dppo.train.config import load_config
 
 from conftest import write_jsonl
-from test_train import hand_loss, load_plain
+from train_fixtures import hand_loss, load_plain
 from train_fixtures import *  # noqa: F403
 from train_fixtures import FAST, run_train
 

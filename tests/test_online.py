@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,20 +26,14 @@ from dppo.generate.decoding import Decoder, SamplingConfig, sample_key
 from dppo.generate.run import DecodeConfig, read_generations, stop_token_ids
 from dppo.online import OnlineConfig, pair_best_worst
 
+from harness import CLI, dies_after, one_process, run_cli, torchrun
+from judge_rules import rule
 from train_fixtures import *  # noqa: F403
 from train_fixtures import run_train
 
 TRAIN = dict(optimizer="sgd", lr=0.5, batch_size=2, grad_accum=1, max_steps=2, warmup_steps=0, max_grad_norm=0.0,
              save_every=1, beta=0.1, progress=False)
 K, NEW, PER_ROUND = 3, 8, 8
-
-
-def rule(prompt: str, response: str) -> float:
-    """A rule-based reward with ties and failures: the length of the answer modulo 3; an answer whose
-    length is 3 modulo 7 makes it fail."""
-    if len(response) % 7 == 3:
-        raise ValueError("no verdict")
-    return float(len(response) % 3)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -277,29 +269,14 @@ def test_online_options_are_checked(tmp_path, pairs_file, tok_dir, init_dir):
     assert not (tmp_path / "z" / "round_1").exists()  # refused before any sampling
 
 
-KILLER = """
-import os, signal, sys
-from dppo.eval.judges import register_judge
-sys.path.insert(0, os.environ["TEST_DIR"])
-from test_online import rule
-calls_file = os.environ["CALLS_FILE"]
-def judge(prompt, response):
-    with open(calls_file, "a") as f:
-        f.write("x\\n")
-    n = sum(1 for _ in open(calls_file))
-    if n == int(os.environ.get("KILL_AT_CALL", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return rule(prompt, response)
-register_judge("rule-len", judge)
-from dppo.cli.main import app
-app(sys.argv[1:])
-"""
-
-
 def _cli(args: list[str], calls: Path, kill_at_call: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_CALL": str(kill_at_call), "CALLS_FILE": str(calls),
-           "TEST_DIR": str(Path(__file__).parent)}
-    return subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True, timeout=600)
+    """The command line with the judge "rule-len" counting its calls in ``calls``; with ``kill_at_call`` the
+    process dies by SIGKILL at that call, before its verdict is returned."""
+    prelude = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+               "import judge_rules\nfrom dppo.eval.judges import register_judge\n"
+               "register_judge('rule-len', lambda prompt, response: judge_rules.counted(prompt, response))")
+    code = dies_after("judge_rules:counted", kill_at_call, prelude=prelude) if kill_at_call else prelude + "\n" + CLI
+    return run_cli(args, code, timeout=600, CALLS_FILE=str(calls))
 
 
 @pytest.mark.slow
@@ -335,9 +312,6 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path, pairs_file, tok_dir
 def test_ranks_do_not_change_the_samples(tmp_path, pairs_file, tok_dir, init_dir):
     """torchrun, 2 gloo ranks: sampling dealt by prompt length and judging by position over the ranks
     give the files one process gives (samples, scores, pairs, y_gen), row for row."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_distributed import one_process, torchrun
-
     rule_file = tmp_path / "my_rule.py"
     rule_file.write_text("def reward(prompt, response):\n    return float(len(response) % 3)\n")
     args = ["curriculum", "--pairs", "judge", "--judge", f"py:{rule_file}:reward", "--samples", str(K), "--rounds", "1",

@@ -14,7 +14,7 @@ from dppo.errors import ConfigError
 from dppo.train import DataOrder, alpha_at
 from dppo.train.config import load_config
 
-from test_train import hand_loss, load_plain
+from train_fixtures import hand_loss, load_plain
 from train_fixtures import *  # noqa: F403
 from train_fixtures import FAST, read_metrics, run_train
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -30,66 +29,11 @@ from dppo.errors import ConfigError
 from dppo.modeling import PackedBatch, load_model, sequence_logps
 from dppo.train import DataOrder, lr_at
 
+from harness import CLI, dies_after, run_cli
 from train_fixtures import *  # noqa: F403
-from train_fixtures import FAST, read_metrics, run_train
+from train_fixtures import FAST, hand_loss, load_plain, plain_token_logps, read_metrics, run_train
 
 TIME_FIELDS = {"tokens_per_s", "examples_per_s", "step_s", "step_cpu_s", "elapsed_s", "mfu"}
-
-
-def load_plain(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
-
-
-def plain_token_logps(model: torch.nn.Module, prompt: np.ndarray, response: np.ndarray) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every response token: the sequence alone, full log-softmax."""
-    ids = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))[None]
-    logits = model(ids).logits[0].float()
-    logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return logps[len(prompt) - 1 :]
-
-
-def hand_loss(cfg: TrainConfig, shards, ids, policy, ref) -> torch.Tensor:
-    """The step's loss straight from docs/method.md (default options: gradient through f(r))."""
-    if cfg.method == "sft":
-        total, count = 0.0, 0
-        for i in ids:
-            ex = shards[int(i)]
-            n_prompt = int((ex["labels"] == -100).sum())
-            lp = plain_token_logps(policy, ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:])
-            total, count = total + lp.sum(), count + lp.numel()
-        return -total / count  # mean over all assistant tokens of the step
-    losses = []
-    for i in ids:
-        ex = shards[int(i)]
-        p = ex["prompt_ids"]
-        c, r = plain_token_logps(policy, p, ex["chosen_ids"]), plain_token_logps(policy, p, ex["rejected_ids"])
-        if cfg.method == "simpo":
-            losses.append(-F.logsigmoid(cfg.beta * (c.mean() - r.mean()) - cfg.gamma))
-            continue
-        with torch.no_grad():
-            rc, rr = plain_token_logps(ref, p, ex["chosen_ids"]).sum(), plain_token_logps(ref, p, ex["rejected_ids"]).sum()
-        margin = (c.sum() - rc) - (r.sum() - rr)
-        dpo = -F.logsigmoid(cfg.beta * margin)
-        if cfg.method == "dpo":
-            losses.append(dpo)
-            continue
-        vote = c.sum() - r.sum()
-        rn = vote.clamp(-cfg.vote_clip, cfg.vote_clip) / cfg.vote_clip
-        neg = (rn < 0).float()
-        f = (neg - cfg.zeta) * rn**2 if cfg.weight == "expectile" else neg * rn**2
-        g = plain_token_logps(policy, p, ex["ygen_ids"])
-        if cfg.method == "minll":
-            losses.append(dpo + cfg.alpha * f * g.mean())
-        elif cfg.method == "unll":
-            prob = g.exp().clamp(max=1 - 1e-5)
-            losses.append(dpo + cfg.alpha * f * (-torch.log1p(-prob)).mean())
-        else:  # conll
-            with torch.no_grad():
-                rg = plain_token_logps(ref, p, ex["ygen_ids"]).sum()
-            losses.append(-F.logsigmoid(cfg.beta * margin - cfg.alpha * cfg.beta * f * (g.sum() - rg)))
-    return torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "simpo", "minll", "unll", "conll"])
@@ -201,27 +145,9 @@ def test_dpo_raises_reward_accuracy_on_a_separable_set(tmp_path, init_dir, separ
 
 # -- resume, checkpoints ---------------------------------------------------------------------------
 
-KILLER = """
-import os, signal, sys
-import torch.distributed.checkpoint as dcp
-save = dcp.save
-calls = []
-def save_then_die(*args, **kwargs):  # a checkpoint's part is written (2 per checkpoint), then SIGKILL
-    out = save(*args, **kwargs)
-    calls.append(1)
-    if len(calls) == int(os.environ["KILL_AT_SAVE"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-dcp.save = save_then_die
-from dppo.cli.main import app
-app(sys.argv[1:])
-"""
-
-
 def _cli(args: list[str], kill_at_save: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_SAVE": str(kill_at_save)}
-    code = KILLER if kill_at_save else "import sys; from dppo.cli.main import app; app(sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    """The command line; with ``kill_at_save`` it dies by SIGKILL after that many checkpoint parts (2 per checkpoint)."""
+    return run_cli(args, dies_after("torch.distributed.checkpoint:save", kill_at_save) if kill_at_save else CLI)
 
 
 def test_killed_run_resumes_bit_identical(tmp_path, init_dir, pair_shards):

@@ -1,7 +1,8 @@
 """Fixtures of the trainer's tests, made in-process: tiny Qwen2 models saved with the test tokenizer,
 and shards (SFT, pairs with and without y_gen, a separable pair set) prepared by `dppo prep`.
 
-Import the fixtures into a test module with ``from train_fixtures import *``.
+Import the fixtures into a test module with ``from train_fixtures import *``; the hand-written loss
+(:func:`hand_loss`, :func:`plain_token_logps`, :func:`load_plain`) by name.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from dppo import synthetic
-from dppo.train.config import load_config
+from dppo.train.config import TrainConfig, load_config
 from dppo.data.prep import PrepConfig, prepare
 from dppo.train import train
 
@@ -48,6 +52,63 @@ def run_train(out: Path, **options: Any) -> Path:
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- the loss written out by hand, the independent computation the trainer's steps are checked against --
+def load_plain(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def plain_token_logps(model: torch.nn.Module, prompt: np.ndarray, response: np.ndarray) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response token: the sequence alone, full log-softmax."""
+    ids = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))[None]
+    logits = model(ids).logits[0].float()
+    logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logps[len(prompt) - 1 :]
+
+
+def hand_loss(cfg: TrainConfig, shards, ids, policy, ref) -> torch.Tensor:
+    """The step's loss straight from docs/method.md (default options: gradient through f(r))."""
+    if cfg.method == "sft":
+        total, count = 0.0, 0
+        for i in ids:
+            ex = shards[int(i)]
+            n_prompt = int((ex["labels"] == -100).sum())
+            lp = plain_token_logps(policy, ex["input_ids"][:n_prompt], ex["input_ids"][n_prompt:])
+            total, count = total + lp.sum(), count + lp.numel()
+        return -total / count  # mean over all assistant tokens of the step
+    losses = []
+    for i in ids:
+        ex = shards[int(i)]
+        p = ex["prompt_ids"]
+        c, r = plain_token_logps(policy, p, ex["chosen_ids"]), plain_token_logps(policy, p, ex["rejected_ids"])
+        if cfg.method == "simpo":
+            losses.append(-F.logsigmoid(cfg.beta * (c.mean() - r.mean()) - cfg.gamma))
+            continue
+        with torch.no_grad():
+            rc, rr = plain_token_logps(ref, p, ex["chosen_ids"]).sum(), plain_token_logps(ref, p, ex["rejected_ids"]).sum()
+        margin = (c.sum() - rc) - (r.sum() - rr)
+        dpo = -F.logsigmoid(cfg.beta * margin)
+        if cfg.method == "dpo":
+            losses.append(dpo)
+            continue
+        vote = c.sum() - r.sum()
+        rn = vote.clamp(-cfg.vote_clip, cfg.vote_clip) / cfg.vote_clip
+        neg = (rn < 0).float()
+        f = (neg - cfg.zeta) * rn**2 if cfg.weight == "expectile" else neg * rn**2
+        g = plain_token_logps(policy, p, ex["ygen_ids"])
+        if cfg.method == "minll":
+            losses.append(dpo + cfg.alpha * f * g.mean())
+        elif cfg.method == "unll":
+            prob = g.exp().clamp(max=1 - 1e-5)
+            losses.append(dpo + cfg.alpha * f * (-torch.log1p(-prob)).mean())
+        else:  # conll
+            with torch.no_grad():
+                rg = plain_token_logps(ref, p, ex["ygen_ids"]).sum()
+            losses.append(-F.logsigmoid(cfg.beta * margin - cfg.alpha * cfg.beta * f * (g.sum() - rg)))
+    return torch.stack(losses).mean()
 
 
 @pytest.fixture(scope="session")
