@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from dppo import synthetic
+import tiny_models as tm
 from harness import CLI, dies_after, run_cli
 
 pytestmark = pytest.mark.cuda
@@ -58,12 +59,9 @@ def _require_device():
 
 
 def _config(vocab: int):
-    from transformers import Qwen2Config
-
     # head dim 64 (varlen's kernels need a multiple of 8, at most 256); GQA 8 -> 2 like Qwen2.5
-    return Qwen2Config(vocab_size=vocab, hidden_size=256 if ON_CUDA else 128, intermediate_size=512 if ON_CUDA else 256,
-                       num_hidden_layers=4, num_attention_heads=4 if ON_CUDA else 2, num_key_value_heads=2 if ON_CUDA else 1,
-                       max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.1)
+    return tm.qwen2_config(vocab, hidden=256 if ON_CUDA else 128, layers=4, heads=4 if ON_CUDA else 2,
+                           kv_heads=2 if ON_CUDA else 1, tie_word_embeddings=True, initializer_range=0.1)
 
 
 # -- 1. packed log-probs: varlen in bf16 against the fp32 dense reference ---------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tiny_models as tm
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,17 +34,9 @@ LENGTHS = [(5, 7), (1, 1), (9, 1), (3, 12), (1, 6), (14, 2)]
 
 
 def tiny_config(**overrides) -> transformers.Qwen2Config:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    kwargs.update(overrides)
-    return transformers.Qwen2Config(**kwargs)
+    """transformers' own defaults (initialisation, positions) on the tiny shape."""
+    return tm.qwen2_config(VOCAB, tie_word_embeddings=True, max_position_embeddings=32768, initializer_range=0.02,
+                           **overrides)
 
 
 def model_pair(config=None, seed=0):

@@ -22,20 +22,13 @@ def vocab_size(tok_dir: Path) -> int:
 
 
 def qwen2_config(vocab: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, **kw):
+    """A tiny Qwen2 config (MLP width twice the hidden size); any Qwen2Config field in ``kw`` overrides."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-        **kw,
-    )
+    fields = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                  tie_word_embeddings=False, initializer_range=0.3)
+    return Qwen2Config(**{**fields, **kw})
 
 
 def causal_lm(vocab: int, seed: int = 0, **kw):
