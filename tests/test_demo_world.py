@@ -165,10 +165,6 @@ def test_demonstrator_is_mostly_right_with_its_own_habits(tasks):
 EXACT_BAND = {"mirror": (0.5, 0.8), "chatty": (0.0, 0.2), "sloppy": (0.55, 0.75), "hasty": (0.65, 0.85), "terse": (0.9, 1.0)}
 
 
-def test_the_pair_generators_of_version_3():
-    assert list(EXTERNAL) == ["mirror", "sloppy", "hasty", "terse"] and set(GENERATORS) == {*EXTERNAL, "chatty"}
-
-
 @pytest.mark.parametrize("name,own", [("mirror", "ext:direction"), ("chatty", "ext:verbose"), ("sloppy", None),
                                       ("hasty", "ext:late_start"), ("terse", "ext:commas")])
 def test_external_generators_err_differently_from_the_demonstrator(tasks, name, own):
