@@ -101,6 +101,7 @@ def _resumable(data: Path, init: Path, out: Path, steps: int = 6) -> list[str]:
                       max_steps=steps, max_samples=24, save_every=2, max_tokens_per_batch=200)
 
 
+@pytest.mark.slow  # four launches, three of them torchrun on 2 ranks
 def test_a_rank_killed_mid_run_fails_the_job_naming_it_and_resume_is_exact(tmp_path, init_dir, pair_shards):
     pair_shards = fresh(pair_shards, tmp_path)
     whole = torchrun(_resumable(pair_shards, init_dir, tmp_path / "whole"))
@@ -144,6 +145,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(tmp_path, init_dir, pair_s
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # four launches, three of them torchrun on 2 ranks
 def test_generation_on_two_ranks_equals_one_process_and_resumes(tmp_path, init_dir, pairs_file):
     from dppo.generate import read_generations
 
