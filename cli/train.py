@@ -156,10 +156,17 @@ def train_command() -> Callable[..., None]:
     return command
 
 
+def _panel(users: list[str]) -> str:
+    """``Loss: minll, unll, conll``; an option of many methods (beta) in one shared panel."""
+    if not users:
+        return "Loss: combinations A+B"
+    return "Loss: " + (", ".join(users) if len(users) <= 6 else "most methods")
+
+
 def _loss_parameter(name: str) -> inspect.Parameter:
     opt = known_options()[name]
     decl = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.type is bool else opt.flag
     info = typer.Option(decl, help=option_help(name), show_default=False,
-                        rich_help_panel="Loss: " + ", ".join(option_users(name)))
+                        rich_help_panel=_panel(option_users(name)))
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                              annotation=Annotated[Optional[str if opt.words else opt.type], info])  # type: ignore[name-defined]

@@ -100,10 +100,13 @@ def test_register_loss_refuses_conflicting_or_reserved_option_names():
 def test_saved_configuration_keeps_its_keys_and_values():
     """RUN/config.json of the built-in methods: the loss options in the same place, None where unused."""
     loss_keys = ["beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm"]
-    assert list(known_options()) == loss_keys
+    # TRL's pair losses add theirs (dpo's label smoothing after beta): the paper's keep their order
+    every = ["beta", "label_smoothing", *loss_keys[1:], "bco_running_mean", "discopop_tau", "loss_weights"]
+    assert list(known_options()) == every
     saved = TrainConfig(method="minll", penalty_norm="sum", **BASE).to_dict()
     keys = list(saved)
-    assert keys[keys.index("tokenizer") + 1: keys.index("tokenizer") + 11] == loss_keys
+    assert keys[keys.index("tokenizer") + 1: keys.index("tokenizer") + 1 + len(every)] == every
+    assert all(saved[k] is None for k in every if k not in loss_keys)
     assert {k: saved[k] for k in loss_keys} == dict(
         beta=0.01, gamma=None, alpha=10.0, weight="expectile", zeta=0.5, vote="policy", vote_clip=2000.0,
         vote_norm="clip", detach_weight=False, penalty_norm="sum")
@@ -135,12 +138,14 @@ def _train_params(app=None):
 def test_help_groups_the_loss_options_by_the_methods_that_use_them(scaled):
     params = _train_params()
     panels = {name: getattr(params[name], "rich_help_panel", None) for name in known_options()}
-    assert panels["beta"] == "Loss: dpo, simpo, minll, unll, conll, scaled"
+    assert panels["beta"] == "Loss: most methods"  # the paper's methods, TRL's pair losses and scaled
+    assert panels["label_smoothing"] == "Loss: dpo, robust, exo_pair, aot, aot_unpaired"
+    assert panels["loss_weights"] == "Loss: combinations A+B"
     assert panels["gamma"] == "Loss: simpo" and panels["penalty_norm"] == "Loss: minll"
     assert panels["alpha"] == panels["vote_clip"] == panels["detach_weight"] == "Loss: minll, unll, conll"
     assert panels["scale"] == panels["shape"] == "Loss: scaled"
     assert params["scale"].opts == ["--scale"] and params["detach_weight"].secondary_opts == ["--no-detach-weight"]
-    assert "(default 0.01; simpo 2.5; scaled 0.5" in params["beta"].help
+    assert "dpo, minll, unll, conll 0.01; simpo 2.5; scaled 0.5" in params["beta"].help
     assert "default 2000; conll 700" in params["vote_clip"].help
     assert "plain|squared" in params["shape"].help and "> 0" in params["scale"].help
     assert not any(getattr(params[n], "rich_help_panel", None) for n in ("lr", "method", "data"))

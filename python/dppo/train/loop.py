@@ -48,7 +48,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,8 @@ from dppo.train.registry import ygen_free
 from dppo.train.refcache import RefLogps, reference_logps
 from dppo.train.parallel import full_state_dict, grad_norm, grad_sync, rank_micro_batches, reshard, resolve_parallel, wrap
 from dppo.train.report import Reporter, require_reporters
-from dppo.train.step import PolicyForward, StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, summarize
+from dppo.train.step import (PolicyForward, StepInputs, TokenCounts, counted_tokens, eval_loss, example_tokens, step_context,
+                             summarize, with_context)
 
 __all__ = ["train", "lr_at", "alpha_at", "DataOrder", "token_budget", "make_optimizer", "activation_bytes_per_token"]
 
@@ -161,6 +162,7 @@ class _Policy:
     budget: int  # tokens per micro-batch, the same on every rank
     inputs: StepInputs  # what a training forward reads (the reference log-probs once computed)
     eval_inputs: StepInputs | None = None
+    loss_state: dict[str, Any] = field(default_factory=dict)  # a stateful loss's (bco_pair's running mean), checkpointed
 
 
 def _setup(cfg: TrainConfig, console: Console | None) -> _Run:
@@ -340,6 +342,7 @@ def _restore(run: _Run, policy: _Policy, resume_from: Path | None) -> int:
         state = load_checkpoint(resume_from, policy.module, policy.optimizer, verify=False, dist=run.dist,
                                 trainable_only=policy.adapter is not None)
         step = int(state["step"])
+        policy.loss_state = dict(state.get("loss_state") or {})
         run.console.print(f"resumed from {esc(resume_from)} (step {step} of {run.order.total_steps}, "
                           f"written by {state.get('world_size', 1)} rank(s), read by {run.dist.world})")
     if run.dist.main:
@@ -369,7 +372,8 @@ def _run_steps(run: _Run, policy: _Policy, step: int) -> None:
             if not bar_on and (step == order.total_steps or step % max(1, order.total_steps // 20) == 0):
                 run.console.print(f"step {step}/{order.total_steps} loss {record['loss']:.4f} {rate}")
             if cfg.save_every and step % cfg.save_every == 0:
-                state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule}
+                state = {"epoch": order.epoch_of(step), "examples_seen": order.examples_seen(step), "lr_schedule": cfg.lr_schedule,
+                         "loss_state": policy.loss_state}
                 save_checkpoint(run.out, step, policy.module, policy.optimizer, state, keep_last=cfg.keep_last,
                                 dist=dist, trainable_only=policy.adapter is not None)
 
@@ -403,6 +407,10 @@ def _train_step(run: _Run, policy: _Policy, step: int, meter: _Meter) -> dict[st
     inputs = dataclasses.replace(policy.inputs, loss_cfg=step_cfg)
     weights = objective.step_weights(counted_tokens(meter.lengths, ids))  # the loss's reduction
     plan = rank_micro_batches(example_tokens(meter.lengths, ids, objective), policy.budget, cfg.batch_size, dist)
+    # a loss that compares each example with its whole step (aot) or keeps a state (bco_pair's
+    # running mean): a no-grad pass over the step first; nothing for the others
+    context, next_state = step_context(partial(_no_grad_forward, policy.trained, inputs, run.autocast), objective,
+                                       step_cfg, ids, plan, dist, policy.loss_state)
     outputs: list[LossOutput] = []
     work = TokenCounts()
     step_loss = torch.zeros((), device=device)
@@ -416,8 +424,8 @@ def _train_step(run: _Run, policy: _Policy, step: int, meter: _Meter) -> dict[st
             with run.autocast():
                 logps = policy.trained(inputs, ids[pos], None if empty else work)
             # -- loss, backward: each micro-batch's graph is freed right after its backward --
-            out = objective(step_cfg, logps)
-            loss = (out.loss * w).sum()
+            out = objective(step_cfg, with_context(logps, context, None if empty else pos))
+            loss = objective.weighted(out, w)
             loss.backward()
         if not empty:
             step_loss += loss.detach() / scale
@@ -434,6 +442,7 @@ def _train_step(run: _Run, policy: _Policy, step: int, meter: _Meter) -> dict[st
         group["lr"] = lr
     policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
+    policy.loss_state = next_state
     (step_loss,) = all_reduce_sum(dist, step_loss.item())  # waits for the device: the step is over
     seconds = time.perf_counter() - t0
     work = work.total(dist)  # tokens of every rank
@@ -464,7 +473,8 @@ def _evaluate(run: _Run, policy: _Policy, alpha: float | None) -> dict[str, floa
     if alpha is not None and run.eval_cfg.alpha is not None and run.eval_cfg.alpha != alpha:
         now = dataclasses.replace(now, loss_cfg=dataclasses.replace(run.eval_cfg, alpha=alpha))
     with run.autocast():
-        out = eval_loss(now, run.n_eval, policy.budget, run.cfg.batch_size, module=partial(policy.module, now))
+        out = eval_loss(now, run.n_eval, policy.budget, run.cfg.batch_size, module=partial(policy.module, now),
+                        state=policy.loss_state)
     reshard(policy.module, run.parallel)
     return out
 
@@ -613,6 +623,11 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1.0 - p)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _no_grad_forward(trained: torch.nn.Module, inputs: StepInputs, autocast: Callable[[], Any], ids: np.ndarray) -> Any:
+    with torch.no_grad(), autocast():
+        return trained(inputs, ids)
 
 
 def use_deterministic_kernels() -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import reduce
 
@@ -119,6 +119,8 @@ class LogProbs:
         ygen_index: [N] integer tensor: the example (0 .. B-1) each y_gen token belongs to.
             Tokens of examples whose y_gen term is skipped (:func:`can_skip_ygen`) may be left out.
         ref_ygen: [B] logp_ref(y_gen | x) (conll). Entries of skipped examples are ignored.
+        context: per-example values computed from the whole step (detached), for losses that
+            compare an example with the rest of its step (``aot``: its sorted partner); [B] each.
     """
 
     policy_chosen: Tensor
@@ -130,6 +132,7 @@ class LogProbs:
     ygen_token_logps: Tensor | None = None
     ygen_index: Tensor | None = None
     ref_ygen: Tensor | None = None
+    context: Mapping[str, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -138,7 +141,7 @@ class LogProbs:
     @property
     def compute_dtype(self) -> torch.dtype:
         """float32, or float64 if any floating field is float64: half precision is always upcast."""
-        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "context")
         return _compute_dtype(*fields)
 
     def require(self, method: str, *names: str) -> tuple[Tensor, ...]:
@@ -191,6 +194,15 @@ class LossOutput:
             penalty_norm "sum"), unll UL(y_gen), conll logp_pi(y_gen) - logp_ref(y_gen). Zero for
             examples whose y_gen term is inactive (see ``penalized``), whether or not they were skipped.
         penalized: 1.0 where the y_gen term is active (not :func:`can_skip_ygen`), else 0.0.
+        token_loss: a part of the loss reduced over tokens instead of examples: per-example sums
+            over the chosen answer's tokens (the NLL of orpo and of an ``sft`` term in a
+            combination). A step's loss is ``mean(loss)`` over its examples plus ``sum(token_loss)``
+            over the step's chosen tokens (:meth:`LossSpec.weighted`).
+        terms: named per-example parts of the loss (each term of a combination, ORPO's odds-ratio
+            term), logged as their mean over the step's examples.
+        token_terms: named per-example token sums, logged as their sum over the step's tokens
+            (``n_tokens``).
+        n_tokens: [B] the token counts ``token_loss`` and ``token_terms`` are reduced over.
     """
 
     loss: Tensor
@@ -204,14 +216,21 @@ class LossOutput:
     weight: Tensor | None = None
     penalty: Tensor | None = None
     penalized: Tensor | None = None
+    token_loss: Tensor | None = None
+    terms: Mapping[str, Tensor] | None = None
+    token_terms: Mapping[str, Tensor] | None = None
+    n_tokens: Tensor | None = None
 
     def stats(self) -> dict[str, Tensor]:
-        """The statistics that are defined, by name (everything but ``loss``)."""
+        """The per-example statistics that are defined, by name (not the loss and its terms)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "loss" and getattr(self, f.name) is not None
+            if f.name not in _NOT_STATS and getattr(self, f.name) is not None
         }
+
+
+_NOT_STATS = frozenset({"loss", "token_loss", "terms", "token_terms", "n_tokens"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +474,12 @@ def dpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
 
         L_dpo = -log sigmoid(beta * [(logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))])
 
+    With label smoothing eps (``--label-smoothing``, conservative DPO, Mitchell 2023; TRL's old
+    ``sigmoid`` loss with ``label_smoothing``) the loss is
+    ``-(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)``; eps = 0 (the default) is DPO.
+
     Args:
-        cfg: uses ``beta``.
+        cfg: uses ``beta`` and ``label_smoothing``.
         logps: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``, all [B].
 
     Returns:
@@ -465,7 +488,9 @@ def dpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
     Example: beta = 0.1 and equal log-ratios give margin 0 and loss log 2 = 0.6931.
     """
     chosen, rejected = _dpo_parts(cfg, logps, logps.compute_dtype)
-    loss = -F.logsigmoid(cfg.beta * (chosen - rejected))
+    logits = cfg.beta * (chosen - rejected)
+    eps = cfg.label_smoothing
+    loss = -F.logsigmoid(logits) if eps == 0 else -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
     return LossOutput(loss=loss, dpo_loss=loss.detach(), **_preference_stats(cfg.beta, chosen, rejected))
 
 

@@ -182,6 +182,16 @@ VOTE_CLIP = Option("vote_clip", float, 2000.0, "C of the vote normalization, or 
 VOTE_NORM = Option("vote_norm", str, "clip", "Vote normalization, clamp(r,-C,C)/C or tanh(r/C)", choices=VOTE_NORMS)
 DETACH_WEIGHT = Option("detach_weight", bool, False, "Treat f(r) as a constant: no gradient through the weight")
 
+LABEL_SMOOTHING = Option(
+    "label_smoothing", float, 0.0, "Label smoothing eps: conservative DPO (dpo), the label-flip rate (robust, "
+    "< 0.5), EXO's eps (exo_pair, > 0), aot and aot_unpaired", low=0.0, high=1.0, high_open=True)
+DISCOPOP_TAU = Option("discopop_tau", float, 0.05, "DiscoPOP's temperature tau", low=0.0, low_open=True, paper=0.05)
+BCO_RUNNING_MEAN = Option(
+    "bco_running_mean", bool, False, "Shift bco_pair's rewards by the running mean of the steps' mean rewards "
+    "(the BCO paper's delta; kept in checkpoints; TRL 1.16 has none)")
+LOSS_WEIGHTS = Option("loss_weights", str, "", "A combination's weight of each term, comma-separated in the order "
+                      "of --method A+B[+C]")
+
 _PENALTY = (BETA, ALPHA, WEIGHT, ZETA, VOTE, VOTE_CLIP, VOTE_NORM, DETACH_WEIGHT)
 _SHARED = {o.name: o for o in _PENALTY}
 
@@ -216,6 +226,17 @@ class LossSpec:
         without_ygen: the method that evaluates this one on data without y_gen (an evaluation set
             prepared without ``--ygen``), called with the option values the two share; None: such
             data is refused. The DPPO methods name ``"dpo"``: the preference term and its rewards.
+        token_part: the loss also returns ``token_loss``, per-example sums over the chosen answer's
+            tokens reduced over the step's chosen tokens (orpo's NLL, an ``sft`` term of a
+            combination), beside ``loss`` reduced by ``reduction``.
+        step_context: ``"module:function"`` or callable ``(cfg, logps, state) -> (context, state)``:
+            the loss compares each example with the rest of its step (aot sorts over the step) or
+            keeps a state across steps (bco_pair's running mean). The trainer evaluates it on the
+            whole step's detached log-probs, every rank's, before the step's forwards with
+            gradients, passes each example's values (``context``: ``{name: [B] tensor}``) in
+            ``LogProbs.context``, and keeps the returned JSON-able ``state`` for the next step and
+            in checkpoints.
+        context_option: the boolean option that switches ``step_context`` on (None: always on).
     """
 
     fn: Callable[..., Any] | str
@@ -227,6 +248,9 @@ class LossSpec:
     defaults: Mapping[str, object] = field(default_factory=dict)
     reduction: str = "example"
     without_ygen: str | None = None
+    token_part: bool = False
+    step_context: Callable[..., Any] | str | None = None
+    context_option: str | None = None
 
     def __post_init__(self) -> None:
         if self.data not in ("sft", "pairs"):
@@ -280,12 +304,32 @@ class LossSpec:
     def __call__(self, cfg: LossConfig, logps: Any) -> Any:
         return self.function(cfg, logps)
 
+    def uses_context(self, cfg: LossConfig) -> bool:
+        """Whether a step of ``cfg`` needs :attr:`step_context` (its whole step, before the forwards)."""
+        return self.step_context is not None and (self.context_option is None or bool(getattr(cfg, self.context_option)))
+
+    def context_function(self) -> Callable[..., Any] | None:
+        if self.step_context is None or callable(self.step_context):
+            return self.step_context
+        module, _, name = self.step_context.partition(":")
+        return getattr(importlib.import_module(module), name)
+
     def step_weights(self, counted_tokens: np.ndarray) -> np.ndarray:
-        """Each example's weight in its step's loss (``reduction``), from its counted tokens [B]."""
+        """Each example's weight in its step's loss (``reduction``), from its counted tokens [B].
+
+        [B], or [B, 2] with ``token_part``: column 0 weighs ``loss``, column 1 ``token_loss``.
+        """
         n = len(counted_tokens)
-        if self.reduction == "token":
-            return np.full(n, 1.0 / max(float(np.sum(counted_tokens)), 1.0))
-        return np.full(n, 1.0 / max(n, 1))
+        per_token = np.full(n, 1.0 / max(float(np.sum(counted_tokens)), 1.0))
+        main = per_token if self.reduction == "token" else np.full(n, 1.0 / max(n, 1))
+        return np.stack([main, per_token], axis=1) if self.token_part else main
+
+    def weighted(self, out: Any, weights: Any) -> Any:
+        """The weighted sum of a micro-batch's losses (a scalar tensor), ``weights`` a slice of
+        :meth:`step_weights` as a tensor."""
+        if not self.token_part:
+            return (out.loss * weights).sum()
+        return (out.loss * weights[:, 0]).sum() + (out.token_loss * weights[:, 1]).sum()
 
 
 _L = "dppo.train.losses:"
@@ -318,10 +362,146 @@ LOSSES: dict[str, LossSpec] = {
 }
 """The losses by method name (``--method``). :func:`register_loss` adds one."""
 
+# TRL's pair losses (trl/trainer/dpo_trainer.py, 1.16) at TRL's defaults: DPOConfig's beta 0.1,
+# label_smoothing 0, discopop_tau 0.05; dpo keeps the DPPO paper's beta and gains cDPO's smoothing.
+_P = "dppo.train.losses_pairs:"
+_TRL_BETA = BETA.with_default(0.1, paper=None)
+LOSSES["dpo"] = dataclasses.replace(LOSSES["dpo"], options=(BETA, LABEL_SMOOTHING))
+for _name, _options in (
+    ("ipo", (_TRL_BETA,)),
+    ("hinge", (_TRL_BETA,)),
+    ("robust", (_TRL_BETA, LABEL_SMOOTHING)),
+    # TRL refuses exo_pair at its default label_smoothing 0 and recommends the EXO paper's 1e-3
+    ("exo_pair", (_TRL_BETA, LABEL_SMOOTHING.with_default(1e-3, paper=1e-3))),
+    ("nca_pair", (_TRL_BETA,)),
+    ("bco_pair", (_TRL_BETA, BCO_RUNNING_MEAN)),
+    ("sppo_hard", (_TRL_BETA,)),
+    ("aot", (_TRL_BETA, LABEL_SMOOTHING)),
+    ("aot_unpaired", (_TRL_BETA, LABEL_SMOOTHING)),
+    ("apo_zero", (_TRL_BETA,)),
+    ("apo_down", (_TRL_BETA,)),
+    ("discopop", (_TRL_BETA, DISCOPOP_TAU)),
+    ("sigmoid_norm", (_TRL_BETA,)),
+):
+    LOSSES[_name] = LossSpec(
+        _P + _name + "_loss", options=_options,
+        step_context=_P + "pair_context" if _name in ("aot", "aot_unpaired", "bco_pair") else None,
+        context_option="bco_running_mean" if _name == "bco_pair" else None,
+    )
+# ORPO: no reference; ORPOConfig's beta (the paper's lambda) is 0.1
+LOSSES["orpo"] = LossSpec(_P + "orpo_loss", needs_reference=False, options=(_TRL_BETA,), token_part=True)
+
 BUILTIN = tuple(LOSSES)
 
 
 _known: tuple[tuple, dict[str, Option]] = ((), {})
+# --------------------------------------------------------------------------------------------------
+# Combinations: --method A+B[+C] --loss-weights wA,wB[,wC]
+# --------------------------------------------------------------------------------------------------
+
+PENALTY_TERMS = ("minll", "unll")
+"""In a combination these name the DPPO penalty alone, ``alpha * f(r) * penalty(y_gen)`` (alone,
+minll and unll are DPO plus that term, so ``dpo+unll`` is ``unll``)."""
+
+
+def _combination(method: str) -> LossSpec:
+    """The :class:`LossSpec` of ``"A+B[+C]"``: the weighted sum of its terms' losses
+    (:func:`dppo.train.combine.combined_loss`)."""
+    terms = method.split("+")
+    if len(terms) < 2 or any(not t for t in terms):
+        raise ValueError(f"method {method!r}: a combination is two or more methods joined by '+'")
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"method {method!r} names a term twice (weigh it with --loss-weights instead)")
+    for t in terms:
+        if t not in LOSSES:
+            raise ValueError(f"method {method!r}: {t!r} is not a method; known: {'|'.join(LOSSES)}")
+        if t == "conll":
+            raise ValueError(f"method {method!r}: conll's penalty lives inside DPO's sigmoid and does not combine; "
+                             "use --method conll, or minll / unll as penalty terms (ipo+unll)")
+        if LOSSES[t].fn == "dppo.train.combine:combined_loss":
+            raise ValueError(f"method {method!r}: {t!r} is itself a combination")
+    if all(t in PENALTY_TERMS for t in terms):
+        raise ValueError(f"method {method!r}: a combination needs a preference loss or sft beside the penalty terms")
+    if len([t for t in terms if t in PENALTY_TERMS]) > 1:
+        raise ValueError(f"method {method!r}: one penalty term at most (minll or unll)")
+    specs = [LOSSES[t] for t in terms]
+    options: dict[str, Option] = {}
+    for t, spec in zip(terms, specs, strict=True):
+        for o in spec.options:
+            assert isinstance(o, Option)
+            if t in PENALTY_TERMS and o.name == "beta":
+                continue  # the penalty alone: beta belongs to the preference terms
+            options.setdefault(o.name, o)  # the first term that reads an option gives its default
+    contexts = [spec for spec in specs if spec.step_context is not None]
+    kept = [t for t in terms if t not in PENALTY_TERMS]
+    return LossSpec(
+        "dppo.train.combine:combined_loss",
+        data="pairs",
+        needs_reference=any(spec.needs_reference for t, spec in zip(terms, specs, strict=True) if t not in PENALTY_TERMS),
+        needs_ygen=any(t in PENALTY_TERMS for t in terms),
+        options=(*options.values(), LOSS_WEIGHTS.with_default(",".join("1" for _ in terms))),
+        token_part=any(spec.token_part or spec.reduction == "token" for spec in specs),
+        step_context=contexts[0].step_context if contexts else None,
+        context_option=None if any(c.context_option is None for c in contexts) else
+        next((c.context_option for c in contexts), None),
+        without_ygen="+".join(kept) if len(kept) < len(terms) else None,  # the combination without its penalty
+    )
+
+
+class _Registry(dict):
+    """``LOSSES``: the registered methods by name; a name ``"A+B"`` of registered methods is their
+    combination, built on first use (and not listed)."""
+
+    def __missing__(self, key: str) -> LossSpec:
+        if isinstance(key, str) and "+" in key:
+            if key not in _COMBINATIONS:
+                _COMBINATIONS[key] = _combination(key)
+            return _COMBINATIONS[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        if super().__contains__(key):
+            return True
+        if isinstance(key, str) and "+" in key:
+            try:
+                self[key]
+            except ValueError:
+                return False
+            return True
+        return False
+
+
+_COMBINATIONS: dict[str, LossSpec] = {}
+LOSSES = _Registry(LOSSES)
+
+
+def parse_weights(text: str, n: int, method: str) -> tuple[float, ...]:
+    """``"1,0.5"`` -> (1.0, 0.5): one finite weight >= 0 per term of ``method``; ValueError otherwise."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise ValueError(f"loss_weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != n:
+        raise ValueError(f"loss_weights must give one weight per term of {method!r} ({n}), got {len(weights)}: {text!r}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"loss_weights must be finite numbers >= 0, got {text!r}")
+    return weights
+
+
+def _check_values(method: str, values: Mapping[str, Any]) -> None:
+    """The checks that depend on the method as well as the value (ValueError naming the option)."""
+    terms = method.split("+")
+    eps = values.get("label_smoothing", 0.0)
+    if "robust" in terms and not eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for robust (the label-flip rate), got {eps!r}")
+    if "exo_pair" in terms and not eps > 0:
+        raise ValueError(f"label_smoothing must be > 0 for exo_pair (the EXO paper uses 1e-3), got {eps!r}")
+    if len(terms) > 1:
+        parse_weights(values["loss_weights"], len(terms), method)
+        spec = LOSSES[method]
+        if values.get("vote") == "ref" and spec.needs_ygen and not spec.needs_reference:
+            raise ValueError(f"vote 'ref' needs the reference's log-probs and {method} has no reference model: "
+                             "use vote 'policy'")
 
 
 def known_options() -> dict[str, Option]:
@@ -335,6 +515,7 @@ def known_options() -> dict[str, Option]:
         for spec in LOSSES.values():
             for opt in spec.options:
                 out.setdefault(opt.name, opt)  # type: ignore[union-attr, arg-type]
+        out.setdefault(LOSS_WEIGHTS.name, LOSS_WEIGHTS)  # the combinations' (built on use, not listed)
         _known = (state, out)
     return _known[1]
 
@@ -352,6 +533,8 @@ def option_help(name: str) -> str:
     text = opt.help + (f": {'|'.join(opt.choices)}" if opt.choices else "") + opt.describe_range("; ")
     if opt.when is not None:
         text += f"; with --{opt.when[0].replace('_', '-')} {_show(opt.when[1])} only"
+    if not users:  # loss_weights: the combinations'
+        return text + " (default 1 each)"
     defaults = {m: LOSSES[m].option(name).default for m in users}  # type: ignore[union-attr]
     papers = {m: LOSSES[m].option(name).paper for m in users if LOSSES[m].option(name).paper is not None}  # type: ignore[union-attr]
     text += f" (default {_per_method(defaults)}"
@@ -397,6 +580,8 @@ def register_loss(name: str, spec: LossSpec, *, overwrite: bool = False) -> None
         raise ValueError(f"loss {name!r} is already registered (pass overwrite=True to replace it)")
     from dppo.train.config import TRAIN_FIELDS  # the run's own options: a loss option may not shadow one
 
+    _COMBINATIONS.clear()
+
     others = {m: s for m, s in LOSSES.items() if m != name}
     for opt in spec.options:
         assert isinstance(opt, Option)
@@ -417,8 +602,10 @@ def loss_spec(method: str) -> LossSpec:
     objective): a composed name (terms of several entries with weights) can resolve here to one
     entry whose options are the union of its terms' declarations, which agree by name.
     """
+    if isinstance(method, str) and "+" in method and not dict.__contains__(LOSSES, method):
+        return LOSSES[method]  # a combination: its own error names the bad term
     if method not in LOSSES:
-        raise ValueError(f"method must be one of {'|'.join(LOSSES)}, got {method!r}")
+        raise ValueError(f"method must be one of {'|'.join(LOSSES)} or a combination A+B, got {method!r}")
     return LOSSES[method]
 
 
@@ -497,6 +684,7 @@ class LossConfig:
         resolved = {o.name: o.default for o in spec.options}  # type: ignore[union-attr]
         for name, value in given.items():
             resolved[name] = (spec.option(name) or known[name]).check(value)
+        _check_values(method, resolved)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "values", resolved)
         for name, value in resolved.items():
@@ -534,6 +722,10 @@ def ygen_free(cfg: LossConfig) -> LossConfig:
         raise ConfigError(f"--method {cfg.method} has no evaluation without y_gen: give --eval-data with y_gen "
                           "(`dppo prep prefs --ygen`)")
     shared = {k: cfg.values[k] for k in loss_spec(target).option_names if k in cfg.values}
+    if "+" in target and "loss_weights" in shared:  # the weights of the terms kept
+        kept = target.split("+")
+        weights = parse_weights(cfg.values["loss_weights"], len(cfg.method.split("+")), cfg.method)
+        shared["loss_weights"] = ",".join(repr(w) for t, w in zip(cfg.method.split("+"), weights, strict=True) if t in kept)
     return LossConfig.defaults(target, **shared)
 
 

@@ -16,6 +16,7 @@ those terms anyway (``losses.can_skip_ygen``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from dppo.train.refcache import RefLogps
 from dppo.train.registry import YgenPlan, ygen_plan
 
 __all__ = ["StepInputs", "TokenCounts", "PolicyForward", "forward_logps", "ygen_to_run", "example_tokens",
-           "counted_tokens", "eval_loss", "summarize"]
+           "counted_tokens", "eval_loss", "summarize", "step_context", "with_context"]
 
 
 @dataclass
@@ -145,6 +146,8 @@ def ygen_to_run(plan: YgenPlan, loss_cfg: LossConfig, refs: dict[str, torch.Tens
         return torch.zeros(n, dtype=torch.bool)
     if not plan.skip:
         return torch.ones(n, dtype=torch.bool)
+    if not refs:  # a loss without a reference: no prediction; the second row runs exactly those needed
+        return torch.zeros(n, dtype=torch.bool)
     probe = LogProbs(policy_chosen=refs["ref_chosen"], policy_rejected=refs["ref_rejected"], **refs)
     return ~can_skip_ygen(loss_cfg, vote(loss_cfg, probe)).cpu()
 
@@ -209,8 +212,60 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
 
 
 # -------------------------------------------------------------------------------------------------
+# Losses that compare an example with the rest of its step (aot sorts over the step)
+# -------------------------------------------------------------------------------------------------
+
+_CONTEXT_FIELDS = ("policy_chosen", "n_chosen", "policy_rejected", "n_rejected", "ref_chosen", "ref_rejected")
+
+
+@torch.no_grad()
+def step_context(run: Any, objective: LossSpec, loss_cfg: LossConfig, ids: np.ndarray, plan: list,
+                 dist: Dist = SINGLE, state: dict | None = None) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """The per-example context of a step for a loss whose entry uses one, and the loss's state after
+    the step (``(None, state)`` for the others: no extra forward).
+
+    One no-grad forward of this rank's micro-batches (``plan``, positions in ``ids``; every rank
+    runs one per entry of the plan, so sharded models stay in step), every rank's log-probs
+    gathered, and the entry's function applied to the whole step: [len(ids)] tensors in step order,
+    the same on every rank and for any split of the step. ``run(ids)`` is the policy's forward.
+    """
+    state = dict(state or {})
+    fn = objective.context_function()
+    if fn is None or not objective.uses_context(loss_cfg):
+        return None, state
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    for pos in plan:
+        logps = run(ids[pos if pos is not None else slice(0, 1)])
+        if pos is None:
+            continue
+        for j, p in enumerate(pos.tolist()):
+            parts[p] = {k: getattr(logps, k)[j].detach().double().cpu() for k in _CONTEXT_FIELDS if getattr(logps, k) is not None}
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for part in all_gather_objects(dist, parts):
+        merged.update(part)
+    order = sorted(merged)
+    if order != list(range(len(ids))):
+        raise RuntimeError(f"step context: got log-probs of {len(order)} of the step's {len(ids)} examples")
+    step = LogProbs(**{k: torch.stack([merged[p][k] for p in order]) for k in merged[order[0]]})
+    context, state = fn(loss_cfg, step, state)
+    return {k: v.detach() for k, v in context.items()}, state
+
+
+def with_context(logps: LogProbs, context: dict[str, torch.Tensor] | None, pos: np.ndarray | None) -> LogProbs:
+    """``logps`` with the step context's values of its examples (positions ``pos`` in the step)."""
+    if context is None or pos is None:
+        return logps
+    index = torch.as_tensor(pos, dtype=torch.long)
+    device = logps.policy_chosen.device
+    return dataclasses.replace(logps, context={k: v[index].to(device) for k, v in context.items()})
+
+
+# -------------------------------------------------------------------------------------------------
 # Statistics, and the loss on held-out data
 # -------------------------------------------------------------------------------------------------
+
+
+_TOKENS = "\0tokens"  # the token counts a token term is reduced over
 
 
 def _stats(outputs: Sequence[LossOutput]) -> dict[str, torch.Tensor]:
@@ -218,6 +273,12 @@ def _stats(outputs: Sequence[LossOutput]) -> dict[str, torch.Tensor]:
     for out in outputs:
         for k, v in out.stats().items():
             stats.setdefault(k, []).append(v.detach().float().cpu())
+        for k, v in (out.terms or {}).items():  # a combination's terms: means over examples
+            stats.setdefault("\1" + k, []).append(v.detach().double().cpu())
+        for k, v in (out.token_terms or {}).items():  # means over tokens: sums here, divided in summarize
+            stats.setdefault("\0" + k, []).append(v.detach().double().cpu())
+        if out.token_terms and out.n_tokens is not None:
+            stats.setdefault(_TOKENS, []).append(out.n_tokens.detach().double().cpu())
     return {k: torch.cat(v) for k, v in stats.items()}
 
 
@@ -242,7 +303,13 @@ def summarize(outputs: Sequence[LossOutput], prefix: str = "", dist: Dist = SING
     record: dict[str, float] = {}
     for k, values in stats.items():
         v = torch.cat(values)
-        if k == "r":
+        if k == _TOKENS:
+            continue
+        if k.startswith("\0"):  # a term reduced over tokens
+            record[prefix + k[1:]] = (v.sum() / torch.cat(stats[_TOKENS]).sum().clamp(min=1)).item()
+        elif k.startswith("\1"):  # a term, a mean over examples
+            record[prefix + k[1:]] = v.mean().item()
+        elif k == "r":
             record[prefix + "r/mean"] = v.mean().item()
             record[prefix + "r/std"] = v.std(correction=0).item()
         elif k in names:
@@ -251,7 +318,8 @@ def summarize(outputs: Sequence[LossOutput], prefix: str = "", dist: Dist = SING
 
 
 @torch.no_grad()
-def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int, module: torch.nn.Module | None = None) -> dict[str, float]:
+def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int, module: torch.nn.Module | None = None,
+              state: dict | None = None) -> dict[str, float]:
     """The loss and statistics of the first ``n`` examples (no gradients), as ``eval/*``: the same
     reduction the loss's registry entry gives a training step, over all ``n`` examples, the
     examples dealt to the ranks as a step's are. ``module``: the (sharded) policy to run."""
@@ -262,12 +330,16 @@ def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int, module: t
     weights = inputs.objective.step_weights(counted_tokens(lengths, everything))
     run = module if module is not None else (lambda ids: forward_logps(inputs, ids))
     outputs, total = [], 0.0
-    for pos in rank_micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items, inputs.dist):
+    plan = rank_micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items, inputs.dist)
+    # the held-out set is one step; a stateful loss evaluates with the training state, unchanged
+    context, _ = step_context(run, inputs.objective, inputs.loss_cfg, everything, plan, inputs.dist, state)
+    for pos in plan:
         logps = run(everything[pos if pos is not None else slice(0, 1)])
         if pos is None:
             continue
-        out = inputs.objective(inputs.loss_cfg, logps)
-        total += float((out.loss.double().cpu() * torch.from_numpy(weights[pos])).sum())
+        out = inputs.objective(inputs.loss_cfg, with_context(logps, context, pos))
+        w = torch.from_numpy(weights[pos]).to(out.loss.device, torch.float64)
+        total += float(inputs.objective.weighted(out, w).double().cpu())
         outputs.append(out)
     (total,) = all_reduce_sum(inputs.dist, total)
     return {"eval/loss": total, **summarize(outputs, prefix="eval/", dist=inputs.dist)}
