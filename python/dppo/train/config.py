@@ -335,7 +335,8 @@ def _resolve_loss_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     if unused:
         users = sorted(option_users(unused[0]))
         raise ConfigError(f"{_flag(unused[0])} is not used by --method {method}"
-                          + (f" (it applies to {', '.join(users)})" if users else ""))
+                          + (f" (it applies to {', '.join(users)})" if users else
+                             " (it weighs the terms of a combination, --method A+B)" if unused[0] == "loss_weights" else ""))
     try:
         loss = LossConfig.defaults(method, **given)
     except ValueError as e:
