@@ -86,7 +86,9 @@ def test_a_step_split_into_micro_batches_gives_the_same_update(tmp_path, method,
     common = dict(method=method, data=str(pair_shards), init=str(init_dir), optimizer="sgd", lr=1.0, max_samples=6,
                   max_steps=1, batch_size=6, grad_accum=1, beta=0.5, **opts)
     whole = run_train(tmp_path / "whole", **common)
-    split = run_train(tmp_path / "split", **{**common, "batch_size": 2, "grad_accum": 3, "max_tokens_per_batch": 100})
+    # micro-batches of at most 2 pairs and 100 tokens, log-probs in chunks of 16 tokens
+    split = run_train(tmp_path / "split", **{**common, "batch_size": 2, "grad_accum": 3, "max_tokens_per_batch": 100,
+                                             "chunk_size": 16})
     a, b = _weights(whole), _weights(split)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     ma, mb = read_metrics(whole)[0], read_metrics(split)[0]
@@ -103,22 +105,26 @@ def test_a_penalty_term_at_alpha_zero_trains_exactly_as_the_base_loss(tmp_path, 
     pen = run_train(tmp_path / "pen", method="ipo+unll", alpha=0.0, **common)
     a, b = _weights(base), _weights(pen)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    mp = read_metrics(pen)
-    assert [m["loss"] for m in read_metrics(base)] == [m["loss"] for m in mp]
-    assert all(m["penalized"] == 0 for m in mp)  # no y_gen forward ran
+    mp, mb = read_metrics(pen), read_metrics(base)
+    assert [m["loss"] for m in mb] == [m["loss"] for m in mp]
+    assert all(m["penalized"] == 0 for m in mp)
+    assert [m["tokens"] for m in mb] == [m["tokens"] for m in mp]  # no y_gen forward ran
 
 
-def test_metrics_log_each_terms_value(tmp_path, init_dir, pair_shards):
+def test_metrics_log_each_terms_value(tmp_path, init_dir, pair_shards, capfd):
     run = run_train(tmp_path / "run", method="dpo+bco_pair+sft", loss_weights="0.8,0.2,1", data=str(pair_shards),
                     init=str(init_dir), max_samples=4, max_steps=1)
     m = read_metrics(run)[0]
     assert m["loss"] == pytest.approx(0.8 * m["loss/dpo"] + 0.2 * m["loss/bco_pair"] + m["loss/sft"], rel=1e-6)
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["loss_weights"] == "0.8,0.2,1" and saved["beta"] == 0.01
+    capfd.readouterr()
     orpo = read_metrics(run_train(tmp_path / "orpo", method="orpo", data=str(pair_shards), init=str(init_dir),
                                   max_samples=4, max_steps=1))[0]
+    assert "reference log-probs" not in capfd.readouterr().err  # no reference pass, no cache
     assert orpo["loss"] == pytest.approx(orpo["nll_loss"] + orpo["loss/odds_ratio"], rel=1e-6)
-    assert not (tmp_path / "orpo" / "refcache").exists() and "rewards/margins" in orpo
+    assert "rewards/margins" in orpo
+    assert json.loads((tmp_path / "orpo" / "config.json").read_text())["config"]["ref"] is None
 
 
 def test_option_checks(init_dir, pair_shards):
@@ -223,3 +229,23 @@ def test_lora_with_a_penalty_on_a_reference_free_loss(tmp_path, init_dir, pair_s
     m = read_metrics(run)
     assert len(m) == 2 and "loss/unll" in m[0] and (run / "adapter").is_dir()
     assert not (run / "refcache").exists()
+
+
+def test_plan_and_curriculum_take_the_new_losses(tmp_path, init_dir, pair_shards, pairs_file, tok_dir):
+    from typer.testing import CliRunner
+
+    from dppo.cli.main import app
+
+    r = CliRunner().invoke(app, ["train", "--method", "orpo+unll", "--data", str(pair_shards), "--init", str(init_dir),
+                                 "--out", str(tmp_path / "p"), "--plan"])
+    assert r.exit_code == 0, r.output
+    args = ["curriculum", "--rounds", "1", "--method", "ipo+unll", "--loss-weights", "1,2", "--data", str(pairs_file),
+            "--tokenizer", str(tok_dir), "--init", str(init_dir), "--out", str(tmp_path / "c"), "--pairs-per-round", "8",
+            "--max-new-tokens", "6", "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "2", "--grad-accum", "2",
+            "--max-steps", "1", "--warmup-steps", "0", "--alpha", "0.5", "--vote-clip", "20", "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "c" / "round_1" / "config.json").read_text())["config"]
+    assert (saved["method"], saved["loss_weights"], saved["beta"]) == ("ipo+unll", "1,2", 0.1)
+    m = read_metrics(tmp_path / "c" / "round_1")[0]
+    assert m["loss"] == pytest.approx(m["loss/ipo"] + 2 * m["loss/unll"], rel=1e-6)

@@ -47,6 +47,13 @@ __all__ = ["CurriculumConfig", "curriculum", "round_prompts"]
 
 ROUND_REFS = ("init", "previous")
 METHODS = ("minll", "unll", "conll")
+
+
+def _penalizes_ygen(method: str) -> bool:
+    """The registry's entry of ``method`` has a y_gen term (minll, unll, conll, a combination with one)."""
+    from dppo.train.registry import LOSSES
+
+    return method in LOSSES and LOSSES[method].needs_ygen
 PAIRS = ("data", "judge")
 
 
@@ -86,8 +93,9 @@ class CurriculumConfig:
                 raise ConfigError("--pairs judge makes its own pairs: use --prompts-per-round, not --pairs-per-round")
         elif self.online is not None:
             raise ConfigError("--judge, --samples and --prompts-per-round apply to --pairs judge")
-        if self.pairs == "data" and self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {'|'.join(METHODS)} (a method that penalizes y_gen), got {self.method!r}")
+        if self.pairs == "data" and not _penalizes_ygen(self.method):
+            raise ConfigError(f"--method must be one of {'|'.join(METHODS)} or a pair loss with one of their penalty "
+                              f"terms (ipo+unll): a method that penalizes y_gen, got {self.method!r}")
         if self.round_ref not in ROUND_REFS:
             raise ConfigError(f"--round-ref must be init or previous, got {self.round_ref!r}")
         if self.pairs_per_round is not None and self.pairs_per_round < 1:
