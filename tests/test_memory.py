@@ -85,6 +85,7 @@ def test_fsdp_shards_the_states_and_gathers_layers():
     assert ddp.rows == one.rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the resident size")
 def test_checkpointing_lowers_the_measured_activations_and_the_plan_bounds_them():
     from transformers import Qwen2Config

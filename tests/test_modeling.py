@@ -35,8 +35,8 @@ LENGTHS = [(5, 7), (1, 1), (9, 1), (3, 12), (1, 6), (14, 2)]
 
 def tiny_config(**overrides) -> transformers.Qwen2Config:
     """transformers' own defaults (initialisation, positions) on the tiny shape."""
-    return tm.qwen2_config(VOCAB, tie_word_embeddings=True, max_position_embeddings=32768, initializer_range=0.02,
-                           **overrides)
+    fields = dict(tie_word_embeddings=True, max_position_embeddings=32768, initializer_range=0.02)
+    return tm.qwen2_config(VOCAB, **{**fields, **overrides})
 
 
 def model_pair(config=None, seed=0):

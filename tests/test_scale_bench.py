@@ -61,6 +61,7 @@ def test_nothing_fits_and_the_time_budget(scale):
     assert calls == ["c"] and out["largest"] == "c" and out["bounded_by"] == "not bracketed (time budget)"
 
 
+@pytest.mark.slow
 def test_one_real_trial_on_the_cpu(tmp_path):
     env = {**os.environ, "SMALL": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "t1", "--modes", "lora_ckpt", "--memory-gib", "1",
