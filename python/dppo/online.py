@@ -228,20 +228,12 @@ class _null:
 def _judge(judge: Any, items: list[tuple[str, str]], cache_path: Path, dist: Any, console: Console, show_progress: bool,
            label: str) -> list[Any]:
     """Scores of ``items`` (cached), judged over the ranks ``i::world`` as ``dppo eval`` does."""
-    from dppo.distributed import all_gather_objects, all_reduce_sum
-    from dppo.eval.judges import ScoreCache, score_items
+    from dppo.eval.judges import ScoreCache, score_over_ranks
 
-    mine = list(range(dist.rank, len(items), dist.world))
+    n = len(range(dist.rank, len(items), dist.world))
     with ScoreCache(cache_path) as cache:
-        with console.status(f"{label}: {len(mine):,} answers", spinner="dots") if show_progress else _null():
-            my_scores = score_items(judge, [items[i] for i in mine], cache)
-    scores: list[Any] = [None] * len(items)
-    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
-        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
-            scores[i] = sc
-    (retries,) = all_reduce_sum(dist, judge.retries)
-    judge.retries = int(retries)
-    return scores
+        with console.status(f"{label}: {n:,} answers", spinner="dots") if show_progress else _null():
+            return score_over_ranks(judge, items, cache, dist)
 
 
 def _pairs_table(rows: list[Any], samples: list[dict[str, Any]], k: int) -> tuple[Any, dict[str, int]]:

@@ -67,6 +67,7 @@ __all__ = [
     "load_entry_points",
     "ENTRY_POINT_GROUP",
     "score_items",
+    "score_over_ranks",
     "NEMOTRON_HF",
     "NEMOTRON_API_MODEL",
     "NVIDIA_API_BASE",
@@ -902,3 +903,20 @@ def score_items(
             for i in todo[item]:
                 out[i] = sc
     return [s if s is not None else Score(None, "not scored") for s in out]
+
+
+def score_over_ranks(judge: Judge, items: Sequence[Item], cache: ScoreCache | None, dist: Any, *,
+                     progress: Callable[[int], None] | None = None) -> list[Score]:
+    """:func:`score_items` with the items dealt to the ranks by position (``i::world``); every rank
+    gets every score, in the items' order, and the judge's retries summed over the ranks."""
+    from dppo.distributed import all_gather_objects, all_reduce_sum
+
+    mine = list(range(dist.rank, len(items), dist.world))
+    my_scores = score_items(judge, [items[i] for i in mine], cache, progress=progress)
+    scores: list[Any] = [None] * len(items)
+    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
+        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
+            scores[i] = sc
+    (retries,) = all_reduce_sum(dist, judge.retries)
+    judge.retries = int(retries)
+    return scores

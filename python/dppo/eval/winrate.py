@@ -300,8 +300,7 @@ def _judge_answers(run: _Eval, responses: dict[str, dict[str, dict[str, Any]]], 
     cached by judge, prompt and response; and the number of answers. Under torchrun each rank
     scores every N-th answer with its own copy of the judge (a judge that fits one GPU); the scores
     meet on every rank."""
-    from dppo.distributed import all_gather_objects, all_reduce_sum
-    from dppo.eval.judges import ScoreCache, score_items
+    from dppo.eval.judges import ScoreCache, score_over_ranks
 
     items, owners = [], []
     for name in run.names:
@@ -310,18 +309,11 @@ def _judge_answers(run: _Eval, responses: dict[str, dict[str, dict[str, Any]]], 
             if g is not None:
                 items.append((r.prompt, g["response"]))
                 owners.append((name, r.prompt_id))
-    mine = list(range(dist.rank, len(items), dist.world))
     judge = run.judge
     with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
-        task = progress.add_task(f"judge {judge.name}", total=len(mine))
-        my_scores = score_items(judge, [items[i] for i in mine], cache, progress=lambda n: progress.advance(task, n))
+        task = progress.add_task(f"judge {judge.name}", total=len(range(dist.rank, len(items), dist.world)))
+        scores = score_over_ranks(judge, items, cache, dist, progress=lambda n: progress.advance(task, n))
     judge.close()
-    scores: list[Any] = [None] * len(items)
-    for rank, part in enumerate(all_gather_objects(dist, my_scores)):
-        for i, sc in zip(range(rank, len(items), dist.world), part, strict=True):
-            scores[i] = sc
-    (retries,) = all_reduce_sum(dist, judge.retries)
-    judge.retries = int(retries)
     rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in run.rows} for name in run.names}
     errors: dict[str, dict[str, str]] = {name: {} for name in run.names}
     for (name, pid), sc in zip(owners, scores, strict=True):
