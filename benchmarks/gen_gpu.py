@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "python"))  # an installed dppo (a wheel) comes first
 
 from dppo.generate.decoding import Decoder, SamplingConfig  # noqa: E402
 from gen_cpu import hf_generate  # noqa: E402  (benchmarks/, the script's own folder)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "python"))  # an installed dppo (a wheel) comes first
 
 VARIANTS = ("padded_full_logits", "packed_chunked")
 

@@ -416,6 +416,30 @@ def test_varlen_path_plumbing(monkeypatch, params):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_varlen_kernel_runs_under_autocast_with_fp32_weights(monkeypatch):
+    """Training's configuration (fp32 master weights, bf16 autocast): RoPE hands the attention fp32
+    queries and keys beside bf16 values, which must still reach the varlen kernel (in bf16), not fall
+    back to one SDPA call per sequence; the result equals the per-sequence path under the same autocast."""
+    model, _ = model_pair()
+    seen = []
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return fake_varlen_attn(query, key, value, *args, **kwargs)
+
+    params = frozenset(("scale", "window_size", "enable_gqa"))
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: (spy, params))
+    # the device check as on CUDA (bf16/fp16 only), whatever the device
+    monkeypatch.setattr(attention, "_varlen_device_ok", lambda q: q.dtype in (torch.bfloat16, torch.float16))
+    batch = PackedBatch.from_sequences(random_seqs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sequence_logps(model, batch, kernel="auto").sums
+        want = sequence_logps(model, batch, kernel="sdpa_loop").sums
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    assert len(seen) == model.config.num_hidden_layers  # every layer, no fallback
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
+
+
 def test_varlen_kwargs_across_torch_signatures():
     d = 64**-0.5
     old = frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "return_aux"})

@@ -98,7 +98,15 @@ def packed_attention_forward(
         if kernel == "dense":
             return _dense_attention(query, key, value, cu, scaling, sliding_window, n_rep, dropout, softcap), None
         return _softcap_loop_attention(query, key, value, cu, scaling, sliding_window, n_rep, dropout, softcap), None
-    options = _varlen_options(query, scaling, sliding_window) if kernel in ("auto", "varlen") and dropout == 0 else None
+    options = None
+    if kernel in ("auto", "varlen") and dropout == 0:
+        # Under autocast with fp32 weights, RoPE hands over fp32 queries and keys (its cos/sin follow the
+        # fp32 residual stream) beside bf16 values: attention runs in autocast's dtype, as SDPA would.
+        cast = _autocast_dtype(query)
+        cq, ck, cv = (query, key, value) if cast is None else (query.to(cast), key.to(cast), value.to(cast))
+        options = _varlen_options(cq, scaling, sliding_window)
+        if options is not None:
+            query, key, value = cq, ck, cv
     if kernel == "auto":
         kernel = "sdpa_loop" if options is None else "varlen"
     if kernel == "varlen":
@@ -122,6 +130,14 @@ def _varlen_fn() -> tuple[Any, frozenset[str]] | None:
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _autocast_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """Autocast's lower-precision dtype where autocast is on for ``query``'s device, else None."""
+    device = query.device.type
+    if query.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def _varlen_device_ok(query: torch.Tensor) -> bool:
