@@ -297,6 +297,28 @@ def test_tables_are_never_cut_on_a_file():
     assert "…" not in text and "..." not in text
 
 
+def test_the_progress_bar_of_items_shows_done_total_and_the_time_left():
+    """dppo eval's judging bar, shared with the online rounds' (dppo.console.progress_bar): the
+    description, done / total, the time elapsed and the estimated time left; off, it draws nothing."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from dppo.console import esc, progress_bar
+
+    for show in (True, False):
+        buf = io.StringIO()
+        with progress_bar(Console(file=buf, width=120, force_terminal=False), show) as bar:
+            task = bar.add_task(f"judge {esc('[red]py:rule[/]')}", total=7)
+            for n in (3, 4):
+                bar.advance(task, n)
+        if show:
+            assert re.search(r"judge \[red\]py:rule\[/\] .* 7/7 \d+:\d\d:\d\d \d+:\d\d:\d\d", buf.getvalue()), buf.getvalue()
+        else:
+            assert buf.getvalue() == ""
+
+
 # -- other libraries' warnings and bars go to the command's log file -------------------------------------------------
 
 

@@ -186,6 +186,33 @@ def test_online_rounds_sample_judge_pair_and_train_as_by_hand(tmp_path, pairs_fi
     assert all(torch.equal(last[n], two[n]) for n in two)
 
 
+def test_a_round_of_a_penalty_on_another_loss_with_progress_bars(tmp_path, pairs_file, tok_dir, init_dir):
+    """The demo's penalty-on-another-loss row, ipo+unll (IPO plus unll's penalty on y_gen, --vote-clip
+    auto), through one online round: the model is dppo train's by hand on the round's shards. The
+    round shows dppo eval's bars with done/total and the time left: the sampling counts prompts,
+    the judging counts every judged item of the round (K samples and y_gen per prompt)."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    opts = dict(alpha=1.0, vote_clip="auto")
+    cfg = config(tmp_path / "run", pairs_file, tok_dir, init_dir, method="ipo+unll", rounds=1, train=opts)
+    record = curriculum(cfg, console=Console(file=buf, width=250, force_terminal=False), show_progress=True)
+    rdir = tmp_path / "run" / "round_1"
+    by_hand = run_train(tmp_path / "hand", method="ipo+unll", data=str(rdir / "shards"), init=str(init_dir),
+                        ref=str(init_dir), **{**TRAIN, **opts, "save_every": 0})
+    a, b = load_file(rdir / "model" / "model.safetensors"), load_file(by_hand / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert record["rounds"][0]["vote_clip"]["value"] > 0 and record["rounds"][0]["pairs"] > 0
+    text = buf.getvalue()
+    clock = r"\d+:\d\d:\d\d"  # elapsed, then the time left
+    assert re.search(rf"round 1: sample \({K} per prompt\).*{PER_ROUND}/{PER_ROUND} prompts.*{clock} {clock}", text), text
+    items = PER_ROUND * K + PER_ROUND
+    assert re.search(rf"round 1: judge rule-len.*\b{items}/{items} {clock} {clock}", text), text
+
+
 def test_an_interrupted_online_run_resumes_to_the_same_end(tmp_path, pairs_file, tok_dir, init_dir, monkeypatch):
     """Interrupted in round 2's training, then resumed: the same models and records, and no score
     paid twice (round 1's and round 2's scores come from the cache)."""
@@ -250,6 +277,23 @@ def test_eval_data_gives_a_win_rate_per_round(tmp_path, pairs_file, tok_dir, ini
     assert res["judge"]["spec"] == spec and row["prompts"] == 6
     assert got["win_rate"] == row["win_rate"] and got["lc_win_rate"] == row["lc_win_rate"] and got["n"] == row["n"]
     assert (tmp_path / "run" / "online.png").stat().st_size > 0
+
+
+def test_the_round_line_shows_a_mean_score_of_zero():
+    """A judge on a signed scale can average 0: the round's line says 0, not nan."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from dppo.online import _record_round
+
+    buf = io.StringIO()
+    run = SimpleNamespace(record={"rounds": []}, dist=SimpleNamespace(main=False), console=Console(file=buf, width=200))
+    _record_round(run, {"round": 1, "pairs": 3, "tied": 1, "mean_sample_score": 0.0, "mean_ygen_score": None,
+                        "wrong_vote_fraction": 0.25})
+    assert "mean sample score 0, y_gen -, wrong votes 0.250" in buf.getvalue()
+    assert run.record["rounds"][0]["round"] == 1
 
 
 def test_online_options_are_checked(tmp_path, pairs_file, tok_dir, init_dir):

@@ -5,6 +5,8 @@
   styled label before a plain message.
 - :func:`print_table` prints a rich table whole when the output is a file or a pipe (no name cut to
   ``unll+d...`` at 80 columns): as wide as the table needs.
+- :func:`progress_bar` is the bar of long work counted in items (done / total, elapsed, the
+  estimated time left): ``dppo eval``'s judging and an online round's.
 - :func:`library_output_to` sends the warnings and progress bars that are not dppo's (torch's,
   transformers', peft's, huggingface_hub's) to a log file instead of the terminal.
 """
@@ -17,13 +19,16 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-__all__ = ["esc", "note", "print_table", "library_output_to", "LIBRARY_LOGGERS"]
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+__all__ = ["esc", "note", "print_table", "progress_bar", "library_output_to", "LIBRARY_LOGGERS"]
 
 
 def esc(value: object) -> str:
@@ -51,6 +56,23 @@ def print_table(console: Console, table: Any) -> None:
         console.print(table, crop=False)
     finally:
         console.width = saved
+
+
+def progress_bar(console: Console, show: bool = True) -> Progress:
+    """A bar of items: the task's description (rich markup: escape outside text with :func:`esc`), the
+    bar, done / total, the time elapsed and the estimated time left. Used as a context manager; with
+    ``show`` false it draws nothing."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+    )
 
 
 LIBRARY_LOGGERS = ("transformers", "peft", "huggingface_hub", "torch", "accelerate", "datasets")

@@ -50,6 +50,7 @@ import numpy as np
 from rich.console import Console
 
 from dppo.artifacts import meta_path_of, model_tokenizer_dir, resolve_model, tokenizer_fingerprint, write_json
+from dppo.console import esc
 from dppo.data.sources import DataSource
 from dppo.errors import ConfigError
 
@@ -149,6 +150,7 @@ def _sample(policy: Path, rows: list[Any], path: Path, decode: Any, online: Onli
     from dppo.distributed import barrier, on_main, split_by_cost
     from dppo.generate.decoding import Decoder, SamplingConfig
     from dppo.generate.run import _load_quietly, render_prompts, stop_token_ids
+    from dppo.generate.run import _progress as generation_progress
 
     if path.is_file():
         return
@@ -184,8 +186,10 @@ def _sample(policy: Path, rows: list[Any], path: Path, decode: Any, online: Onli
         # a prompt's K sequences are written in one part (a resumed run redoes a prompt whole)
         buffer: dict[int, list[Any]] = {}
         b = 0
-        with console.status(f"{label}: {len(pending):,} prompts x {k}", spinner="dots") if show_progress else _null():
-            for completions in decoder.run(ids, sampling, batch_size=max(bs, k), keys=[_key(r.prompt_id) for r in pending], samples=k):
+        with generation_progress(console, show_progress, f"{label} ({k} per prompt)") as (progress, task, on_tokens):
+            progress.update(task, total=len(pending))
+            for completions in decoder.run(ids, sampling, batch_size=max(bs, k), keys=[_key(r.prompt_id) for r in pending],
+                                           samples=k, on_tokens=on_tokens):
                 for c in completions:
                     buffer.setdefault(c.index, []).append(c)
                 ready = [i for i, cs in buffer.items() if len(cs) == k]
@@ -198,6 +202,7 @@ def _sample(policy: Path, rows: list[Any], path: Path, decode: Any, online: Onli
                     for i in ready for c in sorted(buffer.pop(i), key=lambda c: c.sample)], schema=_schema())
                 _write_parquet(table, parts / f"part-{first + b:06d}{suffix}.parquet")
                 b += 1
+                progress.advance(task, len(ready))
         del decoder, lm
     barrier(dist)
 
@@ -217,23 +222,18 @@ def _sample(policy: Path, rows: list[Any], path: Path, decode: Any, online: Onli
     barrier(dist)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _judge(judge: Any, items: list[tuple[str, str]], cache_path: Path, dist: Any, console: Console, show_progress: bool,
            label: str) -> list[Any]:
-    """Scores of ``items`` (cached), judged over the ranks ``i::world`` as ``dppo eval`` does."""
+    """Scores of ``items`` (cached), judged over the ranks ``i::world`` as ``dppo eval`` does, under
+    ``dppo eval``'s bar: this rank's items (a round's samples and y_gen together), cached ones counted
+    as done."""
+    from dppo.console import progress_bar
     from dppo.eval.judges import ScoreCache, score_over_ranks
 
     n = len(range(dist.rank, len(items), dist.world))
-    with ScoreCache(cache_path) as cache:
-        with console.status(f"{label}: {n:,} answers", spinner="dots") if show_progress else _null():
-            return score_over_ranks(judge, items, cache, dist)
+    with ScoreCache(cache_path) as cache, progress_bar(console, show_progress) as bar:
+        task = bar.add_task(esc(label), total=n)
+        return score_over_ranks(judge, items, cache, dist, progress=lambda m: bar.advance(task, m))
 
 
 def _pairs_table(rows: list[Any], samples: list[dict[str, Any]], k: int) -> tuple[Any, dict[str, int]]:
@@ -495,8 +495,11 @@ def _record_round(run: _Rounds, summary: dict[str, Any]) -> None:
     if run.dist.main:
         write_json(run.record_path, run.record)
         _plot(run.record, run.out / "online.png")
+    def score(v: float | None) -> str:  # a mean of 0 is a score; only a missing one is "-"
+        return "-" if v is None else f"{v:.4g}"
+
     run.console.print(f"round {k}: {summary['pairs']} pairs ({summary['tied']} prompts tied), mean sample score "
-                      f"{summary['mean_sample_score'] or float('nan'):.4g}, y_gen {summary['mean_ygen_score'] or float('nan'):.4g}, "
+                      f"{score(summary['mean_sample_score'])}, y_gen {score(summary['mean_ygen_score'])}, "
                       f"wrong votes {summary['wrong_vote_fraction']:.3f}", highlight=False)
 
 

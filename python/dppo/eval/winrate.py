@@ -40,16 +40,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from dppo.console import esc, print_table
+from dppo.console import esc, print_table, progress_bar
 
 from dppo.artifacts import config_record, model_tokenizer_dir, resolve_device, resolve_dtype, resolve_model, write_atomic, write_json
 from dppo.data.sources import DataSource
@@ -172,18 +164,6 @@ def _labels(baseline: str, models: Sequence[str]) -> list[str]:
         out.append(n if names.count(n) == 1 else f"{n}#{names[: k + 1].count(n)}")
     base = _name(baseline)
     return [f"{base} (baseline)" if base in out else base, *out]
-
-
-def _progress(console: Console, show: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show,
-    )
 
 
 def evaluate(cfg: EvalConfig, *, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
@@ -310,8 +290,8 @@ def _judge_answers(run: _Eval, responses: dict[str, dict[str, dict[str, Any]]], 
                 items.append((r.prompt, g["response"]))
                 owners.append((name, r.prompt_id))
     judge = run.judge
-    with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, _progress(console, show_progress) as progress:
-        task = progress.add_task(f"judge {judge.name}", total=len(range(dist.rank, len(items), dist.world)))
+    with ScoreCache(cache_dir / "judge_scores.sqlite") as cache, progress_bar(console, show_progress) as progress:
+        task = progress.add_task(f"judge {esc(judge.name)}", total=len(range(dist.rank, len(items), dist.world)))
         scores = score_over_ranks(judge, items, cache, dist, progress=lambda n: progress.advance(task, n))
     judge.close()
     rewards: dict[str, dict[str, float | None]] = {name: {r.prompt_id: None for r in run.rows} for name in run.names}
