@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dppo.cli.main import app
 from typer.testing import CliRunner
@@ -82,3 +83,47 @@ def test_demo_quick_end_to_end(tmp_path):
     judged = ("method", "win_rate", "se", "strict_win_rate", "mean_judge_score", "per_seed_win_rates")
     assert [{k: row[k] for k in judged} for row in res3["table"]] == [{k: row[k] for k in judged} for row in res["table"]]
     assert res3["diagnostics"] == res["diagnostics"] and res3["settings"] == res["settings"]
+
+
+def test_the_full_demo_plans_online_ipo_unll_at_its_tuned_settings(tmp_path, monkeypatch):
+    """The default demo (not run here: planned only) tunes ipo+unll on the validation grid like every
+    method, trains it offline per seed, and runs its online rounds (dppo curriculum --pairs judge, the
+    demo's judge) at the settings the grid chose, with unll's vote clip; --quick keeps its one online
+    round of unll."""
+    import dppo.curriculum
+    from dppo.demo.pipeline import FULL, QUICK, _Demo
+    from dppo.train.config import load_config
+    from rich.console import Console
+
+    demo = _Demo(FULL, tmp_path, Console(quiet=True))
+    demo.tuning_stages()
+    demo.seed_stages(0)
+    names = [name for name, _, _ in demo.plan.stages]
+    assert [n for n in names if n.startswith("tune: ipo+unll")] == [
+        f"tune: ipo+unll-lr{lr:g}-alpha{a:g}" for lr in FULL.tune_lrs for a in (0.1, 1.0)]
+    assert "seed 0: train ipo+unll" in names
+    online = [n for n in names if n.startswith("seed 0: online")]
+    assert online == [f"seed 0: online {m}, 2 rounds of 4 samples" for m in ("dpo", "unll", "ipo+unll")]
+    # the online stage's call, with the choices tuning would have written
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "choices.json").write_text(json.dumps(
+        {"ipo+unll": {"lr": 3e-5, "knob": "alpha", "value": 1.0, "val_win_rate": 0.6, "run": "x"}}))
+    seen = []
+    monkeypatch.setattr(dppo.curriculum, "curriculum", lambda cfg, **kw: seen.append(cfg))
+    stage = dict((name, fn) for name, _, fn in demo.plan.stages)
+    stage["seed 0: online ipo+unll, 2 rounds of 4 samples"]()
+    (cfg,) = seen
+    assert cfg.method == "ipo+unll" and cfg.pairs == "judge" and cfg.rounds == 2 and cfg.round_ref == "init"
+    assert cfg.online.judge == "demo" and cfg.online.samples == 4 and cfg.online.prompts_per_round == FULL.n_pairs // 2
+    assert Path(cfg.out).name == "online-ipo+unll" and cfg.init == str(demo.sft_model)
+    assert {k: cfg.train[k] for k in ("lr", "alpha", "vote_clip", "seed")} == {"lr": 3e-5, "alpha": 1.0, "vote_clip": 120.0,
+                                                                           "seed": 0}
+    trained = load_config(None, method=cfg.method, data="-", init="-", out="-", **cfg.train)
+    assert trained.alpha == 1.0 and trained.vote_clip == 120.0 and trained.beta == 0.1  # IPO at TRL's default beta
+    # the quick demo is as it was: no ipo+unll, one online round of unll
+    quick = _Demo(QUICK, tmp_path / "quick", Console(quiet=True))
+    quick.tuning_stages()
+    quick.seed_stages(0)
+    qnames = [name for name, _, _ in quick.plan.stages]
+    assert not any("ipo+unll" in n for n in qnames)
+    assert [n for n in qnames if "online" in n] == ["seed 0: online unll, 1 rounds of 4 samples"]

@@ -6,8 +6,10 @@ make the world -> ``prep sft`` -> ``train --method sft`` -> ``generate`` y_gen w
 preference method trains once per point of the same small grid (learning rate x its own main knob:
 beta for dpo and simpo, alpha for the penalties) and is judged on the *validation* prompts; the
 best point of each is kept -> per seed: ``train`` dpo, simpo, minll, unll, conll with their chosen
-settings, unll followed by DPO post-tuning, a ``curriculum`` of unll rounds, unll with a linear
-alpha decay, an alpha sweep and a data-efficiency sweep -> ``eval`` every model against the SFT
+settings (and ipo+unll, a pair loss with unll's penalty term), unll followed by DPO post-tuning, a
+``curriculum`` of unll rounds, online rounds (``curriculum --pairs judge``: the demo's judge scores
+the policy's own samples) of dpo, unll and ipo+unll, unll with a linear alpha decay, an alpha
+sweep and a data-efficiency sweep -> ``eval`` every model against the SFT
 model on the *test* prompts with the programmatic judge; then one table and the figures.
 
 It calls the same library functions as the CLI commands. The world, the grid and the protocol
@@ -81,6 +83,8 @@ class DemoSettings:
         ("minll", "alpha", (1.0, 10.0)),
         ("unll", "alpha", (0.1, 1.0)),
         ("conll", "alpha", (0.1, 1.0)),
+        # a pair loss with a DPPO penalty term: IPO (TRL's default beta 0.1) plus unll's alpha * f(r) * UL(y_gen)
+        ("ipo+unll", "alpha", (0.1, 1.0)),
     )
     # beyond the paper: rounds of unll (each round a third of the pairs: the same data budget), and
     # unll with alpha decaying linearly from its chosen value to 0
@@ -88,7 +92,7 @@ class DemoSettings:
     # online rounds (dppo curriculum --pairs judge): each round samples K answers per prompt from the
     # policy entering it, the demo's judge scores them, best vs worst are trained on; the prompts of
     # the training pairs walked in equal parts (the same data budget), each method at its tuned settings
-    online_methods: tuple[str, ...] = ("dpo", "unll")
+    online_methods: tuple[str, ...] = ("dpo", "unll", "ipo+unll")
     online_rounds: int = 2
     online_samples: int = 4
     online_temperature: float = 1.0
@@ -116,8 +120,8 @@ QUICK = DemoSettings(
 )
 
 COMPARED_METHODS = ("dpo", "simpo", "minll", "unll", "conll")
-LOSSES_ONLINE = ("dpo", "unll", "minll", "conll", "simpo")  # the order of online rows in the table
 """The paper's preference methods, each trained from the SFT model and compared with it."""
+LOSSES_ONLINE = ("dpo", "unll", "ipo+unll", "minll", "conll", "simpo")  # the order of online rows in the table
 
 
 @dataclass
@@ -256,6 +260,8 @@ class _Demo:
         self.prefs = out / "shards" / "prefs"
         self.tune = out / "tune"
         self.grid = _grid(s)
+        # every tuned method gets its test run per seed: the paper's and the loss family's row (ipo+unll)
+        self.methods = tuple(dict.fromkeys(m for m, _, _ in s.tune_knobs))
         self.decode = DecodeConfig(sampling=SamplingConfig(max_new_tokens=s.max_new_tokens), batch_size=s.gen_batch)
 
     # -- the world, the SFT model, y_gen and the pairs ---------------------------------------------------
@@ -305,7 +311,7 @@ class _Demo:
         s, chosen, prefs_model = self.s, self.chosen, self.sft_model
         sd = self.out / f"seed{seed}"
         runs = sd / "runs"
-        for m in COMPARED_METHODS:
+        for m in self.methods:
             self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m))
         unll_model = runs / "unll" / "model"
         self.train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", unll_model, seed,
@@ -336,8 +342,10 @@ class _Demo:
 
     def method_opts(self, method: str, lr: float, knob: str | None = None, value: float | None = None) -> dict[str, Any]:
         s = self.s
+        # a method with a DPPO penalty, alone or as a term of a combination (ipo+unll), takes its vote clip
         clip = {"minll": s.vote_clip, "unll": s.vote_clip, "conll": s.conll_vote_clip}
-        extra = {"vote_clip": clip[method]} if method in clip else {}
+        terms = [t for t in method.split("+") if t in clip]
+        extra = {"vote_clip": clip[terms[0]]} if terms else {}
         pref_kw = dict(epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1, warmup_steps=s.pref_warmup)
         return {**pref_kw, "lr": lr, **extra, **({knob: value} if knob else {})}
 
@@ -601,7 +609,7 @@ def _online_rounds(out: Path, s: DemoSettings) -> dict[str, list[dict[str, Any]]
 
 def _order(name: str) -> tuple[int, float, str]:
     """sft, the paper's methods in its order, unll+dpo, then the alpha and data-size sweeps."""
-    main = ["sft", *COMPARED_METHODS, "unll+dpo", "curriculum", "unll-linear", *(f"online-{m}" for m in LOSSES_ONLINE)]
+    main = ["sft", *COMPARED_METHODS, "ipo+unll", "unll+dpo", "curriculum", "unll-linear", *(f"online-{m}" for m in LOSSES_ONLINE)]
     if name in main:
         return (0, main.index(name), "")
     if name.startswith("unll-alpha"):
