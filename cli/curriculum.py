@@ -19,25 +19,25 @@ def _own(
     data: Annotated[str, typer.Option("--data", help="Preference pairs (UltraFeedback's schema; with --pairs judge, prompts in UltraFeedback's or SmolTalk's schema or a prompt column): hub id or local parquet/jsonl/json/arrow file or folder.")],
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="Tokenizer (and chat template) the pairs are prepared with: hub id or folder.")],
     init: Annotated[str, typer.Option("--init", help="The policy entering round 1 (the SFT model): run folder, model folder or hub id.")],
-    out: Annotated[Path, typer.Option("--out", help="Curriculum folder: round_K/ (ygen.parquet, shards/, the training run), model/, curriculum.json.")],
+    out: Annotated[Path, typer.Option("--out", help="Curriculum folder: round_K/ (ygen.parquet, shards/, the training run; with --pairs judge also samples.parquet, pairs.parquet, ygen_scores.parquet), model/, curriculum.json.")],
     split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub data set.")] = None,
     data_config: Annotated[Optional[str], typer.Option("--data-config", help="Configuration (subset) name of a hub data set.")] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Revision of a hub data set.")] = None,
     pairs_per_round: Annotated[Optional[int], typer.Option("--pairs-per-round", min=1, help="Each round takes the next N prompts' pairs in the data's order (a new shuffle after the last); default: all, every round.")] = None,
     round_ref: Annotated[str, typer.Option("--round-ref", help="The reference of every round: init (--init) or previous (the policy entering the round, as SPIN).")] = "init",
     max_len: Annotated[Optional[int], typer.Option("--max-len", min=1, help="Prep's maximum sequence length (default: the 95th percentile of the round's lengths).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most y_gen tokens per response (greedy decoding).")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens per response: y_gen (greedy) and, with --pairs judge, the samples.")] = 1024,
     gen_batch_size: Annotated[Optional[int], typer.Option("--gen-batch-size", min=1, help="Prompts decoded together (default: 128 on CUDA, 32 on the CPU).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="Decoder: auto, dppo, hf or vllm.")] = "auto",
     pairs: Annotated[str, typer.Option("--pairs", help="Where each round's pairs come from: data (--data's pairs, y_gen from the policy) or judge (the policy's own samples, judged, best vs worst).")] = "data",
     judge: Annotated[Optional[str], typer.Option("--judge", help="--pairs judge: the judge that scores the samples (any judge dppo eval takes).")] = None,
-    samples: Annotated[int, typer.Option("--samples", min=2, help="--pairs judge: responses sampled per prompt (K), in one batched decoder call.")] = 4,
-    temperature: Annotated[float, typer.Option("--temperature", help="--pairs judge: sampling temperature (> 0).")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="--pairs judge: nucleus of the sampling, in (0, 1].")] = 1.0,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=2, help="--pairs judge: responses sampled per prompt (K), in one batched decoder call (default 4).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="--pairs judge: sampling temperature, > 0 (default 1.0).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="--pairs judge: nucleus of the sampling, in (0, 1] (default 1.0).")] = None,
     prompts_per_round: Annotated[Optional[int], typer.Option("--prompts-per-round", min=1, help="--pairs judge: each round takes the next N prompts of --data (a new shuffle after the last); default: all, every round.")] = None,
-    pair_rule: Annotated[str, typer.Option("--pair-rule", help="--pairs judge: best-worst (each prompt's best-scored sample against its worst; all tied: no pair).")] = "best-worst",
+    pair_rule: Annotated[Optional[str], typer.Option("--pair-rule", help="--pairs judge: best-worst, the default and only rule (each prompt's best-scored sample against its worst, equal scores to the lower sample index; all tied or fewer than two scores: no pair, counted).")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="--pairs judge: at most this many --eval-data prompts (with --pairs judge, --eval-data names held-out prompts: after every round, the greedy policy's win rate against --init by the same judge).")] = None,
-    judge_batch_size: Annotated[int, typer.Option("--judge-batch-size", min=1, help="--pairs judge: items per judge call.")] = 8,
+    judge_batch_size: Annotated[Optional[int], typer.Option("--judge-batch-size", min=1, help="--pairs judge: items per judge call (default 8).")] = None,
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="--pairs judge: endpoint of an API judge.")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue the curriculum in --out where it stopped (finished stages are reused).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace the curriculum in --out.")] = False,
@@ -69,7 +69,8 @@ def curriculum_cmd(**options: Any) -> None:
     source = DataSource(own["data"], split=own["split"], config=own["data_config"], revision=own["revision"])
     online_names = ("judge", "samples", "temperature", "top_p", "prompts_per_round", "pair_rule", "eval_limit",
                     "judge_batch_size", "api_base")
-    online_opts = {k: own.pop(k) for k in online_names}
+    # given ones only: the defaults are OnlineConfig's, and none is taken silently without --pairs judge
+    online_opts = {k: v for k in online_names if (v := own.pop(k)) is not None}
     online = None
     if own["pairs"] == "judge":
         from dppo.online import OnlineConfig
@@ -78,8 +79,10 @@ def curriculum_cmd(**options: Any) -> None:
         eval_data = train_opts.pop("eval_data", None)
         online = OnlineConfig(seed=train_opts.get("seed", 0), eval_data=None if eval_data is None else str(eval_data),
                               **online_opts)
-    elif online_opts["judge"] is not None:
-        raise ConfigError("--judge applies to --pairs judge")
+    elif online_opts:
+        given = ", ".join("--" + k.replace("_", "-") for k in online_opts)
+        verb = "applies" if len(online_opts) == 1 else "apply"
+        raise ConfigError(f"{given} {verb} to --pairs judge (the online rounds), not to --pairs {own['pairs']}")
     curriculum(CurriculumConfig(pairs=own["pairs"], online=online, rounds=own["rounds"], method=own["method"], data=source, tokenizer=own["tokenizer"],
                                 init=own["init"], out=own["out"], pairs_per_round=own["pairs_per_round"],
                                 round_ref=own["round_ref"], max_len=own["max_len"], decode=decode, train=train_opts,
