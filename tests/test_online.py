@@ -279,6 +279,41 @@ def test_eval_data_gives_a_win_rate_per_round(tmp_path, pairs_file, tok_dir, ini
     assert (tmp_path / "run" / "online.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("schema", ["smoltalk", "prompt column"])
+def test_prompts_in_smoltalk_schema_or_a_prompt_column(tmp_path, sft_file, tok_dir, init_dir, schema):
+    """--data in SmolTalk's schema (system turns, several turns: the history up to the last user
+    turn is the prompt) or a bare prompt column: the judge reads each prompt's last user turn, and
+    the shards' prompts are the very ids the samples were drawn from."""
+    import pyarrow as pa
+
+    from dppo.generate.run import render_prompts
+
+    data = sft_file
+    if schema == "prompt column":
+        data = tmp_path / "prompts.parquet"
+        pq.write_table(pa.table({"prompt": [f"Say something about item {i}." for i in range(20)]}), data)
+    seen: list[str] = []
+
+    def judge(prompt: str, response: str) -> float:
+        seen.append(prompt)
+        return float(len(response) % 3)
+
+    register_judge("rule-seen", judge, overwrite=True)
+    cfg = config(tmp_path / "run", data, tok_dir, init_dir, rounds=1, online={"judge": "rule-seen"},
+                 train={"max_steps": 1})
+    record = curriculum(cfg, show_progress=False)
+    rows, _ = load_prompts(str(data))
+    subset = [rows[i] for i in round_prompts(len(rows), PER_ROUND, 1, 0)[0]]
+    assert sorted(set(seen)) == sorted({r.prompt for r in subset})  # the last user turn's text
+    if schema == "smoltalk":
+        assert any(len(r.messages) > 1 for r in subset), "the test needs a system turn or an earlier turn"
+    ids = dict(zip([r.prompt_id for r in subset], render_prompts(subset, tok_dir, None), strict=True))
+    shards = open_shards(tmp_path / "run" / "round_1" / "shards")
+    assert len(shards) == record["rounds"][0]["pairs"] > 0
+    for n in range(len(shards)):
+        assert [int(t) for t in shards[n]["prompt_ids"]] == list(ids[shards[n]["prompt_id"]])
+
+
 def test_the_round_line_shows_a_mean_score_of_zero():
     """A judge on a signed scale can average 0: the round's line says 0, not nan."""
     import io
@@ -311,6 +346,34 @@ def test_online_options_are_checked(tmp_path, pairs_file, tok_dir, init_dir):
     with pytest.raises(ConfigError, match="unknown judge"):
         curriculum(config(tmp_path / "z", pairs_file, tok_dir, init_dir, online={"judge": "no-such-judge"}), show_progress=False)
     assert not (tmp_path / "z" / "round_1").exists()  # refused before any sampling
+
+
+def test_the_command_line_takes_the_online_options_with_pairs_judge_only(tmp_path, pairs_file, tok_dir, init_dir,
+                                                                          monkeypatch):
+    """With --pairs judge, an option not given takes OnlineConfig's default; without it, an online
+    option is refused in one line instead of being ignored."""
+    from typer.testing import CliRunner
+
+    import dppo.curriculum
+    from dppo.cli.main import app
+
+    seen: list[CurriculumConfig] = []
+    monkeypatch.setattr(dppo.curriculum, "curriculum", lambda cfg, **kw: seen.append(cfg))
+    base = ["curriculum", "--rounds", "1", "--method", "dpo", "--data", str(pairs_file), "--tokenizer", str(tok_dir),
+            "--init", str(init_dir), "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(app, [*base, "--pairs", "judge", "--judge", "rule-len", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert seen[0].online == OnlineConfig(judge="rule-len", seed=3)
+    r = CliRunner().invoke(app, [*base, "--pairs", "judge", "--judge", "rule-len", "--samples", "6", "--top-p", "0.9"])
+    assert r.exit_code == 0, r.output
+    assert (seen[1].online.samples, seen[1].online.top_p, seen[1].online.temperature) == (6, 0.9, 1.0)
+    for extra, named in ((["--samples", "8"], "--samples applies"),
+                         (["--temperature", "0.7", "--prompts-per-round", "5"], "--temperature, --prompts-per-round apply"),
+                         (["--pair-rule", "best-worst"], "--pair-rule applies"), (["--judge", "rule-len"], "--judge applies")):
+        r = CliRunner().invoke(app, [*base, *extra])
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and named + " to --pairs judge" in lines[0], r.output
+    assert len(seen) == 2
 
 
 def _cli(args: list[str], calls: Path, kill_at_call: int = 0) -> subprocess.CompletedProcess:
