@@ -334,3 +334,24 @@ def test_generate_takes_the_history_prep_takes(tmp_path, tok_dir):
     assert any(len(p.messages) > 2 for p in prompts)
     first, _ = load_prompts(str(data))
     assert all(p.messages[-1][0] == "user" and len(p.messages) <= 2 for p in first)
+
+
+# -- dppo generate: --turns is one of the settings a resumed output must share ---------------------
+def test_generate_refuses_to_resume_under_another_turns(tmp_path, init_dir):
+    from dppo.errors import ConfigError
+    from dppo.generate import GenConfig, generate
+
+    rows = [{"prompt_id": f"p{i}", "messages": c} for i, c in enumerate(conversations(4, seed=23))]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    opts = dict(model=str(init_dir), data=str(data), out=tmp_path / "y.parquet", max_new_tokens=2, device="cpu")
+    generate(GenConfig.from_options(**opts), show_progress=False)
+    meta = json.loads((tmp_path / "y.parquet.meta.json").read_text())
+    assert meta["settings"]["turns"] == "first"
+    with pytest.raises(ConfigError, match=r"made with other settings \(turns 'first' -> 'all'\).*--overwrite") as e:
+        generate(GenConfig.from_options(**opts, turns="all"), show_progress=False)
+    assert "\n" not in str(e.value)
+    s = generate(GenConfig.from_options(**opts), show_progress=False)  # the same settings resume
+    assert s["already_done"] == 4 and s["generated"] == 0
+    s = generate(GenConfig.from_options(**opts, turns="all", overwrite=True), show_progress=False)
+    assert s["generated"] == 4
+    assert json.loads((tmp_path / "y.parquet.meta.json").read_text())["settings"]["turns"] == "all"

@@ -264,12 +264,12 @@ def _answers(cfg: EvalConfig, run: _Eval, cache_dir: Path, console: Console,
     responses: dict[str, dict[str, dict[str, Any]]] = {}
     gen_files: dict[str, str] = {}
     for model, name, (model_dir, tok_dir) in zip(run.models, run.names, run.dirs, strict=True):
-        settings = generation_settings(model_dir, tok_dir, cfg.decode, dtype_name)
+        settings = generation_settings(model_dir, tok_dir, cfg.decode, dtype_name, cfg.turns)
         key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
         path = cache_dir / "generations" / f"{settings['model_fingerprint']}-{key}.parquet"
         gen_files[name] = str(path)
-        generate_rows(model, run.rows, path, cfg.decode, console=console, show_progress=show_progress, show_summary=False,
-                      label=f"generate {name}")
+        generate_rows(model, run.rows, path, cfg.decode, turns=cfg.turns, console=console, show_progress=show_progress,
+                      show_summary=False, label=f"generate {name}")
         responses[name] = {g["prompt_id"]: g for g in read_generations(path) if g["prompt_id"] in wanted}
     return responses, gen_files
 

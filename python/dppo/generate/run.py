@@ -421,10 +421,12 @@ def _existing(out: Path) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def generation_settings(model_dir: Path, tok_dir: Path, decode: DecodeConfig, dtype: str) -> dict[str, Any]:
-    """What decides the responses (and nothing else): a file is resumed only under equal settings."""
+def generation_settings(model_dir: Path, tok_dir: Path, decode: DecodeConfig, dtype: str, turns: str = "first") -> dict[str, Any]:
+    """What decides the responses (and nothing else): a file is resumed only under equal settings.
+    ``turns`` is the prompt rule the rows were read with (the first user turn or the whole history)."""
     sampling = decode.sampling
     return {
+        "turns": turns,
         "model_fingerprint": model_fingerprint(model_dir),
         "tokenizer_fingerprint": chat_fingerprint(tok_dir),
         "stop_ids": stop_token_ids(tok_dir, model_dir),
@@ -445,7 +447,7 @@ def generate(cfg: GenConfig, *, console: Console | None = None, show_progress: b
     shard_tok = source["description"].get("tokenizer", {}).get("fingerprint") if source["description"].get("type") == "shards" else None
     if shard_tok is not None and tokenizer_fingerprint(tok_dir) != shard_tok:
         raise ConfigError(f"{cfg.data}: the shards were tokenized with another tokenizer than {tok_dir}")
-    return generate_rows(cfg.model, rows, Path(cfg.out), cfg.decode, overwrite=cfg.overwrite,
+    return generate_rows(cfg.model, rows, Path(cfg.out), cfg.decode, overwrite=cfg.overwrite, turns=cfg.turns,
                          extra_meta={"config": config_record(cfg), "source": source}, console=console,
                          show_progress=show_progress)
 
@@ -457,6 +459,7 @@ def generate_rows(
     decode: DecodeConfig,
     *,
     overwrite: bool = False,
+    turns: str = "first",
     extra_meta: dict[str, Any] | None = None,
     console: Console | None = None,
     show_progress: bool = True,
@@ -464,7 +467,8 @@ def generate_rows(
     label: str = "generate",
 ) -> dict[str, Any]:
     """Generate responses for ``rows`` into ``out`` (resuming it) as ``decode`` says; the library core
-    of ``generate`` (and of ``dppo eval``'s answers).
+    of ``generate`` (and of ``dppo eval``'s answers). ``turns`` names the prompt rule ``rows`` were
+    read with (``load_prompts``): one of the settings, so a file is never resumed under another.
 
     The phases, in this order on every rank (each collective is reached by every rank, whatever
     its share of the prompts, and an error on rank 0 is raised on all):
@@ -486,7 +490,7 @@ def generate_rows(
     if not dist.main:
         console, show_progress = Console(stderr=True, quiet=True), False
     t0 = time.perf_counter()
-    run = _resolve(model, out, decode, device)
+    run = _resolve(model, out, decode, device, turns)
     plan = on_main(dist, _plan_rest, run, rows, overwrite)
     made = _decode_share(run, rows, plan, dist, device, console, show_progress, label)
     counts = _gather_counts(dist, made)
@@ -528,11 +532,11 @@ class _Plan:
     first_part: int
 
 
-def _resolve(model: str, out: Path, decode: DecodeConfig, device: Any) -> _Run:
+def _resolve(model: str, out: Path, decode: DecodeConfig, device: Any, turns: str) -> _Run:
     model_dir = resolve_model(model)
     tok_dir = model_tokenizer_dir(model_dir, decode.tokenizer)
     dtype = resolve_dtype(decode.dtype, device)
-    return _Run(model, model_dir, tok_dir, dtype, generation_settings(model_dir, tok_dir, decode, dtype), decode, out)
+    return _Run(model, model_dir, tok_dir, dtype, generation_settings(model_dir, tok_dir, decode, dtype, turns), decode, out)
 
 
 def _plan_rest(run: _Run, rows: Sequence[PromptRow], overwrite: bool) -> _Plan:
