@@ -336,6 +336,72 @@ def test_generate_takes_the_history_prep_takes(tmp_path, tok_dir):
     assert all(p.messages[-1][0] == "user" and len(p.messages) <= 2 for p in first)
 
 
+# -- prompt ids: the engine names a row without one, the same way on every path -------------------
+def _previous_id(row: dict, turns: str) -> str:
+    """The definition generate used before the engine derived ids: the row's own id, else the sha256
+    of the prompt's last user turn (the first user turn with --turns first), written here apart."""
+    import hashlib
+
+    if row.get("prompt_id"):
+        return str(row["prompt_id"])
+    msgs = row.get("chosen") or row["messages"]
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    return hashlib.sha256((users[0] if turns == "first" else users[-1]).encode("utf-8")).hexdigest()
+
+
+def test_prompt_ids_are_derived_by_the_engine_on_every_path(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dppo.generate import load_prompts
+
+    convs = conversations(24, seed=21)
+    assert any(len(c) > 3 for c in convs) and any(len(c) <= 3 for c in convs)  # single- and multi-turn
+    rows = []
+    for i, c in enumerate(convs):
+        row = {"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": f"worse {i}"}]}
+        if i % 3 == 0:
+            row["prompt_id"] = f"given-{i}"
+        elif i % 3 == 1:
+            row["prompt_id"] = None if i % 2 else ""
+        rows.append(row)
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"messages": c, **({"prompt_id": r["prompt_id"]} if "prompt_id" in r else {})}
+                                             for c, r in zip(convs, rows, strict=True)])
+    # a parquet pair file without the prompt_id column at all
+    nocol = tmp_path / "nocol.parquet"
+    pq.write_table(pa.Table.from_pylist([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]), nocol)
+    for turns in ("first", "all"):
+        want = [_previous_id(r, turns) for r in rows]
+        assert len(set(want)) == len(want)
+        for src in (data, sft):
+            prompts, info = load_prompts(str(src), turns=turns)
+            assert [p.prompt_id for p in prompts] == want and info["skipped"] == 0, (src.name, turns)
+        got = [pid for _, pid, _, _ in engine.prompt_rows(pq.read_table(nocol), 0, turns)]
+        assert got == [_previous_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
+        # prep names the pairs the same way, so a y_gen keyed by those ids joins them all
+        ygen = write_jsonl(tmp_path / f"y-{turns}.jsonl", [{"prompt_id": w, "response": f"greedy {k}"} for k, w in enumerate(want)])
+        s = run("prefs", data, tok_dir, tmp_path / f"out-{turns}", turns=turns, max_len=100_000, ygen=ygen)
+        assert s["rows_kept"] == len(rows)
+        assert [ex["prompt_id"] for ex in open_shards(tmp_path / f"out-{turns}")] == want
+        s = run("prefs", nocol, tok_dir, tmp_path / f"nocol-{turns}", turns=turns, max_len=100_000)
+        assert [ex["prompt_id"] for ex in open_shards(tmp_path / f"nocol-{turns}")] == [
+            _previous_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
+
+
+def test_a_missing_ygen_is_named_by_the_derived_id(tmp_path, tok_dir):
+    import hashlib
+
+    convs = conversations(6, seed=22)
+    rows = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no"}]} for c in convs]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    ygen = write_jsonl(tmp_path / "y.jsonl", [{"prompt_id": "other", "response": "x"}])
+    with pytest.raises(engine.DppoError) as e:
+        run("prefs", data, tok_dir, tmp_path / "o", turns="all", max_len=100_000, ygen=ygen)
+    last_user = [m["content"] for m in convs[0] if m["role"] == "user"][-1]
+    assert hashlib.sha256(last_user.encode()).hexdigest() in str(e.value)
+
+
 # -- dppo generate: --turns is one of the settings a resumed output must share ---------------------
 def test_generate_refuses_to_resume_under_another_turns(tmp_path, init_dir):
     from dppo.errors import ConfigError

@@ -422,7 +422,7 @@ def test_strict_names_the_first_bad_row(tmp_path, tok_dir):
 def test_bad_pairs(tmp_path, tok_dir):
     rows = synthetic.pair_rows(4, seed=1)
     rows[1]["rejected"][0] = {"role": "user", "content": "another prompt"}
-    rows[2]["prompt_id"] = None
+    rows[2]["rejected"] = None
     rows[3]["chosen"] = rows[3]["chosen"][:1]
     s = run("prefs", write_parquet(tmp_path / "x.parquet", rows), tok_dir, tmp_path / "o")
     assert s["rows_kept"] == 1

@@ -6,9 +6,10 @@ This produces y_gen (the reference model's greedy response to every training pro
 * **Prompts** are the first user turn of each row, with an optional leading system message,
   rendered with the tokenizer's chat template plus the generation prompt, exactly as ``dppo prep``
   renders them (same native template engine and tokenizer). Rows are read from ``chosen``,
-  ``messages`` or a ``prompt`` string column; ``prompt_id`` comes from the data (else the sha256 of
-  the prompt text, UltraFeedback's convention). A prepared pair-shard folder works too: its
-  (possibly truncated) prompt ids are used as they are.
+  ``messages`` or a ``prompt`` string column; ``prompt_id`` comes from the data (else the engine
+  derives it as prep does: the sha256 of the last user turn's text, UltraFeedback's convention).
+  ``turns="all"`` takes the whole history up to the last user turn. A prepared pair-shard folder
+  works too: its (possibly truncated) prompt ids are used as they are.
 * **Output**: one row per prompt with ``prompt_id``, ``prompt`` (the user turn), ``response``,
   ``response_ids`` (the generated token ids, stop token excluded: what ``dppo prep --ygen`` stores
   as y_gen, never a re-tokenization of the text), ``prompt_tokens``, ``response_tokens`` and
@@ -231,10 +232,6 @@ def stop_token_ids(tok_dir: Path, model_dir: Path | None = None) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _prompt_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _prompts_of(batch: Any, first_row: int, turns: str) -> list[tuple[int, str | None, list[tuple[str, str]] | None, str | None]]:
     """The prompt of each row of a batch, by the engine's one rule set (``dppo.engine.prompt_rows``,
     the parser ``dppo prep`` uses): from ``chosen``, else ``messages``, else a ``prompt`` string;
@@ -260,7 +257,8 @@ def load_prompts(
 
     Rows are parsed by the engine (``dppo.engine.prompt_rows``); ``turns="all"`` takes the whole
     history up to the last user turn, as ``dppo prep --turns all``. A row without a ``prompt_id``
-    is named by the sha256 of its last user turn's text (UltraFeedback's convention)."""
+    is named by the engine as prep names it (the sha256 of its last user turn's text,
+    UltraFeedback's convention), so y_gen joins such rows too."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
     if turns not in ("first", "all"):
@@ -280,7 +278,6 @@ def load_prompts(
                 skipped += 1
                 continue
             text = messages[-1][1]
-            pid = pid or _prompt_id(text)
             if pid in seen:
                 duplicates += 1
                 continue

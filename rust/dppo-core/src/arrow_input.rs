@@ -319,7 +319,8 @@ pub fn pair_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawPairRow>>
             .collect());
     }
     let schema = "UltraFeedback-binarized";
-    let pid = StrCol::new(Some(require(batch, "prompt_id", schema)?));
+    // prompt_id is optional: a row without one is named by `record::derived_prompt_id`
+    let pid = StrCol::new(batch.column_by_name("prompt_id"));
     let chosen = MsgCol::new(Some(require(batch, "chosen", schema)?));
     let rejected = MsgCol::new(Some(require(batch, "rejected", schema)?));
     let sc = f64_col(batch.column_by_name("score_chosen"));

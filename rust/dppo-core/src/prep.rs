@@ -649,9 +649,14 @@ impl Preparer {
         Ok(ex)
     }
 
+    /// A pair's id, history and two answers, by `--turns`.
+    fn pair_of(&self, row: &RawPairRow) -> std::result::Result<(String, Vec<Message>, Message, Message), Skip> {
+        if self.opts.turns == Turns::All { pair_conversations(row) } else { pair(row) }
+    }
+
     fn encode_pair(&self, row: &RawPairRow) -> std::result::Result<Encoded, Skip> {
         let whole = self.opts.turns == Turns::All;
-        let (id, prompt, chosen, rejected) = if whole { pair_conversations(row)? } else { pair(row)? };
+        let (id, prompt, chosen, rejected) = self.pair_of(row)?;
         let ygen_msg;
         let generated = self.pair_ids.as_ref().map(|m| m.get(&id));
         let mut responses = match generated {
@@ -689,11 +694,15 @@ impl Preparer {
         let encoded: Vec<_> = rows
             .par_iter()
             .map(|r| {
-                let id = match &r.prompt_id {
-                    crate::record::RawStr::Str(s) => s.clone(),
+                let encoded = self.encode_pair(r);
+                let id = match (&r.prompt_id, &encoded) {
+                    (crate::record::RawStr::Str(s), _) if !s.is_empty() => s.clone(),
+                    (_, Ok(ex)) => ex.id.clone(),
+                    // a row named by its derived id that y_gen lacks: the report names that id
+                    (_, Err(Skip::MissingYgen)) => self.pair_of(r).map(|p| p.0).unwrap_or_default(),
                     _ => String::new(),
                 };
-                (r.row, id, self.encode_pair(r))
+                (r.row, id, encoded)
             })
             .collect();
         self.absorb(encoded)

@@ -271,16 +271,18 @@ pub struct RawPromptRow {
 /// `messages` (the SFT schema), else a `prompt` string (one user turn). `--turns first`: the
 /// optional system turn and the first user turn; `all`: the whole history, every message up to
 /// the last user turn (a trailing assistant turn, the answer, is not part of it). Returns the
-/// messages and the prompt id when the row has one.
-pub fn prompt_of(row: &RawPromptRow, turns: Turns) -> Result<(Option<String>, Vec<Message>), Skip> {
+/// prompt id (the row's, else [`derived_prompt_id`] of the prompt) and the messages.
+pub fn prompt_of(row: &RawPromptRow, turns: Turns) -> Result<(String, Vec<Message>), Skip> {
     if row.invalid {
         return Err(Skip::InvalidJson);
     }
-    let id = match &row.prompt_id {
-        RawStr::Str(s) if !s.is_empty() => Some(s.clone()),
-        RawStr::NotString => return Err(Skip::NonStringContent),
-        _ => None,
-    };
+    let id = given_id(&row.prompt_id)?;
+    let (id, prompt) = prompt_messages(row, turns, id)?;
+    let id = id.unwrap_or_else(|| derived_prompt_id(&prompt));
+    Ok((id, prompt))
+}
+
+fn prompt_messages(row: &RawPromptRow, turns: Turns, id: Option<String>) -> Result<(Option<String>, Vec<Message>), Skip> {
     let msgs = match (&row.chosen, &row.messages) {
         (RawMessages::List(_) | RawMessages::NotAList, _) => &row.chosen,
         (_, RawMessages::List(_) | RawMessages::NotAList) => &row.messages,
@@ -323,21 +325,35 @@ pub fn prompt_of(row: &RawPromptRow, turns: Turns) -> Result<(Option<String>, Ve
     }
 }
 
-fn prompt_id(row: &RawPairRow) -> Result<String, Skip> {
+/// The id of a prompt whose row has none: the sha256 (64 hex digits) of its last user turn's
+/// text, UltraFeedback's convention (its `prompt_id` is the sha256 of `prompt`). The one
+/// definition: prep, generate, eval and curriculum all name such a row by it.
+pub fn derived_prompt_id(prompt: &[Message]) -> String {
+    use sha2::{Digest, Sha256};
+    let text = prompt.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The row's own prompt id; None where it has none (missing, null or empty).
+fn given_id(id: &RawStr) -> Result<Option<String>, Skip> {
+    match id {
+        RawStr::Str(s) if !s.is_empty() => Ok(Some(s.clone())),
+        RawStr::NotString => Err(Skip::NonStringContent),
+        _ => Ok(None),
+    }
+}
+
+fn pair_id(row: &RawPairRow) -> Result<Option<String>, Skip> {
     if row.invalid {
         return Err(Skip::InvalidJson);
     }
-    match &row.prompt_id {
-        RawStr::Str(s) if !s.is_empty() => Ok(s.clone()),
-        RawStr::NotString => Err(Skip::NonStringContent),
-        _ => Err(Skip::MissingField),
-    }
+    given_id(&row.prompt_id)
 }
 
 /// A validated preference pair of whole conversations (`--turns all`): `chosen` and `rejected`
 /// share every message but their last assistant turn, and that shared history is the prompt.
 pub fn pair_conversations(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message), Skip> {
-    let id = prompt_id(row)?;
+    let id = pair_id(row)?;
     if row.score_error {
         return Err(Skip::NonNumericScore);
     }
@@ -347,12 +363,13 @@ pub fn pair_conversations(row: &RawPairRow) -> Result<(String, Vec<Message>, Mes
     if chosen != rejected {
         return Err(Skip::PromptMismatch);
     }
+    let id = id.unwrap_or_else(|| derived_prompt_id(&chosen));
     Ok((id, chosen, c, r))
 }
 
 /// A validated preference pair: the shared prompt and the two responses.
 pub fn pair(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message), Skip> {
-    let prompt_id = prompt_id(row)?;
+    let prompt_id = pair_id(row)?;
     if row.score_error {
         return Err(Skip::NonNumericScore);
     }
@@ -361,6 +378,7 @@ pub fn pair(row: &RawPairRow) -> Result<(String, Vec<Message>, Message, Message)
     if p_chosen != p_rejected {
         return Err(Skip::PromptMismatch);
     }
+    let prompt_id = prompt_id.unwrap_or_else(|| derived_prompt_id(&p_chosen));
     Ok((prompt_id, p_chosen, chosen, rejected))
 }
 
@@ -438,7 +456,7 @@ mod tests {
         };
         let r = row(conv.clone(), RawMessages::Missing, RawStr::Missing);
         let (id, p) = prompt_of(&r, Turns::First).unwrap();
-        assert_eq!((id, p.len(), p[1].content.as_str()), (None, 2, "u"));
+        assert_eq!((id.as_str(), p.len(), p[1].content.as_str()), (SHA_U, 2, "u"));
         let (_, p) = prompt_of(&r, Turns::All).unwrap();
         assert_eq!((p.len(), p[3].content.as_str()), (4, "v"));
         let r = row(RawMessages::Missing, conv, RawStr::Missing);
@@ -449,6 +467,61 @@ mod tests {
         assert_eq!(prompt_of(&r, Turns::First).unwrap_err(), Skip::EmptyContent);
         let r = row(RawMessages::List(vec![m("assistant", "a")]), RawMessages::Missing, RawStr::Missing);
         assert_eq!(prompt_of(&r, Turns::First).unwrap_err(), Skip::BadRoles);
+    }
+
+    // sha256 of "u", "v" and "hi", computed apart (Python's hashlib)
+    const SHA_U: &str = "0bfe935e70c321c7ca3afc75ce0d0ca2f98b5422e008bb31c00c6d7f1f1c0ad6";
+    const SHA_V: &str = "4c94485e0c21ae6c41ce1dfe7b6bfaceea5ab68e40a2476f50208e526f506080";
+    const SHA_HI: &str = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4";
+
+    #[test]
+    fn a_missing_prompt_id_is_the_sha256_of_the_last_user_turn_on_every_path() {
+        let conv = vec![m("system", "s"), m("user", "u"), m("assistant", "a"), m("user", "v"), m("assistant", "b")];
+        let mut rejected = conv.clone();
+        rejected[4] = m("assistant", "worse");
+        for (raw, first, all) in [
+            (RawStr::Missing, SHA_U, SHA_V),
+            (RawStr::Str(String::new()), SHA_U, SHA_V),
+            (RawStr::Str("given".into()), "given", "given"),
+        ] {
+            let prompt_row = |chosen: RawMessages, messages: RawMessages, prompt: RawStr| RawPromptRow {
+                row: 0,
+                prompt_id: raw.clone(),
+                chosen,
+                messages,
+                prompt,
+                invalid: false,
+            };
+            let list = RawMessages::List(conv.clone());
+            for r in [prompt_row(list.clone(), RawMessages::Missing, RawStr::Missing), prompt_row(RawMessages::Missing, list.clone(), RawStr::Missing)] {
+                assert_eq!(prompt_of(&r, Turns::First).unwrap().0, first);
+                assert_eq!(prompt_of(&r, Turns::All).unwrap().0, all);
+            }
+            let plain = prompt_row(RawMessages::Missing, RawMessages::Missing, RawStr::Str("hi".into()));
+            let want = if matches!(raw, RawStr::Str(ref s) if !s.is_empty()) { "given" } else { SHA_HI };
+            assert_eq!(prompt_of(&plain, Turns::All).unwrap().0, want);
+            let pair_row = RawPairRow {
+                row: 0,
+                prompt_id: raw.clone(),
+                chosen: list.clone(),
+                rejected: RawMessages::List(rejected.clone()),
+                score_chosen: None,
+                score_rejected: None,
+                score_error: false,
+                invalid: false,
+            };
+            assert_eq!(pair(&pair_row).unwrap().0, first);
+            assert_eq!(pair_conversations(&pair_row).unwrap().0, all);
+        }
+        let bad = RawPromptRow {
+            row: 0,
+            prompt_id: RawStr::NotString,
+            chosen: RawMessages::List(conv),
+            messages: RawMessages::Missing,
+            prompt: RawStr::Missing,
+            invalid: false,
+        };
+        assert_eq!(prompt_of(&bad, Turns::First).unwrap_err(), Skip::NonStringContent);
     }
 
     #[test]

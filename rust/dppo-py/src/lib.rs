@@ -172,7 +172,8 @@ fn encode_prompts(
 }
 
 /// The prompt of every row of an Arrow table, by the engine's one rule set (see
-/// `record::prompt_of`): `(row, prompt_id or None, [(role, content)] or None, skip reason or None)`.
+/// `record::prompt_of`): `(row, prompt_id or None, [(role, content)] or None, skip reason or None)`;
+/// a usable row always has an id (its own, else `record::derived_prompt_id` of its prompt).
 #[pyfunction]
 #[pyo3(signature = (data, first_row=0, turns="first"))]
 #[allow(clippy::type_complexity)]
@@ -190,7 +191,7 @@ fn prompt_rows(
         for b in &batches {
             for r in arrow_input::prompt_rows(b, row)? {
                 out.push(match dppo_core::record::prompt_of(&r, turns) {
-                    Ok((id, msgs)) => (r.row, id, Some(msgs.into_iter().map(|m| (m.role, m.content)).collect()), None),
+                    Ok((id, msgs)) => (r.row, Some(id), Some(msgs.into_iter().map(|m| (m.role, m.content)).collect()), None),
                     Err(skip) => (r.row, None, None, Some(skip.name())),
                 });
             }
