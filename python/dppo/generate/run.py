@@ -277,6 +277,8 @@ def load_prompts(
             if messages is None:
                 skipped += 1
                 continue
+            if pid is None:  # an engine built before it named rows itself
+                raise ConfigError("dppo._native is older than this library (rows without prompt_id); rebuild the engine")
             text = messages[-1][1]
             if pid in seen:
                 duplicates += 1
