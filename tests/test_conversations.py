@@ -421,3 +421,59 @@ def test_generate_refuses_to_resume_under_another_turns(tmp_path, init_dir):
     s = generate(GenConfig.from_options(**opts, turns="all", overwrite=True), show_progress=False)
     assert s["generated"] == 4
     assert json.loads((tmp_path / "y.parquet.meta.json").read_text())["settings"]["turns"] == "all"
+
+
+# -- sources: the columns the engine does not read stay out of the way ----------------------------
+def _unreadable_column(n: int):
+    """A column polars cannot read (a 40-digit decimal): reading it would fail the whole file."""
+    import decimal
+
+    import pyarrow as pa
+
+    return pa.array([decimal.Decimal(i) for i in range(n)], type=pa.decimal256(40, 2))
+
+
+def test_only_the_columns_the_engine_reads_are_read(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dppo.data.sources import open_source
+    from dppo.generate import load_prompts
+
+    convs = conversations(12, seed=24)
+    pairs = [{"prompt_id": f"p{i}", "chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no"}]}
+             for i, c in enumerate(convs)]
+    table = pa.Table.from_pylist(pairs).append_column("source", pa.array(["smol"] * len(convs)))
+    pq.write_table(table.append_column("odd", _unreadable_column(len(convs))), tmp_path / "p.parquet")
+    sft = pa.table({"messages": table.column("chosen"), "source": table.column("source"), "odd": _unreadable_column(len(convs))})
+    pq.write_table(sft, tmp_path / "s.parquet")
+    s = run("sft", tmp_path / "s.parquet", tok_dir, tmp_path / "sft", turns="all", max_len=100_000)
+    assert s["rows_kept"] == len(convs)
+    s = run("prefs", tmp_path / "p.parquet", tok_dir, tmp_path / "prefs", turns="all", max_len=100_000)
+    assert s["rows_kept"] == len(convs)
+    prompts, _ = load_prompts(str(tmp_path / "p.parquet"), turns="all")
+    assert [p.prompt_id for p in prompts] == [r["prompt_id"] for r in pairs]
+    got = [b.columns for b in open_source(tmp_path / "s.parquet", columns=engine.ROW_COLUMNS["sft"]).batches]
+    assert got == [["messages"]]
+    # a source with none of them keeps its columns, so the engine's error names them
+    with pytest.raises(engine.DppoError, match="no column 'messages'.*columns are: text"):
+        run("sft", write_parquet(tmp_path / "t.parquet", [{"text": "a"}]), tok_dir, tmp_path / "o")
+
+
+def test_a_hub_data_set_hands_the_engine_only_its_columns(tmp_path, tok_dir, monkeypatch):
+    import datasets
+
+    import dppo.artifacts
+    from dppo.data.sources import DataSource
+
+    convs = conversations(10, seed=25)
+    rows = [{"messages": c, "source": "smol-magpie", "n_turns": len(c) // 2} for c in convs]
+    monkeypatch.setattr(dppo.artifacts, "hub_offline", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    src = DataSource("HuggingFaceTB/smoltalk", split="train").open(4, columns=engine.ROW_COLUMNS["sft"])
+    assert [b.column_names for b in src.batches] == [["messages"]] * 3
+    s = run("sft", DataSource("HuggingFaceTB/smoltalk", split="train"), tok_dir, tmp_path / "hub", turns="all", max_len=100_000)
+    local = run("sft", write_jsonl(tmp_path / "l.jsonl", rows), tok_dir, tmp_path / "local", turns="all", max_len=100_000)
+    assert s["rows_kept"] == local["rows_kept"] == len(convs)
+    assert [ex["input_ids"].tolist() for ex in open_shards(tmp_path / "hub")] == [
+        ex["input_ids"].tolist() for ex in open_shards(tmp_path / "local")]

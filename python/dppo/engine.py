@@ -2,8 +2,9 @@
 
 Everything here is the engine's own, re-exported with types (``_native.pyi``): the tokenizer, the
 preparation run, chat-template rendering, the prompts of rows (``prompt_rows``: the one parser
-of rows into prompts, shared by prep, generate, eval and curriculum), prompt encoding, the packing of micro-batches and shard
-indexes, and the engine's exceptions, all subclasses of :class:`DppoError`:
+of rows into prompts, shared by prep, generate, eval and curriculum; ``ROW_COLUMNS``: the columns
+each row reader reads, ``sft``, ``prefs`` and ``prompts``), prompt encoding, the packing of
+micro-batches and shard indexes, and the engine's exceptions, all subclasses of :class:`DppoError`:
 
 =================== ==========================================================================
 ``InputError``      a row, file, option or data set the user can fix
@@ -21,6 +22,7 @@ from dppo._native import (
     DppoError,
     InputError,
     Preparer,
+    ROW_COLUMNS,
     ShardError,
     StorageError,
     Tokenizer,
@@ -47,6 +49,7 @@ __all__ = [
     "encode_prompts",
     "pack_rows",
     "prompt_rows",
+    "ROW_COLUMNS",
     "open_shard_index",
     "__version__",
 ]

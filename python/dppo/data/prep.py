@@ -169,7 +169,7 @@ def prepare(cfg: PrepConfig, *, console: Console | None = None, show_progress: b
     """Prepare one data set into ``cfg.out``; returns the summary (also in ``meta.json``)."""
     console = console or Console(stderr=True)
     tok_dir = resolve_tokenizer(cfg.tokenizer)
-    source = cfg.data.open(cfg.batch_rows)
+    source = cfg.data.open(cfg.batch_rows, columns=engine.ROW_COLUMNS["sft" if cfg.kind == "sft" else "prefs"])
     prep = engine.Preparer(
         "sft" if cfg.kind == "sft" else "prefs",
         str(tok_dir),

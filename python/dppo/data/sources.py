@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 __all__ = ["DataSource", "Source", "open_source", "DATA_SUFFIXES", "JSONL_COLUMN"]
 
@@ -56,9 +56,10 @@ class DataSource:
         ``split=...`` and the like)."""
         return value if isinstance(value, DataSource) else cls(value, **defaults)  # type: ignore[arg-type]
 
-    def open(self, batch_rows: int = 4096) -> Source:
+    def open(self, batch_rows: int = 4096, columns: Sequence[str] | None = None) -> Source:
         """The source's rows in batches (:func:`open_source`)."""
-        return open_source(self.data, split=self.split, config=self.config, revision=self.revision, batch_rows=batch_rows)
+        return open_source(self.data, split=self.split, config=self.config, revision=self.revision, batch_rows=batch_rows,
+                           columns=columns)
 
     def __str__(self) -> str:
         return self.data
@@ -113,24 +114,43 @@ def _local_files(path: Path) -> list[Path]:
     return parquet or files
 
 
-def _file_batches(path: Path, batch_rows: int) -> Iterator[Any]:
+def _kept(names: Sequence[str], columns: Sequence[str] | None) -> list[str] | None:
+    """The columns of ``names`` to read: those of ``columns`` it has (the ones the engine reads), or
+    None (read them all) where ``columns`` is None or names none of them, so that the engine's
+    error about a missing column lists the columns the data does have."""
+    if columns is None:
+        return None
+    kept = [c for c in names if c in columns]
+    return kept or None
+
+
+def _file_batches(path: Path, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[Any]:
     """Batches of one local file: polars for parquet and json, pyarrow for jsonl and arrow (so that
-    jsonl and arrow sources need no polars)."""
+    jsonl and arrow sources need no polars). With ``columns``, only those of them the file has are
+    read (:func:`_kept`): other columns, whatever their size or type, stay out of the way."""
     suffix = path.suffix
     try:
         if suffix == ".parquet":
             import polars as pl
+            import pyarrow.parquet as pq
 
-            yield from pl.scan_parquet(path).collect_batches(chunk_size=batch_rows)
+            scan = pl.scan_parquet(path)
+            if (kept := _kept(pq.read_schema(path).names, columns)) is not None:
+                scan = scan.select(kept)
+            yield from scan.collect_batches(chunk_size=batch_rows)
         elif suffix == ".jsonl":
             yield from _jsonl_batches(path, batch_rows)
         elif suffix == ".json":
             import polars as pl
 
             df = pl.read_json(path, infer_schema_length=None)
+            if (kept := _kept(df.columns, columns)) is not None:
+                df = df.select(kept)
             yield from df.iter_slices(batch_rows)
         elif suffix in (".arrow", ".feather", ".ipc"):
-            yield from _arrow_file_batches(path, batch_rows)
+            for b in _arrow_file_batches(path, batch_rows):
+                kept = _kept(b.column_names, columns)
+                yield b if kept is None else b.select(kept)
         else:
             raise SourceError(f"{path}: unsupported file type {suffix!r} (use parquet, jsonl, json or arrow)")
     except SourceError:
@@ -217,8 +237,12 @@ def open_source(
     config: str | None = None,
     revision: str | None = None,
     batch_rows: int = 4096,
+    columns: Sequence[str] | None = None,
 ) -> Source:
-    """Open ``src``: an existing local file or folder, else a Hugging Face hub data set id."""
+    """Open ``src``: an existing local file or folder, else a Hugging Face hub data set id. With
+    ``columns`` (the ones the engine reads, ``dppo.engine.ROW_COLUMNS``), a table's other columns
+    (SmolTalk's ``source``, a hub set's extras) are not read: they cost no memory and no reader
+    fails on their types. jsonl lines are parsed by the engine, which reads only its own keys."""
     path = Path(src).expanduser()
     if path.exists():
         saved = _saved_dataset(path, split)
@@ -228,7 +252,7 @@ def open_source(
 
         def batches() -> Iterator[Any]:
             for f in files:
-                yield from _file_batches(f, batch_rows)
+                yield from _file_batches(f, batch_rows, columns)
 
         desc = {
             "type": "local",
@@ -252,6 +276,8 @@ def open_source(
     except Exception as e:
         raise _hub_error(str(src), e) from None
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    if (kept := _kept(table.column_names, columns)) is not None:
+        table = table.select(kept)
 
     def hub_batches() -> Iterator[Any]:
         import pyarrow as pa

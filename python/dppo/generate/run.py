@@ -267,7 +267,9 @@ def load_prompts(
     data = source.data
     if _is_shards(Path(data)):
         return _shard_prompts(Path(data), limit)
-    src = source.open()
+    from dppo import engine
+
+    src = source.open(columns=engine.ROW_COLUMNS["prompts"])
     prompts: list[PromptRow] = []
     seen: set[str] = set()
     rows_in = skipped = duplicates = 0

@@ -279,6 +279,12 @@ fn value_id(v: Option<&serde_json::Value>) -> RawStr {
     }
 }
 
+/// The columns each reader below reads (`sft_rows`, `pair_rows`, `prompt_rows`): a source may
+/// leave every other column unread.
+pub const SFT_COLUMNS: &[&str] = &["messages"];
+pub const PAIR_COLUMNS: &[&str] = &["prompt_id", "chosen", "rejected", "score_chosen", "score_rejected"];
+pub const PROMPT_COLUMNS: &[&str] = &["prompt_id", "chosen", "messages", "prompt"];
+
 /// Rows of SmolTalk-schema data (`messages`). `first_row` is the source index of row 0.
 pub fn sft_rows(batch: &RecordBatch, first_row: u64) -> Result<Vec<RawSftRow>> {
     if let Some(objs) = jsonl_objects(batch) {

@@ -416,6 +416,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_prompts, m)?)?;
     m.add_function(wrap_pyfunction!(pack_rows, m)?)?;
     m.add_function(wrap_pyfunction!(prompt_rows, m)?)?;
+    let columns: std::collections::BTreeMap<&str, Vec<&str>> = [
+        ("sft", arrow_input::SFT_COLUMNS.to_vec()),
+        ("prefs", arrow_input::PAIR_COLUMNS.to_vec()),
+        ("prompts", arrow_input::PROMPT_COLUMNS.to_vec()),
+    ]
+    .into();
+    m.add("ROW_COLUMNS", columns)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
