@@ -421,6 +421,20 @@ def test_generate_refuses_to_resume_under_another_turns(tmp_path, init_dir):
     s = generate(GenConfig.from_options(**opts, turns="all", overwrite=True), show_progress=False)
     assert s["generated"] == 4
     assert json.loads((tmp_path / "y.parquet.meta.json").read_text())["settings"]["turns"] == "all"
+    # the command line: one line naming the setting, exit status 1
+    import typer
+    from typer.testing import CliRunner
+
+    from dppo.cli.generate_eval import generate_cmd
+    from dppo.cli.main import user_errors
+
+    app = typer.Typer()
+    app.command("generate")(user_errors(generate_cmd))
+    app.command("other")(lambda: None)
+    args = ["generate", "--model", str(init_dir), "--data", str(data), "--out", str(tmp_path / "cli.jsonl"), "--max-new-tokens", "2"]
+    assert CliRunner().invoke(app, [*args, "--turns", "all"]).exit_code == 0
+    res = CliRunner().invoke(app, [*args, "--turns", "first"])
+    assert res.exit_code == 1 and "(turns 'all' -> 'first')" in res.output and "--overwrite" in res.output, res.output
 
 
 # -- sources: the columns the engine does not read stay out of the way ----------------------------
