@@ -41,6 +41,11 @@ class Tokens:
         self.ref = (-torch.rand(2 * b, generator=g, dtype=dtype) * 3 * t * scale).detach()
         self.ygen_tok = (-torch.rand(3 * b, generator=g, dtype=dtype) * 2).requires_grad_(True)
         self.ygen_index = torch.arange(b).repeat_interleave(3)
+        # the chosen sequences' prompt tokens after the first (orpo's NLL covers them, as TRL's)
+        plen = torch.randint(0, t + 1, (b,), generator=g)
+        self.pmask = torch.arange(t)[None, :] < plen[:, None]
+        ptok = -torch.rand(b, t, generator=g, dtype=dtype) * 3 * scale - 0.01
+        self.ptok = (ptok * self.pmask).requires_grad_(True)
 
     def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = (self.tok * self.mask).sum(1)
@@ -55,11 +60,12 @@ class Tokens:
         nc, nr = self.counts()
         extra = {"ygen_token_logps": self.ygen_tok, "ygen_index": self.ygen_index} if with_ygen else {}
         return LogProbs(policy_chosen=pc, n_chosen=nc, policy_rejected=pr, n_rejected=nr,
-                        ref_chosen=self.ref[: self.b], ref_rejected=self.ref[self.b :], **extra)
+                        ref_chosen=self.ref[: self.b], ref_rejected=self.ref[self.b :], **extra,
+                        prompt_chosen=(self.ptok * self.pmask).sum(1), n_prompt=self.pmask.sum(1))
 
-    def grad(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gt, gy = torch.autograd.grad(loss, [self.tok, self.ygen_tok], allow_unused=True)
-        return gt, (torch.zeros_like(self.ygen_tok) if gy is None else gy)
+    def grad(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gt, gy, gp = torch.autograd.grad(loss, [self.tok, self.ygen_tok, self.ptok], allow_unused=True)
+        return gt, (torch.zeros_like(self.ygen_tok) if gy is None else gy), (torch.zeros_like(self.ptok) if gp is None else gp)
 
 
 def step_loss(method: str, cfg: LossConfig, logps: LogProbs) -> torch.Tensor:
@@ -67,6 +73,8 @@ def step_loss(method: str, cfg: LossConfig, logps: LogProbs) -> torch.Tensor:
     spec = LOSSES[method]
     out = spec(cfg, logps)
     n_chosen = logps.n_chosen.numpy().astype(np.float64)
+    if spec.scores_prompt(cfg):  # the token part also counts the chosen prompts' tokens
+        n_chosen = n_chosen + logps.n_prompt.numpy().astype(np.float64)
     w = torch.as_tensor(spec.step_weights(n_chosen), dtype=out.loss.dtype)
     return spec.weighted(out, w)
 
@@ -80,7 +88,8 @@ def ls(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.sigmoid(x))
 
 
-def formula(method: str, tk: Tokens, beta: float, eps: float = 0.0, tau: float = 0.05) -> torch.Tensor:
+def formula(method: str, tk: Tokens, beta: float, eps: float = 0.0, tau: float = 0.05,
+            orpo_nll: str = "sequence") -> torch.Tensor:
     """The batch loss of ``method`` (mean over pairs), from the papers' formulas with TRL's choices."""
     pc, pr = tk.sums()
     nc, nr = (n.to(pc.dtype) for n in tk.counts())
@@ -124,6 +133,9 @@ def formula(method: str, tk: Tokens, beta: float, eps: float = 0.0, tau: float =
         mw, ml = pc / nc, pr / nr
         log_odds = torch.log(torch.exp(mw) / (1 - torch.exp(mw))) - torch.log(torch.exp(ml) / (1 - torch.exp(ml)))
         nll = -(tk.tok[: tk.b] * tk.mask[: tk.b]).sum() / tk.mask[: tk.b].sum()
+        if orpo_nll == "sequence":  # the chosen sequences' prompt tokens too: a mean over all of them
+            nll = -((tk.tok[: tk.b] * tk.mask[: tk.b]).sum() + (tk.ptok * tk.pmask).sum()) / (
+                tk.mask[: tk.b].sum() + tk.pmask.sum())
         return nll - beta * ls(log_odds).mean()
     elif method == "sft":
         return -(tk.tok[: tk.b] * tk.mask[: tk.b]).sum() / tk.mask[: tk.b].sum()
@@ -140,7 +152,7 @@ CASES = [(m, {}) for m in PAIR_METHODS] + [
     ("dpo", {"label_smoothing": 0.2}), ("robust", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.49}),
     ("exo_pair", {"label_smoothing": 0.3}), ("aot", {"label_smoothing": 0.25}), ("aot_unpaired", {"label_smoothing": 0.1}),
     ("discopop", {"discopop_tau": 1.0}), ("discopop", {"discopop_tau": 0.01}), ("ipo", {"beta": 0.5}),
-    ("orpo", {}), ("orpo", {"beta": 0.5}),
+    ("orpo", {}), ("orpo", {"beta": 0.5}), ("orpo", {"orpo_nll": "answer"}),
 ]
 
 
@@ -151,7 +163,7 @@ def test_each_loss_equals_its_formula_values_and_gradients(method, kw, dtype):
     cfg = _cfg(method, beta=beta, **kw)
     tk = Tokens(seed=zlib.crc32(method.encode()) % 1000, dtype=dtype)
     ours = step_loss(method, cfg, tk.logps())
-    want = formula(method, tk, beta, cfg.label_smoothing, cfg.discopop_tau)
+    want = formula(method, tk, beta, cfg.label_smoothing, cfg.discopop_tau, cfg.orpo_nll)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, want, **tol)
@@ -355,10 +367,91 @@ def test_orpo_equals_trls_odds_ratio_loss_plus_the_chosen_nll():
     nc, nr = tk.counts()
     fake = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device=torch.device("cpu")))
     losses, *_ = orpo.ORPOTrainer.odds_ratio_loss(fake, pc / nc, pr / nr)
-    nll = -(tk.tok[: tk.b] * tk.mask[: tk.b]).sum() / tk.mask[: tk.b].sum()  # CrossEntropyLoss's token mean
+    # CrossEntropyLoss's token mean over the chosen sequences: prompt tokens (but the first) and answer
+    nll = -((tk.tok[: tk.b] * tk.mask[: tk.b]).sum() + (tk.ptok * tk.pmask).sum()) / (tk.mask[: tk.b].sum() + tk.pmask.sum())
     theirs = nll - losses.mean()
     torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=1e-7)  # TRL computes in float32
     assert not LOSSES["orpo"].needs_reference
+
+
+class _Pairs(list):
+    kind = "pairs"
+    has_ygen = False
+
+
+def _orpo_pairs(vocab: int, n: int, seed: int) -> _Pairs:
+    g = np.random.default_rng(seed)
+    ids = lambda k: g.integers(1, vocab, size=k).astype(np.int64)  # noqa: E731
+    return _Pairs({"prompt_ids": ids(int(g.integers(1, 9))), "chosen_ids": ids(int(g.integers(1, 8))),
+                   "rejected_ids": ids(int(g.integers(1, 8)))} for _ in range(n))
+
+
+def _trl_orpo_batch(pairs: _Pairs) -> dict[str, torch.Tensor]:
+    """ORPOTrainer's collated batch: prompt + answer ids right-padded, labels -100 on the prompt and padding."""
+    batch: dict[str, torch.Tensor] = {}
+    for side in ("chosen", "rejected"):
+        seqs = [np.concatenate([ex["prompt_ids"], ex[f"{side}_ids"]]) for ex in pairs]
+        width = max(len(x) for x in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (ex, x) in enumerate(zip(pairs, seqs, strict=True)):
+            ids[i, : len(x)] = torch.from_numpy(x)
+            mask[i, : len(x)] = 1
+            labels[i, len(ex["prompt_ids"]) : len(x)] = torch.from_numpy(ex[f"{side}_ids"])
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels})
+    return batch
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_orpo_through_the_packed_forward_equals_trls_orpo_trainer(beta):
+    """dppo's orpo step (packed forward, the entry's token weights) against ORPOTrainer's own
+    get_batch_loss_metrics on the same tiny model and pairs: the loss, its NLL and the gradient of
+    every weight. TRL's NLL covers the chosen sequences' prompt tokens (its labels are the input ids
+    wherever the attention mask is 1), so dppo's default does; orpo_nll "answer" does not match."""
+    import copy
+
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    from tiny_models import causal_lm
+
+    from dppo.modeling import use_packed_attention
+    from dppo.train.registry import ygen_plan
+    from dppo.train.step import StepInputs, counted_tokens, forward_logps
+
+    vocab = 53
+    theirs_model = causal_lm(vocab, seed=2, attn_implementation="eager")
+    ours_model = use_packed_attention(copy.deepcopy(theirs_model))
+    pairs = _orpo_pairs(vocab, 5, seed=int(beta * 10))
+
+    trainer = orpo.ORPOTrainer.__new__(orpo.ORPOTrainer)  # its loss code, without building a run
+    trainer.__dict__.update(is_encoder_decoder=False, padding_value=0, aux_loss_enabled=False, beta=beta,
+                            accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x))
+    theirs, metrics = orpo.ORPOTrainer.get_batch_loss_metrics(trainer, theirs_model, _trl_orpo_batch(pairs))
+    theirs_grads = torch.autograd.grad(theirs, list(theirs_model.parameters()))
+
+    def ours(orpo_nll: str) -> tuple[torch.Tensor, dict]:
+        cfg = _cfg("orpo", beta=beta, orpo_nll=orpo_nll)
+        spec = LOSSES["orpo"]
+        inputs = StepInputs(ours_model, pairs, cfg, spec, None, torch.device("cpu"), ygen_plan(cfg), chunk_size=16)
+        ids = np.arange(len(pairs))
+        out = spec(cfg, forward_logps(inputs, ids))
+        lengths = {k: np.array([len(ex[f"{k}_ids"]) for ex in pairs]) for k in ("prompt", "chosen", "rejected")}
+        w = torch.as_tensor(spec.step_weights(counted_tokens(lengths, ids, spec.scores_prompt(cfg))), dtype=out.loss.dtype)
+        nll = (out.token_terms["nll_loss"].sum() / out.n_tokens.sum()).item()
+        return spec.weighted(out, w), {"nll_loss": nll, "rewards/chosen": out.chosen_rewards.mean().item(),
+                                       "rewards/rejected": out.rejected_rewards.mean().item()}
+
+    loss, record = ours("sequence")
+    torch.testing.assert_close(loss, theirs, rtol=2e-6, atol=1e-6)
+    for k, v in record.items():
+        assert v == pytest.approx(metrics[k], rel=2e-6, abs=1e-6), k
+    grads = torch.autograd.grad(loss, list(ours_model.parameters()))
+    for (name, _), a, b in zip(ours_model.named_parameters(), grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    # the answer-only reading is another loss: the prompt tokens change the NLL
+    answer, record = ours("answer")
+    assert abs(answer.item() - theirs.item()) > 1e-3
+    assert abs(record["nll_loss"] - metrics["nll_loss"]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -34,10 +35,18 @@ class _Plain:
                 rows.append(plain_token_logps(policy, ex["prompt_ids"], ex[side]))
                 with torch.no_grad():
                     refs.append(plain_token_logps(ref, ex["prompt_ids"], ex[side]).sum())
-        t = max(len(r) for r in rows)
+        # the chosen sequences' prompt tokens after the first (orpo's NLL, as TRL's ORPOTrainer)
+        prompts = []
+        for i in ids:
+            ex = shards[int(i)]
+            p = ex["prompt_ids"]
+            prompts.append(plain_token_logps(policy, p[:1], np.concatenate([p[1:], ex["chosen_ids"]]))[: len(p) - 1])
+        t = max(len(r) for r in rows + prompts)
         self.b = len(ids)
         self.mask = torch.stack([torch.arange(t) < len(r) for r in rows])
         self.tok = torch.stack([torch.cat([r, r.new_zeros(t - len(r))]) for r in rows])
+        self.pmask = torch.stack([torch.arange(t) < len(r) for r in prompts])
+        self.ptok = torch.stack([torch.cat([r, r.new_zeros(t - len(r))]) for r in prompts])
         self.ref = torch.stack(refs)
 
     def sums(self):
@@ -50,7 +59,7 @@ class _Plain:
 
 
 @pytest.mark.parametrize("method,opts", [
-    ("ipo", {}), ("orpo", {}), ("aot", {"label_smoothing": 0.1}), ("aot_unpaired", {}), ("exo_pair", {}),
+    ("ipo", {}), ("orpo", {}), ("orpo", {"orpo_nll": "answer"}), ("aot", {"label_smoothing": 0.1}), ("aot_unpaired", {}), ("exo_pair", {}),
     ("discopop", {"discopop_tau": 0.5}), ("dpo", {"label_smoothing": 0.2}),
 ])
 def test_sgd_step_equals_hand_computed_step(tmp_path, method, opts, init_dir, ref_dir, pair_shards):
@@ -61,7 +70,8 @@ def test_sgd_step_equals_hand_computed_step(tmp_path, method, opts, init_dir, re
                     max_samples=4, max_steps=1, max_tokens_per_batch=120, **extra)
     cfg = load_config(None, method=method, data=str(pair_shards), init=str(init_dir), out="x", **{**FAST, **extra})
     policy, ref = load_plain(init_dir), load_plain(ref_dir if method != "orpo" else init_dir)
-    hand = formula(method, _Plain(policy, ref, open_shards(pair_shards), range(4)), beta, cfg.label_smoothing, cfg.discopop_tau)
+    hand = formula(method, _Plain(policy, ref, open_shards(pair_shards), range(4)), beta, cfg.label_smoothing, cfg.discopop_tau,
+                   cfg.orpo_nll)
     assert read_metrics(run)[0]["loss"] == pytest.approx(hand.item(), rel=1e-5, abs=1e-6)
     hand.backward()
     got = load_file(run / "model" / "model.safetensors")
@@ -80,7 +90,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method,opts", [
     ("dpo+sft", {"loss_weights": "1,0.5"}), ("ipo+unll", {"alpha": 1.0, "vote_clip": 20.0}),
-    ("orpo+minll", {"alpha": 0.5, "weight": "linear", "vote_clip": 20.0}), ("aot_unpaired", {}),
+    ("orpo+minll", {"alpha": 0.5, "weight": "linear", "vote_clip": 20.0}), ("aot_unpaired", {}), ("orpo", {}),
 ])
 def test_a_step_split_into_micro_batches_gives_the_same_update(tmp_path, method, opts, init_dir, ref_dir, pair_shards):
     common = dict(method=method, data=str(pair_shards), init=str(init_dir), optimizer="sgd", lr=1.0, max_samples=6,
@@ -136,7 +146,8 @@ def test_option_checks(init_dir, pair_shards):
         ("ipo", {"loss_weights": "1"}, "loss-weights"), ("robust", {"label_smoothing": 0.5}, "0.5"),
         ("ipo+sft", {"loss_weights": "1"}, "one weight per term"), ("ipo+conll", {}, "conll"),
         ("orpo", {"ref": "x"}, "--ref"), ("orpo+unll", {"vote": "ref"}, "no reference model"),
-        ("ipo", {"alpha": 0.1}, "--alpha"),
+        ("ipo", {"alpha": 0.1}, "--alpha"), ("dpo", {"orpo_nll": "answer"}, "orpo-nll"),
+        ("orpo+sft", {}, "orpo_nll 'answer'"), ("orpo", {"orpo_nll": "prompt"}, "orpo_nll"),
     ):
         with pytest.raises(ConfigError, match=match):
             load_config(None, method=method, **base, **opts)

@@ -57,6 +57,7 @@ def combined_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
     terms: dict[str, Tensor] = {}
     token_terms: dict[str, Tensor] = {}
     stats: dict[str, Tensor] = {}
+    n_tokens: Tensor | None = None
     for name, w in zip(names, weights, strict=True):
         if name in PENALTY_TERMS:
             out = penalty_term(name, cfg, logps)
@@ -71,14 +72,14 @@ def combined_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
         terms[f"loss/{name}"] = out.loss.detach()
         if out.token_loss is not None:
             token_loss = w * out.token_loss if token_loss is None else token_loss + w * out.token_loss
+            n_tokens = out.n_tokens  # orpo's NLL may count the prompt's tokens too (never beside sft then)
         terms.update(out.terms or {})
         token_terms.update(out.token_terms or {})
         for k, v in out.stats().items():
             stats.setdefault(k, v)
     if loss is None:  # sft and penalty-free: no per-pair term
         loss = logps.policy_chosen.new_zeros(logps.batch_size, dtype=logps.compute_dtype)
-    n_tokens = None
-    if token_loss is not None:
+    if token_loss is not None and n_tokens is None:
         if logps.n_chosen is None:
             raise ValueError(f"method {cfg.method!r} needs LogProbs.n_chosen")
         n_tokens = logps.n_chosen.detach().to(logps.compute_dtype)

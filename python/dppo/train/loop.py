@@ -405,7 +405,7 @@ def _train_step(run: _Run, policy: _Policy, step: int, meter: _Meter) -> dict[st
     alpha = alpha_at(cfg, step, run.order.total_steps)
     step_cfg = run.loss_cfg if alpha is None or alpha == run.loss_cfg.alpha else dataclasses.replace(run.loss_cfg, alpha=alpha)
     inputs = dataclasses.replace(policy.inputs, loss_cfg=step_cfg)
-    weights = objective.step_weights(counted_tokens(meter.lengths, ids))  # the loss's reduction
+    weights = objective.step_weights(counted_tokens(meter.lengths, ids, objective.scores_prompt(step_cfg)))  # the loss's reduction
     plan = rank_micro_batches(example_tokens(meter.lengths, ids, objective), policy.budget, cfg.batch_size, dist)
     # a loss that compares each example with its whole step (aot) or keeps a state (bco_pair's
     # running mean): a no-grad pass over the step first; nothing for the others

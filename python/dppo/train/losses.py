@@ -121,6 +121,10 @@ class LogProbs:
         ref_ygen: [B] logp_ref(y_gen | x) (conll). Entries of skipped examples are ignored.
         context: per-example values computed from the whole step (detached), for losses that
             compare an example with the rest of its step (``aot``: its sorted partner); [B] each.
+        prompt_chosen: [B] the sum of log pi over the prompt tokens of the sequence prompt + y_w,
+            all but the first (which nothing predicts), for a token part that covers the prompt
+            (orpo's NLL as TRL's ORPOTrainer takes it; ``LossSpec.prompt_tokens``).
+        n_prompt: [B] the number of those tokens (prompt length - 1).
     """
 
     policy_chosen: Tensor
@@ -133,6 +137,8 @@ class LogProbs:
     ygen_index: Tensor | None = None
     ref_ygen: Tensor | None = None
     context: Mapping[str, Tensor] | None = None
+    prompt_chosen: Tensor | None = None
+    n_prompt: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -195,9 +201,10 @@ class LossOutput:
             examples whose y_gen term is inactive (see ``penalized``), whether or not they were skipped.
         penalized: 1.0 where the y_gen term is active (not :func:`can_skip_ygen`), else 0.0.
         token_loss: a part of the loss reduced over tokens instead of examples: per-example sums
-            over the chosen answer's tokens (the NLL of orpo and of an ``sft`` term in a
-            combination). A step's loss is ``mean(loss)`` over its examples plus ``sum(token_loss)``
-            over the step's chosen tokens (:meth:`LossSpec.weighted`).
+            over the chosen answer's tokens (the NLL of an ``sft`` term in a combination; orpo's
+            NLL, which by default covers the chosen prompt's tokens too). A step's loss is
+            ``mean(loss)`` over its examples plus ``sum(token_loss)`` over the step's counted
+            tokens (``n_tokens``; :meth:`LossSpec.weighted`).
         terms: named per-example parts of the loss (each term of a combination, ORPO's odds-ratio
             term), logged as their mean over the step's examples.
         token_terms: named per-example token sums, logged as their sum over the step's tokens

@@ -12,8 +12,8 @@ chosen and rejected log-ratios (sums over response tokens), ``d = c - r`` the DP
 ``n_w``, ``n_l`` the response token counts (at least 1), ``eps`` the label smoothing and ``s`` the
 sigmoid. Every loss is per example; the batch loss is the mean over examples (TRL's
 ``per_sequence_loss.mean()``), except the NLL part of ``orpo``, which is the mean over the chosen
-answers' tokens (TRL's ``CrossEntropyLoss``; see :class:`~dppo.train.losses.LossOutput`'s
-``token_loss``).
+sequences' tokens, prompt included by default (TRL's ``CrossEntropyLoss``; see
+:class:`~dppo.train.losses.LossOutput`'s ``token_loss``).
 
 The two optimal-transport losses (``aot``, ``aot_unpaired``) sort log-ratios over the batch: a
 per-example loss needs the batch's sorted values. :func:`aot_context` computes them from the whole
@@ -342,8 +342,11 @@ def orpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
         log_odds = (m_w - m_l) - (log(1 - exp(m_w)) - log(1 - exp(m_l))),
 
     with m = logp_pi(y) / n the mean token log-prob of each answer. The NLL is the mean over the
-    chosen answers' tokens of the batch (``token_loss``, reduced over tokens); the odds-ratio term is
-    the mean over pairs (``loss``). No reference model. Rewards are beta * m, as TRL logs them.
+    step's tokens of the chosen sequences (``token_loss``, reduced over tokens): with ``orpo_nll``
+    "sequence" (the default, TRL's and the ORPO authors' code) the prompt's tokens after its first
+    and the answer's (``LogProbs.prompt_chosen`` + ``policy_chosen``), with "answer" the answer's
+    alone. The odds-ratio term is the mean over pairs (``loss``). No reference model. Rewards are
+    beta * m, as TRL logs them.
     """
     n_w, n_l = _token_counts(cfg, logps, logps.compute_dtype)
     (policy_rejected,) = logps.require(cfg.method, "policy_rejected")
@@ -353,6 +356,11 @@ def orpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
     log_odds = (m_w - m_l) - (log1mexp(m_w) - log1mexp(m_l))
     odds = -cfg.beta * F.logsigmoid(log_odds)
     nll = -logps.policy_chosen.to(dtype)
+    n_tokens = logps.n_chosen.detach().to(dtype)
+    if cfg.orpo_nll == "sequence":
+        prompt, n_prompt = logps.require(cfg.method, "prompt_chosen", "n_prompt")
+        nll = nll - prompt.to(dtype)
+        n_tokens = n_tokens + n_prompt.detach().to(dtype)
     stats = _preference_stats(cfg.beta, m_w, m_l)
     return LossOutput(
         loss=odds,
@@ -360,5 +368,5 @@ def orpo_loss(cfg: LossConfig, logps: LogProbs) -> LossOutput:
         **stats,
         terms={"loss/odds_ratio": odds.detach(), "log_odds_chosen": log_odds.detach()},
         token_terms={"nll_loss": nll.detach()},
-        n_tokens=logps.n_chosen.detach().to(dtype),
+        n_tokens=n_tokens,
     )

@@ -189,6 +189,9 @@ DISCOPOP_TAU = Option("discopop_tau", float, 0.05, "DiscoPOP's temperature tau",
 BCO_RUNNING_MEAN = Option(
     "bco_running_mean", bool, False, "Shift bco_pair's rewards by the running mean of the steps' mean rewards "
     "(the BCO paper's delta; kept in checkpoints; TRL 1.16 has none)")
+ORPO_NLL = Option(
+    "orpo_nll", str, "sequence", "Tokens of orpo's NLL: the chosen sequence's prompt and answer (TRL's ORPOTrainer "
+    "and the ORPO authors' code) or the chosen answer's alone", choices=("sequence", "answer"))
 LOSS_WEIGHTS = Option("loss_weights", str, "", "A combination's weight of each term, comma-separated in the order "
                       "of --method A+B[+C]")
 
@@ -229,6 +232,10 @@ class LossSpec:
         token_part: the loss also returns ``token_loss``, per-example sums over the chosen answer's
             tokens reduced over the step's chosen tokens (orpo's NLL, an ``sft`` term of a
             combination), beside ``loss`` reduced by ``reduction``.
+        prompt_tokens: ``(option, value)``: when the option has that value, the token part also
+            covers the chosen sequence's prompt tokens (all but its first, which nothing predicts):
+            the trainer scores them (``LogProbs.prompt_chosen``) and the step's token count, the
+            token part's denominator, includes them (orpo's NLL with ``orpo_nll`` "sequence").
         step_context: ``"module:function"`` or callable ``(cfg, logps, state) -> (context, state)``:
             the loss compares each example with the rest of its step (aot sorts over the step) or
             keeps a state across steps (bco_pair's running mean). The trainer evaluates it on the
@@ -249,6 +256,7 @@ class LossSpec:
     reduction: str = "example"
     without_ygen: str | None = None
     token_part: bool = False
+    prompt_tokens: tuple[str, Any] | None = None
     step_context: Callable[..., Any] | str | None = None
     context_option: str | None = None
 
@@ -303,6 +311,10 @@ class LossSpec:
 
     def __call__(self, cfg: LossConfig, logps: Any) -> Any:
         return self.function(cfg, logps)
+
+    def scores_prompt(self, cfg: LossConfig) -> bool:
+        """Whether a step of ``cfg`` scores the chosen prompts' tokens (:attr:`prompt_tokens`)."""
+        return self.prompt_tokens is not None and getattr(cfg, self.prompt_tokens[0]) == self.prompt_tokens[1]
 
     def uses_context(self, cfg: LossConfig) -> bool:
         """Whether a step of ``cfg`` needs :attr:`step_context` (its whole step, before the forwards)."""
@@ -389,7 +401,10 @@ for _name, _options in (
         context_option="bco_running_mean" if _name == "bco_pair" else None,
     )
 # ORPO: no reference; ORPOConfig's beta (the paper's lambda) is 0.1
-LOSSES["orpo"] = LossSpec(_P + "orpo_loss", needs_reference=False, options=(_TRL_BETA,), token_part=True)
+# The NLL covers the chosen sequence's prompt and answer by default, as TRL's ORPOTrainer (its
+# labels are the input ids wherever the attention mask is 1); orpo_nll "answer" keeps the answer's.
+LOSSES["orpo"] = LossSpec(_P + "orpo_loss", needs_reference=False, options=(_TRL_BETA, ORPO_NLL), token_part=True,
+                          prompt_tokens=("orpo_nll", "sequence"))
 
 BUILTIN = tuple(LOSSES)
 
@@ -441,6 +456,7 @@ def _combination(method: str) -> LossSpec:
         needs_ygen=any(t in PENALTY_TERMS for t in terms),
         options=(*options.values(), LOSS_WEIGHTS.with_default(",".join("1" for _ in terms))),
         token_part=any(spec.token_part or spec.reduction == "token" for spec in specs),
+        prompt_tokens=next((spec.prompt_tokens for spec in specs if spec.prompt_tokens is not None), None),
         step_context=contexts[0].step_context if contexts else None,
         context_option=None if any(c.context_option is None for c in contexts) else
         next((c.context_option for c in contexts), None),
@@ -498,6 +514,10 @@ def _check_values(method: str, values: Mapping[str, Any]) -> None:
         raise ValueError(f"label_smoothing must be > 0 for exo_pair (the EXO paper uses 1e-3), got {eps!r}")
     if len(terms) > 1:
         parse_weights(values["loss_weights"], len(terms), method)
+        if "orpo" in terms and "sft" in terms and values.get("orpo_nll") == "sequence":
+            raise ValueError(f"method {method!r}: orpo's NLL (orpo_nll 'sequence') is a mean over the chosen prompts' "
+                             "and answers' tokens, sft's over the answers' alone; one step has one token count: "
+                             "use orpo_nll 'answer' with sft")
         spec = LOSSES[method]
         if values.get("vote") == "ref" and spec.needs_ygen and not spec.needs_reference:
             raise ValueError(f"vote 'ref' needs the reference's log-probs and {method} has no reference model: "

@@ -123,9 +123,15 @@ def example_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, objective: L
     return total
 
 
-def counted_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-    """The counted (response) tokens of each example of ``ids``: a token-reduced loss's denominator."""
-    return lengths["response" if "response" in lengths else "chosen"][ids].astype(np.float64)
+def counted_tokens(lengths: dict[str, np.ndarray], ids: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """The counted (response) tokens of each example of ``ids``: a token-reduced loss's denominator.
+
+    ``prompt``: the token part also covers the chosen sequence's prompt tokens after the first
+    (:meth:`~dppo.train.registry.LossSpec.scores_prompt`)."""
+    counted = lengths["response" if "response" in lengths else "chosen"][ids].astype(np.float64)
+    if prompt:
+        counted = counted + np.maximum(lengths["prompt"][ids].astype(np.float64) - 1, 0)
+    return counted
 
 
 def _run(inputs: StepInputs, seqs: list | PackedBatch, counts: TokenCounts | None) -> SeqLogps:
@@ -169,13 +175,18 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
 
     b = len(examples)
     seqs = [s for ex in examples for s in ((ex["prompt_ids"], ex["chosen_ids"]), (ex["prompt_ids"], ex["rejected_ids"]))]
+    with_prompt = inputs.objective.scores_prompt(inputs.loss_cfg)
     refs = inputs.ref.batch(ids, inputs.device) if inputs.ref is not None else {}
     need = ygen_to_run(inputs.ygen, inputs.loss_cfg, refs, b)
 
     def ygen_seqs(mask: torch.Tensor) -> list:
         return [(ex["prompt_ids"], ex["ygen_ids"]) for ex, m in zip(examples, mask.tolist(), strict=True) if m]
 
-    out = _run(inputs, seqs + ygen_seqs(need), counts)
+    prompt_fields: dict[str, torch.Tensor] = {}
+    if with_prompt:  # the chosen sequences' prompt tokens count too (all but the first), summed apart
+        out, prompt_fields = _run_with_prompts(inputs, seqs + ygen_seqs(need), b, counts)
+    else:
+        out = _run(inputs, seqs + ygen_seqs(need), counts)
     chosen, rejected = out.sums[0 : 2 * b : 2], out.sums[1 : 2 * b : 2]
     # y_gen token log-probs and the example each belongs to, from one or two rows
     ygen: list[tuple[SeqLogps, torch.Tensor]] = []
@@ -208,7 +219,33 @@ def forward_logps(inputs: StepInputs, ids: np.ndarray, counts: TokenCounts | Non
         n_rejected=out.counts[1 : 2 * b : 2].clone(),
         **refs,
         **fields,
+        **prompt_fields,
     )
+
+
+def _run_with_prompts(inputs: StepInputs, seqs: list, b: int, counts: TokenCounts | None) -> tuple[SeqLogps, dict]:
+    """The row of ``seqs`` (prompt, response) with the prompt tokens of the chosen sequences (0, 2,
+    .., 2b - 2) counted as well, but the first: the answers' sums and counts as :func:`_run` gives
+    them, and ``prompt_chosen`` / ``n_prompt`` [b], the prompts' sums and counts."""
+    pieces, prompt_flags = [], []
+    for k, (prompt, response) in enumerate(seqs):
+        prompt, response = np.asarray(prompt), np.asarray(response)
+        mask = np.zeros(len(prompt) + len(response), dtype=bool)
+        mask[len(prompt):] = True
+        if k < 2 * b and k % 2 == 0:
+            mask[1:len(prompt)] = True
+        pieces.append((np.concatenate([prompt, response]), mask))
+        prompt_flags.append(np.arange(len(prompt) + len(response))[mask] < len(prompt))
+    out = _run(inputs, PackedBatch.from_token_masks(pieces), counts)
+    flag = torch.from_numpy(np.concatenate(prompt_flags)).to(out.token_logps.device)
+    n = len(seqs)
+    answer, prompt_part = ~flag, flag
+    sums = out.token_logps.new_zeros(n).index_add(0, out.token_seq[answer], out.token_logps[answer])
+    answer_counts = torch.bincount(out.token_seq[answer], minlength=n)
+    prompt_sums = out.token_logps.new_zeros(n).index_add(0, out.token_seq[prompt_part], out.token_logps[prompt_part])
+    prompt_counts = torch.bincount(out.token_seq[prompt_part], minlength=n)
+    answers = SeqLogps(sums=sums, counts=answer_counts, token_logps=out.token_logps[answer], token_seq=out.token_seq[answer])
+    return answers, {"prompt_chosen": prompt_sums[0 : 2 * b : 2].clone(), "n_prompt": prompt_counts[0 : 2 * b : 2].clone()}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -327,7 +364,7 @@ def eval_loss(inputs: StepInputs, n: int, budget: int, max_items: int, module: t
 
     lengths = inputs.shards.lengths()
     everything = np.arange(n)
-    weights = inputs.objective.step_weights(counted_tokens(lengths, everything))
+    weights = inputs.objective.step_weights(counted_tokens(lengths, everything, inputs.objective.scores_prompt(inputs.loss_cfg)))
     run = module if module is not None else (lambda ids: forward_logps(inputs, ids))
     outputs, total = [], 0.0
     plan = rank_micro_batches(example_tokens(lengths, everything, inputs.objective), budget, max_items, inputs.dist)
