@@ -379,15 +379,16 @@ class _Pairs(list):
     has_ygen = False
 
 
-def _orpo_pairs(vocab: int, n: int, seed: int) -> _Pairs:
+def _random_pairs(vocab: int, n: int, seed: int) -> _Pairs:
     g = np.random.default_rng(seed)
     ids = lambda k: g.integers(1, vocab, size=k).astype(np.int64)  # noqa: E731
     return _Pairs({"prompt_ids": ids(int(g.integers(1, 9))), "chosen_ids": ids(int(g.integers(1, 8))),
                    "rejected_ids": ids(int(g.integers(1, 8)))} for _ in range(n))
 
 
-def _trl_orpo_batch(pairs: _Pairs) -> dict[str, torch.Tensor]:
-    """ORPOTrainer's collated batch: prompt + answer ids right-padded, labels -100 on the prompt and padding."""
+def _trl_pair_batch(pairs: _Pairs) -> dict[str, torch.Tensor]:
+    """ORPOTrainer's and CPOTrainer's collated batch: prompt + answer ids right-padded, labels -100
+    on the prompt and padding."""
     batch: dict[str, torch.Tensor] = {}
     for side in ("chosen", "rejected"):
         seqs = [np.concatenate([ex["prompt_ids"], ex[f"{side}_ids"]]) for ex in pairs]
@@ -403,55 +404,96 @@ def _trl_orpo_batch(pairs: _Pairs) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _packed_step(model, pairs: _Pairs, cfg: LossConfig):
+    """One step's loss of ``pairs`` as the trainer computes it: the packed forward, the registry
+    entry's loss and its step weights (a token part over the step's counted tokens)."""
+    from dppo.train.registry import ygen_plan
+    from dppo.train.step import StepInputs, counted_tokens, forward_logps
+
+    spec = LOSSES[cfg.method]
+    inputs = StepInputs(model, pairs, cfg, spec, None, torch.device("cpu"), ygen_plan(cfg), chunk_size=16)
+    ids = np.arange(len(pairs))
+    out = spec(cfg, forward_logps(inputs, ids))
+    lengths = {k: np.array([len(ex[f"{k}_ids"]) for ex in pairs]) for k in ("prompt", "chosen", "rejected")}
+    w = torch.as_tensor(spec.step_weights(counted_tokens(lengths, ids, spec.scores_prompt(cfg))), dtype=out.loss.dtype)
+    return spec.weighted(out, w), out
+
+
+def _twin_models(vocab: int, seed: int):
+    """The same tiny model twice: eager attention for TRL's padded batches, packed attention for dppo."""
+    import copy
+
+    from tiny_models import causal_lm
+
+    from dppo.modeling import use_packed_attention
+
+    theirs = causal_lm(vocab, seed=seed, attn_implementation="eager")
+    return theirs, use_packed_attention(copy.deepcopy(theirs))
+
+
+def _assert_same_grads(loss, model, theirs_grads) -> None:
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), grads, theirs_grads, strict=True):
+        # fp32 forwards through two attention kernels (packed, padded eager) and two log-softmaxes
+        # (dppo's chunked fp32 one, TRL's): measured up to ~4e-6 of the largest entry
+        atol = 1e-5 * max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.7])
 def test_orpo_through_the_packed_forward_equals_trls_orpo_trainer(beta):
     """dppo's orpo step (packed forward, the entry's token weights) against ORPOTrainer's own
     get_batch_loss_metrics on the same tiny model and pairs: the loss, its NLL and the gradient of
     every weight. TRL's NLL covers the chosen sequences' prompt tokens (its labels are the input ids
     wherever the attention mask is 1), so dppo's default does; orpo_nll "answer" does not match."""
-    import copy
-
     orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
-    from tiny_models import causal_lm
-
-    from dppo.modeling import use_packed_attention
-    from dppo.train.registry import ygen_plan
-    from dppo.train.step import StepInputs, counted_tokens, forward_logps
-
-    vocab = 53
-    theirs_model = causal_lm(vocab, seed=2, attn_implementation="eager")
-    ours_model = use_packed_attention(copy.deepcopy(theirs_model))
-    pairs = _orpo_pairs(vocab, 5, seed=int(beta * 10))
+    theirs_model, ours_model = _twin_models(53, seed=2)
+    pairs = _random_pairs(53, 5, seed=int(beta * 10))
 
     trainer = orpo.ORPOTrainer.__new__(orpo.ORPOTrainer)  # its loss code, without building a run
     trainer.__dict__.update(is_encoder_decoder=False, padding_value=0, aux_loss_enabled=False, beta=beta,
                             accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x))
-    theirs, metrics = orpo.ORPOTrainer.get_batch_loss_metrics(trainer, theirs_model, _trl_orpo_batch(pairs))
+    theirs, metrics = orpo.ORPOTrainer.get_batch_loss_metrics(trainer, theirs_model, _trl_pair_batch(pairs))
     theirs_grads = torch.autograd.grad(theirs, list(theirs_model.parameters()))
 
     def ours(orpo_nll: str) -> tuple[torch.Tensor, dict]:
-        cfg = _cfg("orpo", beta=beta, orpo_nll=orpo_nll)
-        spec = LOSSES["orpo"]
-        inputs = StepInputs(ours_model, pairs, cfg, spec, None, torch.device("cpu"), ygen_plan(cfg), chunk_size=16)
-        ids = np.arange(len(pairs))
-        out = spec(cfg, forward_logps(inputs, ids))
-        lengths = {k: np.array([len(ex[f"{k}_ids"]) for ex in pairs]) for k in ("prompt", "chosen", "rejected")}
-        w = torch.as_tensor(spec.step_weights(counted_tokens(lengths, ids, spec.scores_prompt(cfg))), dtype=out.loss.dtype)
+        loss, out = _packed_step(ours_model, pairs, _cfg("orpo", beta=beta, orpo_nll=orpo_nll))
         nll = (out.token_terms["nll_loss"].sum() / out.n_tokens.sum()).item()
-        return spec.weighted(out, w), {"nll_loss": nll, "rewards/chosen": out.chosen_rewards.mean().item(),
-                                       "rewards/rejected": out.rejected_rewards.mean().item()}
+        return loss, {"nll_loss": nll, "rewards/chosen": out.chosen_rewards.mean().item(),
+                      "rewards/rejected": out.rejected_rewards.mean().item()}
 
     loss, record = ours("sequence")
     torch.testing.assert_close(loss, theirs, rtol=2e-6, atol=1e-6)
     for k, v in record.items():
         assert v == pytest.approx(metrics[k], rel=2e-6, abs=1e-6), k
-    grads = torch.autograd.grad(loss, list(ours_model.parameters()))
-    for (name, _), a, b in zip(ours_model.named_parameters(), grads, theirs_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_grads(loss, ours_model, theirs_grads)
     # the answer-only reading is another loss: the prompt tokens change the NLL
     answer, record = ours("answer")
     assert abs(answer.item() - theirs.item()) > 1e-3
     assert abs(record["nll_loss"] - metrics["nll_loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("beta,gamma,cpo_alpha", [(2.5, 1.0, 0.0), (0.3, 0.2, 0.0), (2.5, 1.0, 0.7)])
+def test_simpo_equals_trls_cpo_trainer_with_loss_type_simpo(beta, gamma, cpo_alpha):
+    """dppo's simpo is CPOTrainer(loss_type="simpo", cpo_alpha=0) at the same beta and gamma (TRL's
+    simpo_gamma is the same absolute margin: it divides it by beta inside the sigmoid's beta);
+    CPOTrainer's cpo_alpha adds its NLL over the chosen answers, dppo's simpo+sft term. Loss,
+    rewards and every weight's gradient, through dppo's packed forward and TRL's own loss code."""
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    theirs_model, ours_model = _twin_models(47, seed=3)
+    pairs = _random_pairs(47, 6, seed=int(beta * 100 + cpo_alpha * 10))
+    trainer = cpo.CPOTrainer.__new__(cpo.CPOTrainer)
+    trainer.__dict__.update(is_encoder_decoder=False, pad_token_id=0, aux_loss_enabled=False, beta=beta, alpha=0.0,
+                            loss_type="simpo", simpo_gamma=gamma, label_smoothing=0.0, cpo_alpha=cpo_alpha,
+                            accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x))
+    theirs, metrics = cpo.CPOTrainer.get_batch_loss_metrics(trainer, theirs_model, _trl_pair_batch(pairs))
+    theirs_grads = torch.autograd.grad(theirs, list(theirs_model.parameters()))
+    method, extra = ("simpo", {}) if cpo_alpha == 0 else ("simpo+sft", {"loss_weights": f"1,{cpo_alpha}"})
+    loss, out = _packed_step(ours_model, pairs, _cfg(method, beta=beta, gamma=gamma, **extra))
+    torch.testing.assert_close(loss, theirs, rtol=2e-6, atol=1e-6)
+    assert out.chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], rel=2e-6, abs=1e-6)
+    assert out.rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"], rel=2e-6, abs=1e-6)
+    _assert_same_grads(loss, ours_model, theirs_grads)
 
 
 # --------------------------------------------------------------------------------------------------
