@@ -270,6 +270,8 @@ def sequence_logps(
 
     ``keep_probs_bytes``: see :func:`chunked_target_logps` (a speed/memory trade, same values)."""
     logps = token_logps(model, batch, chunk_size=chunk_size, kernel=kernel, keep_probs_bytes=keep_probs_bytes)
-    sums = torch.zeros(batch.num_seqs, dtype=logps.dtype, device=logps.device).index_add(0, batch.target_seq, logps)
+    # accumulated in float64: a sum of hundreds of fp32 terms of ~-5 each loses ~1e-5 in float32
+    sums = torch.zeros(batch.num_seqs, dtype=torch.float64, device=logps.device).index_add(
+        0, batch.target_seq, logps.double()).to(logps.dtype)
     counts = torch.bincount(batch.target_seq, minlength=batch.num_seqs)
     return SeqLogps(sums=sums, counts=counts, token_logps=logps, token_seq=batch.target_seq)

@@ -240,9 +240,13 @@ def _run_with_prompts(inputs: StepInputs, seqs: list, b: int, counts: TokenCount
     flag = torch.from_numpy(np.concatenate(prompt_flags)).to(out.token_logps.device)
     n = len(seqs)
     answer, prompt_part = ~flag, flag
-    sums = out.token_logps.new_zeros(n).index_add(0, out.token_seq[answer], out.token_logps[answer])
+    def sums_of(keep: torch.Tensor) -> torch.Tensor:  # accumulated in float64, as sequence_logps does
+        total = torch.zeros(n, dtype=torch.float64, device=flag.device)
+        return total.index_add(0, out.token_seq[keep], out.token_logps[keep].double()).to(out.token_logps.dtype)
+
+    sums = sums_of(answer)
     answer_counts = torch.bincount(out.token_seq[answer], minlength=n)
-    prompt_sums = out.token_logps.new_zeros(n).index_add(0, out.token_seq[prompt_part], out.token_logps[prompt_part])
+    prompt_sums = sums_of(prompt_part)
     prompt_counts = torch.bincount(out.token_seq[prompt_part], minlength=n)
     answers = SeqLogps(sums=sums, counts=answer_counts, token_logps=out.token_logps[answer], token_seq=out.token_seq[answer])
     return answers, {"prompt_chosen": prompt_sums[0 : 2 * b : 2].clone(), "n_prompt": prompt_counts[0 : 2 * b : 2].clone()}
