@@ -66,6 +66,8 @@ class Batch:
             ygen_token_logps=self.tokens,
             ygen_index=self.index,
             ref_ygen=self.ref_g,
+            prompt_chosen=self.ref_w / 3,  # orpo's NLL covers the chosen prompt's tokens too
+            n_prompt=self.n_w,
         )
 
     @property

@@ -101,7 +101,7 @@ def test_saved_configuration_keeps_its_keys_and_values():
     """RUN/config.json of the built-in methods: the loss options in the same place, None where unused."""
     loss_keys = ["beta", "gamma", "alpha", "weight", "zeta", "vote", "vote_clip", "vote_norm", "detach_weight", "penalty_norm"]
     # TRL's pair losses add theirs (dpo's label smoothing after beta): the paper's keep their order
-    every = ["beta", "label_smoothing", *loss_keys[1:], "bco_running_mean", "discopop_tau", "loss_weights"]
+    every = ["beta", "label_smoothing", *loss_keys[1:], "bco_running_mean", "discopop_tau", "orpo_nll", "loss_weights"]
     assert list(known_options()) == every
     saved = TrainConfig(method="minll", penalty_norm="sum", **BASE).to_dict()
     keys = list(saved)
