@@ -44,7 +44,7 @@ def generate_cmd(
     engine: Engine = "auto",
     dtype: Dtype = "auto",
     tokenizer: TokenizerOpt = None,
-    max_prompt_len: Annotated[Optional[int], typer.Option("--max-prompt-len", min=1, help="Shorten longer prompts to N tokens as prep does: the user turn loses its end, the template (generation header last) stays.")] = None,
+    max_prompt_len: Annotated[Optional[int], typer.Option("--max-prompt-len", min=1, help="Shorten longer prompts to N tokens as prep does: a history (--turns all) loses its earliest exchanges whole, then the last user turn loses its end; the template (generation header last) stays.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Start over instead of resuming OUT (needed when settings changed).")] = False,
     progress: ShowProgress = True,
 ) -> None:

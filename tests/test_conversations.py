@@ -257,6 +257,38 @@ def test_a_pair_history_is_shortened_from_its_earliest_exchange(tmp_path, tok_di
             assert len(p) <= 80
 
 
+def test_generate_shortens_a_long_history_as_prep_does(tmp_path, tok_dir, hf_tokenizer):
+    from dppo.generate import load_prompts, render_prompts
+
+    hf = hf_tokenizer
+    rows = [{"prompt_id": f"p{i}", "chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no."}]}
+            for i, c in enumerate(conversations(30, seed=6, long=True))]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    s = run("prefs", data, tok_dir, tmp_path / "out", turns="all", max_len=120, max_prompt_len=80)
+    assert s["exchanges_dropped"] > 0
+    prompts, _ = load_prompts(str(data), turns="all")
+    ids = dict(zip([p.prompt_id for p in prompts], render_prompts(prompts, tok_dir, 80), strict=True))
+    compared = dropped = 0
+    for ex, row in zip(open_shards(tmp_path / "out"), rows, strict=True):
+        full = encode(hf, render(hf, row["chosen"][:-1], True))
+        longest = max(len(encode(hf, render(hf, row[side], False))) for side in ("chosen", "rejected"))
+        if len(full) > 80 and longest <= 120:
+            continue  # the pair fits: prep keeps its prompt whole, generate shortens it to 80
+        got = ids[row["prompt_id"]]
+        assert got == ex["prompt_ids"].tolist() and len(got) <= 80
+        compared += 1
+        if len(full) > 80:
+            # earliest exchanges went whole: the template's own rendering of a later suffix, or that
+            # with the content of its last user turn shortened (headers kept)
+            sys = row["chosen"][:1] if row["chosen"][0]["role"] == "system" else []
+            rest = row["chosen"][len(sys):-1]
+            suffixes = [encode(hf, render(hf, sys + rest[2 * j:], True)) for j in range(1, len(rest) // 2 + 1)]
+            dropped += got in suffixes
+            header = encode(hf, "<|im_end|>\n<|im_start|>assistant\n")
+            assert got[-len(header):] == header  # the last user turn's end and the generation header
+    assert compared > 10 and dropped > 0
+
+
 def test_shards_of_an_older_format_are_refused_in_one_line(tmp_path, tok_dir, sft_file):
     run("sft", sft_file, tok_dir, tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())

@@ -15,8 +15,9 @@ This produces y_gen (the reference model's greedy response to every training pro
   as y_gen, never a re-tokenization of the text), ``prompt_tokens``, ``response_tokens`` and
   ``finish_reason`` (``stop``, ``length``, ``context``); the settings that made it (model and
   tokenizer fingerprints, sampling) go to ``OUT.meta.json``.
-* **Long prompts** (``max_prompt_len``) are shortened as ``dppo prep`` shortens them: content of the
-  user turn goes, the template's tokens (the generation header last) stay.
+* **Long prompts** (``max_prompt_len``) are shortened as ``dppo prep`` shortens them: a history's
+  earliest exchanges go whole, then content of the last user turn goes, the template's tokens (the
+  generation header last) stay.
 * **Resumable**: every finished batch is written at once as a part file in ``OUT.parts/``; a rerun
   skips the prompt_ids already in ``OUT`` or in a part, and the parts are merged into ``OUT``
   atomically at the end. A crash loses at most the batch in flight. Rerunning with other settings
@@ -111,8 +112,8 @@ class DecodeConfig:
             ``hf`` (transformers' generate) or ``vllm``.
         dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``, ``fp16`` or ``fp32``.
         device: ``auto``/None (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-        max_prompt_len: shorten longer prompts as prep does (user-turn content goes, the template
-            stays), None keeps all.
+        max_prompt_len: shorten longer prompts as prep does (a history's earliest exchanges go
+            whole, then user-turn content; the template stays), None keeps all.
         tokenizer: a tokenizer folder or hub id (None: the model's).
     """
 
@@ -320,7 +321,8 @@ def render_prompts(
 ) -> list[list[int]]:
     """Token ids of each prompt: the chat template with the generation prompt, tokenized (as prep).
 
-    With ``max_prompt_len``, a longer prompt loses content of its user turn (its end, or with
+    With ``max_prompt_len``, a longer prompt loses, as a pair's prompt in prep, the earliest
+    exchanges of its history (whole), then content of its last user turn (its end, or with
     ``truncate_prompt="end"`` its start), never the template's tokens: the generation header stays
     last. Prompts from shards are used as prep stored them.
     """

@@ -38,7 +38,7 @@ use crate::record::{conversation, first_exchange, pair, pair_conversations, RawP
 use crate::shard::{self, SegKind, ShardStats, ShardWriter};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
-use crate::truncate::{shorten_prompt, truncate_conversation, truncate_pair, ConvLayout, KeepPart, Limits, PromptLayout};
+use crate::truncate::{shorten_history, truncate_conversation, truncate_pair, ConvLayout, KeepPart, Limits, PromptLayout};
 
 /// What kind of data a run prepares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -493,11 +493,14 @@ impl Encoder {
     }
 
     /// The prompt of `messages` (rendered with the generation header, tokenized), shortened to at
-    /// most `max_prompt_len` tokens by removing content of its user turn, never template tokens.
+    /// most `max_prompt_len` tokens as prep shortens a pair's prompt (`truncate::shorten_history`):
+    /// a multi-turn history (one with an assistant turn, `--turns all`) loses its earliest
+    /// exchanges whole first, then content of its last user turn goes; template tokens never do.
     pub fn prompt_ids(&self, messages: &[Message], max_prompt_len: Option<u32>, keep: KeepPart) -> std::result::Result<Vec<u32>, Skip> {
-        let mut ex = self.encode(messages, &[], false)?;
+        let history = messages.iter().any(|m| m.role == "assistant");
+        let mut ex = self.encode(messages, &[], history)?;
         if let Some(budget) = max_prompt_len {
-            shorten_prompt(&mut ex.prompt, &ex.layout, budget, keep)?;
+            shorten_history(&mut ex.prompt, &ex.layout, ex.conv.as_ref(), budget, keep)?;
         }
         Ok(ex.prompt)
     }

@@ -206,20 +206,10 @@ pub fn truncate_pair(
     let fits = responses.iter().filter(|(k, _)| *k != SegKind::Ygen).all(|(_, r)| prompt.len() + r.len() <= max_len);
     if !fits {
         let budget = lim.max_prompt_len.min(lim.max_len.saturating_sub(1));
-        let mut layout = std::borrow::Cow::Borrowed(layout);
-        let mut wanted_drop = false;
-        if let Some(conv) = conv {
-            if prompt.len() > budget as usize && !conv.spans.is_empty() {
-                wanted_drop = conv.first.is_none();
-                let mut conv = conv.clone();
-                let n = conv.spans.len();
-                let (d, removed) = drop_exchanges(prompt, &mut conv, n, budget as usize, layout.to_mut());
-                cut.exchanges_dropped = d;
-                cut.exchange_tokens_removed = removed;
-            }
-        }
-        cut.prompt_removed = shorten_prompt(prompt, &layout, budget, lim.keep)
-            .map_err(|e| if wanted_drop { Skip::NotTruncatable } else { e })?;
+        let (d, removed, shortened) = shorten_history(prompt, layout, conv, budget, lim.keep)?;
+        cut.exchanges_dropped = d;
+        cut.exchange_tokens_removed = removed;
+        cut.prompt_removed = shortened;
     }
     let room = max_len.saturating_sub(prompt.len());
     for (kind, ids) in responses.iter_mut() {
@@ -235,6 +225,33 @@ pub fn truncate_pair(
         }
     }
     Ok(cut)
+}
+
+/// Shorten a prompt that may be a multi-turn history (`conv`, None for one user turn) to at most
+/// `budget` tokens: its earliest exchanges go first, whole; then content of its oldest remaining
+/// user turn (the last one). The one rule for a pair's prompt (`truncate_pair`) and for the prompts
+/// `dppo generate` and `dppo eval` answer. Returns (exchanges dropped, their tokens, content tokens
+/// removed).
+pub fn shorten_history(
+    prompt: &mut Vec<u32>,
+    layout: &PromptLayout,
+    conv: Option<&ConvLayout>,
+    budget: u32,
+    keep: KeepPart,
+) -> Result<(u32, u32, u32), Skip> {
+    let mut layout = std::borrow::Cow::Borrowed(layout);
+    let (mut dropped, mut removed, mut wanted_drop) = (0, 0, false);
+    if let Some(conv) = conv {
+        if prompt.len() > budget as usize && !conv.spans.is_empty() {
+            wanted_drop = conv.first.is_none();
+            let mut conv = conv.clone();
+            let n = conv.spans.len();
+            (dropped, removed) = drop_exchanges(prompt, &mut conv, n, budget as usize, layout.to_mut());
+        }
+    }
+    let shortened =
+        shorten_prompt(prompt, &layout, budget, keep).map_err(|e| if wanted_drop { Skip::NotTruncatable } else { e })?;
+    Ok((dropped, removed, shortened))
 }
 
 /// Shorten a prompt longer than `budget` tokens to `budget` by removing content of its user turn
