@@ -369,16 +369,22 @@ def test_generate_takes_the_history_prep_takes(tmp_path, tok_dir):
 
 
 # -- prompt ids: the engine names a row without one, the same way on every path -------------------
-def _previous_id(row: dict, turns: str) -> str:
-    """The definition generate used before the engine derived ids: the row's own id, else the sha256
-    of the prompt's last user turn (the first user turn with --turns first), written here apart."""
+def _derived_id(row: dict, turns: str) -> str:
+    """A row's prompt id, written here apart from the engine: its own, else the sha256 of the prompt
+    `--turns` takes: of its text when it is one user turn (UltraFeedback's ids), else of the whole
+    history as (role, content) netstrings (docs/shards.md)."""
     import hashlib
 
     if row.get("prompt_id"):
         return str(row["prompt_id"])
     msgs = row.get("chosen") or row["messages"]
-    users = [m["content"] for m in msgs if m["role"] == "user"]
-    return hashlib.sha256((users[0] if turns == "first" else users[-1]).encode("utf-8")).hexdigest()
+    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    first_user = min(i for i, m in enumerate(msgs) if m["role"] == "user")
+    prompt = msgs[: (first_user if turns == "first" else last_user) + 1]
+    if len(prompt) == 1:
+        return hashlib.sha256(prompt[0]["content"].encode("utf-8")).hexdigest()
+    parts = (x.encode("utf-8") for m in prompt for x in (m["role"], m["content"]))
+    return hashlib.sha256(b"".join(b"%d:%s," % (len(x), x) for x in parts)).hexdigest()
 
 
 def test_prompt_ids_are_derived_by_the_engine_on_every_path(tmp_path, tok_dir):
@@ -404,13 +410,13 @@ def test_prompt_ids_are_derived_by_the_engine_on_every_path(tmp_path, tok_dir):
     nocol = tmp_path / "nocol.parquet"
     pq.write_table(pa.Table.from_pylist([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]), nocol)
     for turns in ("first", "all"):
-        want = [_previous_id(r, turns) for r in rows]
+        want = [_derived_id(r, turns) for r in rows]
         assert len(set(want)) == len(want)
         for src in (data, sft):
             prompts, info = load_prompts(str(src), turns=turns)
             assert [p.prompt_id for p in prompts] == want and info["skipped"] == 0, (src.name, turns)
         got = [pid for _, pid, _, _ in engine.prompt_rows(pq.read_table(nocol), 0, turns)]
-        assert got == [_previous_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
+        assert got == [_derived_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
         # prep names the pairs the same way, so a y_gen keyed by those ids joins them all
         ygen = write_jsonl(tmp_path / f"y-{turns}.jsonl", [{"prompt_id": w, "response": f"greedy {k}"} for k, w in enumerate(want)])
         s = run("prefs", data, tok_dir, tmp_path / f"out-{turns}", turns=turns, max_len=100_000, ygen=ygen)
@@ -418,20 +424,47 @@ def test_prompt_ids_are_derived_by_the_engine_on_every_path(tmp_path, tok_dir):
         assert [ex["prompt_id"] for ex in open_shards(tmp_path / f"out-{turns}")] == want
         s = run("prefs", nocol, tok_dir, tmp_path / f"nocol-{turns}", turns=turns, max_len=100_000)
         assert [ex["prompt_id"] for ex in open_shards(tmp_path / f"nocol-{turns}")] == [
-            _previous_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
+            _derived_id({k: v for k, v in r.items() if k != "prompt_id"}, turns) for r in rows]
 
 
 def test_a_missing_ygen_is_named_by_the_derived_id(tmp_path, tok_dir):
-    import hashlib
-
     convs = conversations(6, seed=22)
     rows = [{"chosen": c, "rejected": c[:-1] + [{"role": "assistant", "content": "no"}]} for c in convs]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     ygen = write_jsonl(tmp_path / "y.jsonl", [{"prompt_id": "other", "response": "x"}])
     with pytest.raises(engine.DppoError) as e:
         run("prefs", data, tok_dir, tmp_path / "o", turns="all", max_len=100_000, ygen=ygen)
-    last_user = [m["content"] for m in convs[0] if m["role"] == "user"][-1]
-    assert hashlib.sha256(last_user.encode()).hexdigest() in str(e.value)
+    assert _derived_id(rows[0], "all") in str(e.value)
+
+
+def test_histories_that_end_with_the_same_user_turn_get_their_own_ids_and_y_gen(tmp_path, tok_dir, hf_tokenizer):
+    import hashlib
+
+    from dppo.generate import load_prompts
+
+    u, a = {"role": "user", "content": "and then?"}, {"role": "assistant", "content": "done."}
+    histories = [
+        [u],
+        [{"role": "system", "content": "be brief"}, u],
+        [{"role": "system", "content": "be kind"}, u],
+        [{"role": "user", "content": "first"}, {"role": "assistant", "content": "one"}, u],
+        [{"role": "user", "content": "first"}, {"role": "assistant", "content": "two"}, u],
+    ]
+    rows = [{"chosen": h + [a], "rejected": h + [{"role": "assistant", "content": f"worse {i}"}]} for i, h in enumerate(histories)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    want = [_derived_id(r, "all") for r in rows]
+    assert len(set(want)) == len(rows)
+    assert want[0] == hashlib.sha256(b"and then?").hexdigest()  # one user turn: UltraFeedback's id
+    prompts, info = load_prompts(str(data), turns="all")
+    assert [p.prompt_id for p in prompts] == want and info["duplicates"] == 0
+    ygen = write_jsonl(tmp_path / "y.jsonl", [{"prompt_id": w, "response": f"answer number {k}"} for k, w in enumerate(want)][::-1])
+    s = run("prefs", data, tok_dir, tmp_path / "o", turns="all", max_len=100_000, ygen=ygen)
+    assert s["rows_kept"] == len(rows) and s["ygen"]["responses"] == len(rows)
+    shards = list(open_shards(tmp_path / "o"))
+    assert [ex["prompt_id"] for ex in shards] == want
+    for k, (ex, h) in enumerate(zip(shards, histories, strict=True)):
+        full = encode(hf_tokenizer, render(hf_tokenizer, h + [{"role": "assistant", "content": f"answer number {k}"}], False))
+        assert ex["prompt_ids"].tolist() + ex["ygen_ids"].tolist() == full, k
 
 
 # -- dppo generate: --turns is one of the settings a resumed output must share ---------------------

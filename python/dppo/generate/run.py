@@ -7,7 +7,8 @@ This produces y_gen (the reference model's greedy response to every training pro
   rendered with the tokenizer's chat template plus the generation prompt, exactly as ``dppo prep``
   renders them (same native template engine and tokenizer). Rows are read from ``chosen``,
   ``messages`` or a ``prompt`` string column; ``prompt_id`` comes from the data (else the engine
-  derives it as prep does: the sha256 of the last user turn's text, UltraFeedback's convention).
+  derives it as prep does, see ``docs/shards.md``: the sha256 of the text of a prompt that is one
+  user turn, UltraFeedback's convention, else of the whole history).
   ``turns="all"`` takes the whole history up to the last user turn. A prepared pair-shard folder
   works too: its (possibly truncated) prompt ids are used as they are.
 * **Output**: one row per prompt with ``prompt_id``, ``prompt`` (the user turn), ``response``,
@@ -258,8 +259,8 @@ def load_prompts(
 
     Rows are parsed by the engine (``dppo.engine.prompt_rows``); ``turns="all"`` takes the whole
     history up to the last user turn, as ``dppo prep --turns all``. A row without a ``prompt_id``
-    is named by the engine as prep names it (the sha256 of its last user turn's text,
-    UltraFeedback's convention), so y_gen joins such rows too."""
+    is named by the engine as prep names it (the sha256 of a lone user turn's text, UltraFeedback's
+    convention, else of the whole history; see ``docs/shards.md``), so y_gen joins such rows too."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
     if turns not in ("first", "all"):

@@ -325,13 +325,29 @@ fn prompt_messages(row: &RawPromptRow, turns: Turns, id: Option<String>) -> Resu
     }
 }
 
-/// The id of a prompt whose row has none: the sha256 (64 hex digits) of its last user turn's
-/// text, UltraFeedback's convention (its `prompt_id` is the sha256 of `prompt`). The one
-/// definition: prep, generate, eval and curriculum all name such a row by it.
+/// The id of a prompt whose row has none, 64 hex digits; the one definition: prep, generate, eval
+/// and curriculum all name such a row by it.
+/// - A prompt that is exactly one user turn (no system turn, no earlier turns): the sha256 of its
+///   text, UltraFeedback's convention (its `prompt_id` is the sha256 of `prompt`).
+/// - Any other history: the sha256 of its messages in order, each written as two netstrings,
+///   `<byte length of role>:<role>,<byte length of content>:<content>,` (lengths in decimal, UTF-8),
+///   so two histories ending with the same user turn get different ids.
 pub fn derived_prompt_id(prompt: &[Message]) -> String {
     use sha2::{Digest, Sha256};
-    let text = prompt.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    let mut h = Sha256::new();
+    match prompt {
+        [only] if only.role == "user" => h.update(only.content.as_bytes()),
+        _ => {
+            for m in prompt {
+                for part in [m.role.as_str(), m.content.as_str()] {
+                    h.update(format!("{}:", part.len()).as_bytes());
+                    h.update(part.as_bytes());
+                    h.update(b",");
+                }
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The row's own prompt id; None where it has none (missing, null or empty).
@@ -456,7 +472,7 @@ mod tests {
         };
         let r = row(conv.clone(), RawMessages::Missing, RawStr::Missing);
         let (id, p) = prompt_of(&r, Turns::First).unwrap();
-        assert_eq!((id.as_str(), p.len(), p[1].content.as_str()), (SHA_U, 2, "u"));
+        assert_eq!((id.as_str(), p.len(), p[1].content.as_str()), (SHA_SU, 2, "u"));
         let (_, p) = prompt_of(&r, Turns::All).unwrap();
         assert_eq!((p.len(), p[3].content.as_str()), (4, "v"));
         let r = row(RawMessages::Missing, conv, RawStr::Missing);
@@ -469,19 +485,41 @@ mod tests {
         assert_eq!(prompt_of(&r, Turns::First).unwrap_err(), Skip::BadRoles);
     }
 
-    // sha256 of "u", "v" and "hi", computed apart (Python's hashlib)
-    const SHA_U: &str = "0bfe935e70c321c7ca3afc75ce0d0ca2f98b5422e008bb31c00c6d7f1f1c0ad6";
-    const SHA_V: &str = "4c94485e0c21ae6c41ce1dfe7b6bfaceea5ab68e40a2476f50208e526f506080";
+    // Computed apart (Python's hashlib): sha256 of "hi" (a prompt of one user turn), and of the
+    // netstring serialization of [system s, user u] and of [system s, user u, assistant a, user v].
     const SHA_HI: &str = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4";
+    const SHA_SU: &str = "97517f496e05abf978c59245aabf62b6dc11b90375a36289b9976e22a6b23313";
+    const SHA_SUAV: &str = "36c24f3afdd4179683883982f2d6e191f23039b780f9e009c24150cb64237d3c";
+    const SHA_V: &str = "4c94485e0c21ae6c41ce1dfe7b6bfaceea5ab68e40a2476f50208e526f506080";
 
     #[test]
-    fn a_missing_prompt_id_is_the_sha256_of_the_last_user_turn_on_every_path() {
+    fn one_user_turn_is_named_by_its_text_and_any_other_history_by_all_its_messages() {
+        assert_eq!(derived_prompt_id(&[Message::new("user", "hi")]), SHA_HI);
+        assert_eq!(derived_prompt_id(&[Message::new("system", "s"), Message::new("user", "u")]), SHA_SU);
+        assert_eq!(derived_prompt_id(&[Message::new("system", "s"), Message::new("user", "u"), Message::new("assistant", "a"), Message::new("user", "v")]), SHA_SUAV);
+        // histories that end with the same user turn are told apart, and from the turn alone
+        let ids = [
+            derived_prompt_id(&[Message::new("user", "v")]),
+            derived_prompt_id(&[Message::new("system", "s"), Message::new("user", "v")]),
+            derived_prompt_id(&[Message::new("system", "t"), Message::new("user", "v")]),
+            derived_prompt_id(&[Message::new("user", "u"), Message::new("assistant", "a"), Message::new("user", "v")]),
+            derived_prompt_id(&[Message::new("user", "u"), Message::new("assistant", "b"), Message::new("user", "v")]),
+            // the length prefixes keep a boundary moved between fields from colliding
+            derived_prompt_id(&[Message::new("user", "u,"), Message::new("assistant", "a"), Message::new("user", "v")]),
+            derived_prompt_id(&[Message::new("user", "u"), Message::new("assistant", ",a"), Message::new("user", "v")]),
+        ];
+        assert_eq!(ids[0], SHA_V);
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), ids.len());
+    }
+
+    #[test]
+    fn a_missing_prompt_id_is_derived_from_the_prompt_on_every_path() {
         let conv = vec![m("system", "s"), m("user", "u"), m("assistant", "a"), m("user", "v"), m("assistant", "b")];
         let mut rejected = conv.clone();
         rejected[4] = m("assistant", "worse");
         for (raw, first, all) in [
-            (RawStr::Missing, SHA_U, SHA_V),
-            (RawStr::Str(String::new()), SHA_U, SHA_V),
+            (RawStr::Missing, SHA_SU, SHA_SUAV),
+            (RawStr::Str(String::new()), SHA_SU, SHA_SUAV),
             (RawStr::Str("given".into()), "given", "given"),
         ] {
             let prompt_row = |chosen: RawMessages, messages: RawMessages, prompt: RawStr| RawPromptRow {
