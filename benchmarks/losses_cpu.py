@@ -11,7 +11,7 @@ step, fp32 on the CPU.
    engine unchanged) and in this tree, each in its own process, rounds interleaved; the mean step of
    each run after the first, the best round of each: this tree's over REV's.
 
-    python benchmarks/losses_cpu.py [--steps 3] [--warmup 1] [--before adf6222] [--rounds 3] [--out FILE]
+    python benchmarks/losses_cpu.py [--steps 3] [--warmup 1] [--before 79904bb] [--rounds 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scale", type=float, default=0.5)
-    parser.add_argument("--before", default="adf6222", help="the revision before TRL's pair losses ('' to skip)")
+    parser.add_argument("--before", default="79904bb", help="the revision before TRL's pair losses ('' to skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
