@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--before", default="79904bb", help="the revision before TRL's pair losses ('' to skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-table", action="store_true", help="only DPO's step before and after")
     args = parser.parse_args()
     import torch
 
@@ -112,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dppo-losses-bench-") as tmp:
         work = Path(tmp)
         env = setup(work, args.batch * (args.steps + args.warmup + 1), args.scale, model_config(), int(1024 * args.scale))
-        table = method_table(env, args.batch, args.steps, args.warmup)
+        table = {} if args.no_table else method_table(env, args.batch, args.steps, args.warmup)
         print(f"\n{where}; {args.steps} timed steps of {args.batch} pairs after {args.warmup}, median step")
         print(f"{'method':20}{'s/step':>10}{'/ dpo':>8}")
         for k, v in table.items():
