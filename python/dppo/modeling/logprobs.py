@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dppo.modeling.attention import packed_hidden_states
 from dppo.modeling.packing import PackedBatch
 
-__all__ = ["SeqLogps", "OutputProjection", "chunked_target_logps", "logit_transform", "token_logps", "sequence_logps"]
+__all__ = ["SeqLogps", "segment_sums", "OutputProjection", "chunked_target_logps", "logit_transform", "token_logps", "sequence_logps"]
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -263,6 +263,13 @@ class SeqLogps:
         )
 
 
+def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] sums of ``values`` by ``index``, accumulated in float64 and rounded once to ``values``' dtype
+    (a sum of hundreds of fp32 log-probs of ~-5 each loses ~1e-5 in float32)."""
+    total = torch.zeros(n, dtype=torch.float64, device=values.device)
+    return total.index_add(0, index, values.double()).to(values.dtype)
+
+
 def sequence_logps(
     model: torch.nn.Module, batch: PackedBatch, chunk_size: int = 1024, kernel: str = "auto", keep_probs_bytes: int = 0
 ) -> SeqLogps:
@@ -270,8 +277,6 @@ def sequence_logps(
 
     ``keep_probs_bytes``: see :func:`chunked_target_logps` (a speed/memory trade, same values)."""
     logps = token_logps(model, batch, chunk_size=chunk_size, kernel=kernel, keep_probs_bytes=keep_probs_bytes)
-    # accumulated in float64: a sum of hundreds of fp32 terms of ~-5 each loses ~1e-5 in float32
-    sums = torch.zeros(batch.num_seqs, dtype=torch.float64, device=logps.device).index_add(
-        0, batch.target_seq, logps.double()).to(logps.dtype)
+    sums = segment_sums(logps, batch.target_seq, batch.num_seqs)
     counts = torch.bincount(batch.target_seq, minlength=batch.num_seqs)
     return SeqLogps(sums=sums, counts=counts, token_logps=logps, token_seq=batch.target_seq)

@@ -27,6 +27,7 @@ import torch
 from dppo.data import Shards
 from dppo.distributed import SINGLE, Dist, all_gather_objects, all_reduce_max, all_reduce_sum
 from dppo.modeling import PackedBatch, SeqLogps, sequence_logps
+from dppo.modeling.logprobs import segment_sums
 from dppo.train.losses import LogProbs, LossConfig, LossOutput, LossSpec, can_skip_ygen, vote
 from dppo.train.refcache import RefLogps
 from dppo.train.registry import YgenPlan, ygen_plan
@@ -240,9 +241,8 @@ def _run_with_prompts(inputs: StepInputs, seqs: list, b: int, counts: TokenCount
     flag = torch.from_numpy(np.concatenate(prompt_flags)).to(out.token_logps.device)
     n = len(seqs)
     answer, prompt_part = ~flag, flag
-    def sums_of(keep: torch.Tensor) -> torch.Tensor:  # accumulated in float64, as sequence_logps does
-        total = torch.zeros(n, dtype=torch.float64, device=flag.device)
-        return total.index_add(0, out.token_seq[keep], out.token_logps[keep].double()).to(out.token_logps.dtype)
+    def sums_of(keep: torch.Tensor) -> torch.Tensor:
+        return segment_sums(out.token_logps[keep], out.token_seq[keep], n)
 
     sums = sums_of(answer)
     answer_counts = torch.bincount(out.token_seq[answer], minlength=n)
