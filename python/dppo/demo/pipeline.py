@@ -119,20 +119,110 @@ QUICK = DemoSettings(
                 ("unll", "alpha", (0.1, 1.0)), ("conll", "alpha", (0.1,))),
 )
 
+TUNING_SEED = 0
+"""The seed of the tuning runs; that seed's test run of each method is its tuning run at the chosen settings."""
 COMPARED_METHODS = ("dpo", "simpo", "minll", "unll", "conll")
 """The paper's preference methods, each trained from the SFT model and compared with it."""
 LOSSES_ONLINE = ("dpo", "unll", "ipo+unll", "minll", "conll", "simpo")  # the order of online rows in the table
 
 
+Job = tuple[Callable[..., Any], tuple[Any, ...]]
+"""A stage's work as a module-level function and its (picklable) arguments; the function also takes
+``console=`` for its messages, so it runs the same in this process or in a worker process."""
+
+
 @dataclass
 class _Plan:
     """The ordered stages of one run, for the single progress display: each stage's name, the file
-    whose existence says it is done (then it is reused), and the function that makes it."""
+    whose existence says it is done (then it is reused), and the function that makes it. A stage with
+    a job may run in a worker process beside its neighbours (``_run_stages``): ``jobs[name]`` is the
+    call that makes its ``Job`` when it starts (options tuning chose are read then) and the stages
+    it needs finished first; a stage without one waits for every running job and runs here."""
 
     stages: list[tuple[str, Path, Callable[[], Any]]] = field(default_factory=list)
+    jobs: dict[str, tuple[Callable[[], Job], tuple[str, ...]]] = field(default_factory=dict)
 
     def add(self, name: str, done: Path, fn: Callable[[], Any]) -> None:
         self.stages.append((name, done, fn))
+
+    def add_job(self, name: str, done: Path, job: Callable[[], Job], log: Console, needs: tuple[str, ...] = ()) -> None:
+        def here() -> Any:
+            fn, args = job()
+            return fn(*args, console=log)
+
+        self.stages.append((name, done, here))
+        self.jobs[name] = (job, tuple(needs))
+
+
+# -- the stages' work, as module-level functions a worker process can run ---------------------------------
+def _job_train(cfg: Any, *, console: Console) -> Any:
+    from dppo.train import train
+
+    return train(cfg, console=console)
+
+
+def _job_curriculum(cfg: Any, *, console: Console) -> Any:
+    from dppo.curriculum import curriculum
+
+    return curriculum(cfg, console=console, show_progress=False)
+
+
+def _job_eval(cfg: Any, *, console: Console) -> Any:
+    from dppo.eval.winrate import evaluate
+
+    return evaluate(cfg, console=console, show_progress=False)
+
+
+def _job_copy_run(src: Path, dst: Path, *, console: Console) -> None:
+    """A run identical to one already made (the same options, data, initial model and seed): its
+    folder copied, its model last (the stage's done-marker), with ``reused.json`` naming the source."""
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / "reused.json").write_text(json.dumps({"copied_from": str(src), "why": "the same options, data, initial "
+                                                 "model and seed: training again gives the same weights"}, indent=2) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    console.print(f"the same run as {src}: copied", highlight=False)
+
+
+def _worker_init() -> None:
+    """A worker process: one thread (the results do not depend on how many workers run), no library
+    progress bars, the demo's judge registered."""
+    import torch
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from dppo.demo.judge import judge as demo_judge
+    from dppo.eval.judges import register_judge
+
+    torch.set_num_threads(1)
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    register_judge("demo", demo_judge, overwrite=True)
+
+
+def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], log_path: str) -> float:
+    """Run one stage's job in a worker, its messages into ``log_path``; returns its seconds."""
+    t = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as f:
+        fn(*args, console=Console(file=f, width=120, force_terminal=False, soft_wrap=True))
+    return time.perf_counter() - t
+
+
+def default_workers() -> int:
+    """Worker processes for the demo's independent stages: one per CPU core (at most 8); none (every
+    stage in this process) where CUDA is present, whose one device the stages would share."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
 
 
 def make_init_model(init: Path, tokenizer_dir: Path, s: DemoSettings) -> None:
@@ -199,13 +289,16 @@ def _quiet_libraries() -> Any:
 
 
 def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = None, quick: bool = False,
-             seeds: int | None = None, console: Console | None = None, show_progress: bool = True) -> dict[str, Any]:
+             seeds: int | None = None, workers: int | None = None, console: Console | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the results (also in ``out/results.json``).
 
     The phases: the settings checked against those ``out`` was made with; the plan of stages
     (``_Demo``: the world and the SFT model, the tuning grid, every seed's runs and evaluation); the
     stages run in order into ``out`` (``_run_stages``), each reused where its output exists, so an
     interrupted demo continues where it stopped; the results aggregated, written and shown.
+    ``workers``: processes for the stages that do not depend on each other (default
+    ``default_workers()``; 0 runs every stage in this process).
     """
     from dppo.demo.judge import judge as demo_judge
     from dppo.eval.judges import register_judge
@@ -226,8 +319,9 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
         demo.tuning_stages()
         for seed in range(s.seeds):
             demo.seed_stages(seed)
-        stage_seconds, reused = _run_stages(demo.plan, out, demo.log, console, show_progress)
-    results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds, reused)
+        workers = default_workers() if workers is None else workers
+        stage_seconds, reused = _run_stages(demo.plan, out, demo.log, console, show_progress, workers)
+    results = _aggregate(out, s, time.perf_counter() - t0, stage_seconds, reused, workers)
     if show_progress:
         print_table(console, _table(results))
         diag = results.get("diagnostics") or {}
@@ -298,11 +392,13 @@ class _Demo:
         from dppo.artifacts import write_json
 
         tune = self.tune
+        runs = []
         for method, lr, knob, value, name in self.grid:
-            self.train_run(f"tune: {name}", tune / "runs" / name, method, self.sft_model, 0,
-                           lambda m=method, lr=lr, k=knob, v=value: self.method_opts(m, lr, k, v))
+            runs.append(self.train_run(f"tune: {name}", tune / "runs" / name, method, self.sft_model, TUNING_SEED,
+                                       lambda m=method, lr=lr, k=knob, v=value: self.method_opts(m, lr, k, v)))
         models = [str(self.sft_model)] + [str(tune / "runs" / g[-1] / "model") for g in self.grid]
-        self.eval_run("tune: eval on the validation prompts", tune / "eval", self.paths["prefs_val"], lambda: models)
+        self.eval_run("tune: eval on the validation prompts", tune / "eval", self.paths["prefs_val"], lambda: models,
+                      needs=tuple(runs))
         self.plan.add("tune: choose each method's settings", tune / "choices.json", lambda: write_json(
             tune / "choices.json", _choose(self.grid, json.loads((tune / "eval" / "results.json").read_text()))))
 
@@ -311,30 +407,45 @@ class _Demo:
         s, chosen, prefs_model = self.s, self.chosen, self.sft_model
         sd = self.out / f"seed{seed}"
         runs = sd / "runs"
+        stages = []
         for m in self.methods:
-            self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m))
+            if seed == TUNING_SEED:  # the tuning run at the chosen settings is this very run: copied, not trained again
+                stages.append(self.copy_run(f"seed {seed}: train {m}", runs / m,
+                                            lambda m=m: self.tune / "runs" / self.choice(m)["run"]))
+            else:
+                stages.append(self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m)))
         unll_model = runs / "unll" / "model"
-        self.train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", unll_model, seed,
-                       lambda: {**chosen("dpo"), "ref": str(unll_model)})
-        self.train_run(f"seed {seed}: train unll, alpha linear to 0", runs / "unll-linear", "unll", prefs_model, seed,
-                       lambda: chosen("unll", alpha_schedule="linear", alpha_end=0.0))
-        self.plan.add(f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll",
-                      runs / "curriculum" / "model" / "config.json", lambda: self.curriculum(seed, runs / "curriculum"))
+        unll = f"seed {seed}: train unll"
+        stages.append(self.train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", unll_model, seed,
+                                     lambda: {**chosen("dpo"), "ref": str(unll_model)}, needs=(unll,)))
+        stages.append(self.train_run(f"seed {seed}: train unll, alpha linear to 0", runs / "unll-linear", "unll", prefs_model,
+                                     seed, lambda: chosen("unll", alpha_schedule="linear", alpha_end=0.0)))
+        name = f"seed {seed}: curriculum, {s.curriculum_rounds} rounds of unll"
+        self.plan.add_job(name, runs / "curriculum" / "model" / "config.json",
+                          lambda: (_job_curriculum, (self.curriculum_config(seed, runs / "curriculum"),)), self.log)
+        stages.append(name)
         for m in s.online_methods:
-            self.plan.add(f"seed {seed}: online {m}, {s.online_rounds} rounds of {s.online_samples} samples",
-                          runs / f"online-{m}" / "model" / "config.json", lambda m=m: self.online(m, seed, runs / f"online-{m}"))
+            name = f"seed {seed}: online {m}, {s.online_rounds} rounds of {s.online_samples} samples"
+            self.plan.add_job(name, runs / f"online-{m}" / "model" / "config.json",
+                              lambda m=m: (_job_curriculum, (self.online_config(m, seed, runs / f"online-{m}"),)), self.log)
+            stages.append(name)
         for a in s.alphas:
-            self.train_run(f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs_model, seed,
-                           lambda a=a: chosen("unll", alpha=a))
+            # the sweep's point at unll's chosen alpha is the seed's unll run: copied
+            stages.append(self.train_run(
+                f"seed {seed}: train unll alpha={a:g}", runs / f"unll-alpha{a:g}", "unll", prefs_model, seed,
+                lambda a=a: chosen("unll", alpha=a), needs=(unll,),
+                same_as=lambda a=a: runs / "unll" if self.choice("unll")["value"] == a else None))
         for n in s.sample_sizes:
             for m in ("dpo", "unll"):
-                self.train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs_model, seed,
-                               lambda m=m, n=n: chosen(m, max_samples=n))
+                stages.append(self.train_run(f"seed {seed}: train {m} on {n} pairs", runs / f"{m}-n{n}", m, prefs_model, seed,
+                                             lambda m=m, n=n: chosen(m, max_samples=n)))
 
         def models() -> list[str]:
             return [str(self.sft_model)] + [str(p / "model") for p in sorted(runs.iterdir()) if (p / "model" / "config.json").exists()]
 
-        self.eval_run(f"seed {seed}: eval vs sft", sd / "eval", self.paths["prefs_test"], models)
+        # evaluations one at a time: they share the generation cache
+        previous = (f"seed {seed - 1}: eval vs sft",) if seed > 0 else ()
+        self.eval_run(f"seed {seed}: eval vs sft", sd / "eval", self.paths["prefs_test"], models, needs=tuple(stages) + previous)
 
     # -- the stages' calls ----------------------------------------------------------------------------------
     def common(self, **kw: Any) -> dict[str, Any]:
@@ -349,84 +460,150 @@ class _Demo:
         pref_kw = dict(epochs=s.pref_epochs, batch_size=s.pref_batch, grad_accum=1, warmup_steps=s.pref_warmup)
         return {**pref_kw, "lr": lr, **extra, **({knob: value} if knob else {})}
 
+    def choice(self, method: str) -> dict[str, Any]:
+        """What tuning chose for ``method`` (lr, knob, value, run), read when a stage starts."""
+        return json.loads((self.tune / "choices.json").read_text())[method]
+
     def chosen(self, method: str, **over: Any) -> dict[str, Any]:
         """``method``'s options with the settings tuning chose (read when the stage runs)."""
-        c = json.loads((self.tune / "choices.json").read_text())[method]
+        c = self.choice(method)
         return {**self.method_opts(method, c["lr"], c["knob"], c["value"]), **over}
 
     def train_run(self, name: str, run: Path, method: str, init_dir: Path, seed: int,
-                  options: Callable[[], dict[str, Any]]) -> None:
-        """A training stage on the pairs whose options are read when it runs (the tuned ones exist only then)."""
-        from dppo.train import train
+                  options: Callable[[], dict[str, Any]], needs: tuple[str, ...] = (),
+                  same_as: Callable[[], Path | None] | None = None) -> str:
+        """A training stage on the pairs whose options are read when it runs (the tuned ones exist only
+        then); ``same_as()``, when it names a run, makes it a copy of that identical run instead."""
         from dppo.train.config import TrainConfig
 
-        def go() -> Any:
+        def job() -> Job:
+            src = same_as() if same_as is not None else None
+            if src is not None:
+                return _job_copy_run, (src, run)
             cfg = TrainConfig(method=method, data=str(self.prefs), init=str(init_dir), out=str(run), seed=seed,
                               overwrite=True, **self.common(**options()))
-            return train(cfg, console=self.log)
+            return _job_train, (cfg,)
 
-        self.plan.add(name, run / "model" / "config.json", go)
+        self.plan.add_job(name, run / "model" / "config.json", job, self.log, needs)
+        return name
 
-    def eval_run(self, name: str, out: Path, prompts: Path, models: Callable[[], list[str]]) -> None:
+    def copy_run(self, name: str, run: Path, src: Callable[[], Path]) -> str:
+        self.plan.add_job(name, run / "model" / "config.json", lambda: (_job_copy_run, (src(), run)), self.log)
+        return name
+
+    def eval_run(self, name: str, out: Path, prompts: Path, models: Callable[[], list[str]], needs: tuple[str, ...] = ()) -> None:
         """An evaluation stage: ``models()`` (the SFT model first: the baseline) on ``prompts``, judged by the demo's judge."""
         from dppo.data.sources import DataSource
-        from dppo.eval.winrate import EvalConfig, evaluate
+        from dppo.eval.winrate import EvalConfig
 
-        def go() -> Any:
+        def job() -> Job:
             cfg = EvalConfig(models=tuple(models()), baseline=str(self.sft_model), judge="demo", data=DataSource(str(prompts)),
                              out=out, limit=None, decode=self.decode, cache_dir=self.out / "cache")
-            return evaluate(cfg, console=self.log, show_progress=False)
+            return _job_eval, (cfg,)
 
-        self.plan.add(name, out / "results.json", go)
+        self.plan.add_job(name, out / "results.json", job, self.log, needs)
 
-    def curriculum(self, seed: int, run: Path) -> Any:
-        from dppo.curriculum import CurriculumConfig, curriculum
+    def curriculum_config(self, seed: int, run: Path) -> Any:
+        from dppo.curriculum import CurriculumConfig
 
         s = self.s
         opts = {**self.common(**self.chosen("unll")), "seed": seed}
-        return curriculum(CurriculumConfig(
+        return CurriculumConfig(
             rounds=s.curriculum_rounds, method="unll", data=str(self.paths["prefs_train"]), tokenizer=str(self.tokenizer),
             init=str(self.sft_model), out=run, pairs_per_round=s.n_pairs // s.curriculum_rounds,
-            decode=self.decode, train=opts, seed=seed, resume=True), console=self.log, show_progress=False)
+            decode=self.decode, train=opts, seed=seed, resume=True)
 
-
-    def online(self, method: str, seed: int, run: Path) -> Any:
+    def online_config(self, method: str, seed: int, run: Path) -> Any:
         """Online rounds (``dppo curriculum --pairs judge``) of ``method`` at its tuned settings, judged by the demo's judge."""
-        from dppo.curriculum import CurriculumConfig, curriculum
+        from dppo.curriculum import CurriculumConfig
         from dppo.online import OnlineConfig
 
         s = self.s
-        return curriculum(CurriculumConfig(
+        return CurriculumConfig(
             rounds=s.online_rounds, method=method, data=str(self.paths["prefs_train"]), tokenizer=str(self.tokenizer),
             init=str(self.sft_model), out=run, pairs="judge",
             online=OnlineConfig(judge="demo", samples=s.online_samples, temperature=s.online_temperature, seed=seed,
                                 prompts_per_round=s.n_pairs // s.online_rounds),
-            decode=self.decode, train={**self.common(**self.chosen(method)), "seed": seed}, seed=seed, resume=True),
-            console=self.log, show_progress=False)
+            decode=self.decode, train={**self.common(**self.chosen(method)), "seed": seed}, seed=seed, resume=True)
 
 
-def _run_stages(plan: _Plan, out: Path, log: Console, console: Console, show_progress: bool) -> tuple[dict[str, float], list[str]]:
+def _run_stages(plan: _Plan, out: Path, log: Console, console: Console, show_progress: bool,
+                workers: int = 0) -> tuple[dict[str, float], list[str]]:
     """Every stage in order under one progress bar, a stage whose output exists reused; returns each
     stage's time when it ran (kept across runs into the same folder in ``stage_seconds.json``: a
-    reused stage keeps it) and the names of the reused ones."""
+    reused stage keeps it) and the names of the reused ones.
+
+    With ``workers`` > 0, stages with a job run in that many worker processes (one thread each, so a
+    stage's result does not depend on how many run beside it), each as soon as the stages it needs
+    are finished; its messages go to ``out/logs/`` and then into ``log``. A stage without a job waits
+    for every running one. A failing stage lets the running ones finish, then raises."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import re
+
     columns = [TextColumn("[bold]dppo demo[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     times_path = out / "stage_seconds.json"
     stage_seconds: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
     reused: list[str] = []
+    finished: set[str] = set()
+    running: dict[cf.Future[float], tuple[str, Path]] = {}
+    pending = [st for st in plan.stages if not st[1].exists()]
+    pool = None
+    if workers > 0 and any(name in plan.jobs for name, _, _ in pending):
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    logs = out / "logs"
+
     with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():
         task = bar.add_task("", total=len(plan.stages))
-        for name, done, fn in plan.stages:
-            bar.update(task, description=name)
-            if done.exists():
-                reused.append(name)
-            else:
-                log.rule(name)
-                t = time.perf_counter()
-                fn()
-                stage_seconds[name] = round(time.perf_counter() - t, 2)
-                times_path.write_text(json.dumps(stage_seconds, indent=2) + "\n")
+
+        def record(name: str, seconds: float) -> None:
+            stage_seconds[name] = round(seconds, 2)
+            times_path.write_text(json.dumps(stage_seconds, indent=2) + "\n")
+            finished.add(name)
             bar.advance(task)
+
+        def collect(until: Callable[[], bool]) -> None:
+            """Wait for running jobs until ``until()`` holds; a failed job is raised once the others finished."""
+            while running and not until():
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    name, log_path = running.pop(fut)
+                    log.rule(name)
+                    with contextlib.suppress(OSError):
+                        log.out(log_path.read_text(encoding="utf-8").rstrip("\n"), highlight=False)
+                    if fut.exception() is not None:
+                        cf.wait(running)
+                        raise fut.exception()
+                    record(name, fut.result())
+
+        try:
+            for name, done, fn in plan.stages:
+                if done.exists():
+                    reused.append(name)
+                    finished.add(name)
+                    bar.advance(task)
+                    continue
+                job = plan.jobs.get(name) if pool is not None else None
+                if job is None:
+                    collect(lambda: False)
+                    bar.update(task, description=name)
+                    log.rule(name)
+                    t = time.perf_counter()
+                    fn()
+                    record(name, time.perf_counter() - t)
+                    continue
+                make, needs = job
+                collect(lambda: len(running) < workers and all(n in finished for n in needs))
+                bar.update(task, description=name)
+                logs.mkdir(exist_ok=True)
+                log_path = logs / (re.sub(r"[^A-Za-z0-9.+=-]+", "_", name).strip("_") + ".log")
+                fn_job, args = make()
+                running[pool.submit(_run_job, fn_job, args, str(log_path))] = (name, log_path)
+            collect(lambda: False)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return {name: stage_seconds[name] for name, _, _ in plan.stages if name in stage_seconds}, reused
 
 
@@ -525,7 +702,8 @@ def _pairs_per_s(run: Path) -> float | None:
 
 
 def _aggregate(
-    out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[str, float] | None = None, reused: list[str] | None = None
+    out: Path, s: DemoSettings, seconds: float, stage_seconds: dict[str, float] | None = None, reused: list[str] | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     per_model: dict[str, dict[str, list[float]]] = {}
     diffs: dict[str, list[float]] = {}
@@ -577,7 +755,8 @@ def _aggregate(
                "tuning": tuning, "versions": _versions(),
                "world_version": json.loads((out / "world" / "world.json").read_text()).get("version"),
                "stage_seconds": stage_seconds or {},
-               "stages_reused": reused or [], "stage_seconds_total": round(sum((stage_seconds or {}).values()), 1)}
+               "stages_reused": reused or [], "stage_seconds_total": round(sum((stage_seconds or {}).values()), 1),
+               "workers": workers}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(results))
     _figures(out, results, diffs, s)
