@@ -127,3 +127,80 @@ def test_the_full_demo_plans_online_ipo_unll_at_its_tuned_settings(tmp_path, mon
     qnames = [name for name, _, _ in quick.plan.stages]
     assert not any("ipo+unll" in n for n in qnames)
     assert [n for n in qnames if "online" in n] == ["seed 0: online unll, 1 rounds of 4 samples"]
+
+
+def test_seed0_test_runs_and_the_alpha_sweeps_chosen_point_are_copies_of_identical_runs(tmp_path):
+    """Tuning trains every grid point on seed 0, so seed 0's test run of a method at its chosen
+    settings is that run: copied, not trained again; so is the alpha sweep's point at unll's chosen
+    alpha (the seed's unll run). Other seeds and other alphas train."""
+    from dppo.demo.pipeline import FULL, TUNING_SEED, _Demo, _job_copy_run, _job_train
+    from rich.console import Console
+
+    demo = _Demo(FULL, tmp_path, Console(quiet=True))
+    demo.tuning_stages()
+    demo.seed_stages(0)
+    demo.seed_stages(1)
+    (tmp_path / "tune").mkdir()
+    choices = {m: {"lr": 1e-4, "knob": k, "value": vals[-1], "val_win_rate": 0.5, "run": f"{m}-lr0.0001-{k}{vals[-1]:g}"}
+               for m, k, vals in FULL.tune_knobs}
+    (tmp_path / "tune" / "choices.json").write_text(json.dumps(choices))
+    assert TUNING_SEED == 0
+    for m in demo.methods:
+        fn, args = demo.plan.jobs[f"seed 0: train {m}"][0]()
+        assert fn is _job_copy_run and args == (tmp_path / "tune" / "runs" / choices[m]["run"], tmp_path / "seed0" / "runs" / m)
+        fn, (cfg,) = demo.plan.jobs[f"seed 1: train {m}"][0]()
+        assert fn is _job_train and cfg.seed == 1 and cfg.lr == 1e-4 and getattr(cfg, choices[m]["knob"]) == choices[m]["value"]
+    chosen_alpha = choices["unll"]["value"]
+    for seed in (0, 1):
+        for a in FULL.alphas:
+            job, needs = demo.plan.jobs[f"seed {seed}: train unll alpha={a:g}"]
+            fn, args = job()
+            assert needs == (f"seed {seed}: train unll",)
+            if a == chosen_alpha:
+                assert fn is _job_copy_run and args == (tmp_path / f"seed{seed}" / "runs" / "unll", tmp_path / f"seed{seed}" / "runs" / "unll-alpha1")
+            else:
+                assert fn is _job_train and args[0].alpha == a and args[0].seed == seed
+    # the test evaluations wait for their seed's runs and for the one before (they share a cache)
+    _, needs = demo.plan.jobs["seed 1: eval vs sft"]
+    assert "seed 0: eval vs sft" in needs and "seed 1: online unll, 2 rounds of 4 samples" in needs
+    assert "seed 1: train unll+dpo" in needs and all(n.startswith(("seed 1", "seed 0: eval")) for n in needs)
+
+
+def test_stages_run_in_workers_after_what_they_need_and_a_failure_is_raised(tmp_path):
+    """The scheduler: job stages in worker processes, each after the stages it needs; a stage without a
+    job waits for every running one; a failing job is raised after the others finished; each stage's
+    time and messages are kept."""
+    import pytest
+    from dppo.demo.pipeline import _job_copy_run, _Plan, _run_stages
+    from rich.console import Console
+
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    log_file = out / "demo.log"
+    seen: list[bool] = []
+    with open(log_file, "w") as f:
+        log = Console(file=f, width=120)
+        plan = _Plan()
+        plan.add_job("a", out / "a" / "model" / "config.json", lambda: (_job_copy_run, (src, out / "a")), log)
+        plan.add_job("b", out / "b" / "model" / "config.json", lambda: (_job_copy_run, (out / "a", out / "b")), log, needs=("a",))
+        plan.add("barrier", out / "barrier.txt", lambda: (seen.append((out / "b" / "model").exists()),
+                                                          (out / "barrier.txt").write_text("x")))
+        plan.add_job("c", out / "c" / "model" / "config.json", lambda: (_job_copy_run, (src, out / "c")), log)
+        seconds, reused = _run_stages(plan, out, log, Console(quiet=True), False, workers=2)
+    assert seen == [True] and reused == [] and set(seconds) == {"a", "b", "barrier", "c"}
+    assert json.loads((out / "b" / "reused.json").read_text())["copied_from"] == str(out / "a")
+    text = log_file.read_text()
+    assert all(f"the same run as {p}: copied" in text for p in (src, out / "a"))
+    assert (out / "logs" / "b.log").exists()
+    # a failing job (its source is missing) is raised once the job beside it has finished
+    with open(log_file, "a") as f:
+        log = Console(file=f, width=120)
+        plan = _Plan()
+        plan.add_job("slow", out / "d" / "model" / "config.json", lambda: (_job_copy_run, (src, out / "d")), log)
+        plan.add_job("bad", out / "e" / "model" / "config.json", lambda: (_job_copy_run, (tmp_path / "missing", out / "e")), log)
+        with pytest.raises(FileNotFoundError):
+            _run_stages(plan, out, log, Console(quiet=True), False, workers=2)
+    assert (out / "d" / "model" / "config.json").exists() and not (out / "e").exists()

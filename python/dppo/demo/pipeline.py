@@ -204,6 +204,14 @@ def _worker_init() -> None:
     register_judge("demo", demo_judge, overwrite=True)
 
 
+def _warm_worker() -> None:
+    """Import what the stages use, so a worker is ready when the first stage reaches it."""
+    import dppo.curriculum  # noqa: F401
+    import dppo.eval.winrate  # noqa: F401
+    import dppo.train.loop  # noqa: F401
+    from transformers import Qwen2ForCausalLM  # noqa: F401
+
+
 def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], log_path: str) -> float:
     """Run one stage's job in a worker, its messages into ``log_path``; returns its seconds."""
     t = time.perf_counter()
@@ -552,6 +560,8 @@ def _run_stages(plan: _Plan, out: Path, log: Console, console: Console, show_pro
     pool = None
     if workers > 0 and any(name in plan.jobs for name, _, _ in pending):
         pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        for _ in range(workers):  # every worker started and its imports done while the first stages run here
+            pool.submit(_warm_worker)
     logs = out / "logs"
 
     with Progress(*columns, console=console, disable=not show_progress) as bar, _quiet_libraries():

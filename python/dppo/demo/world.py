@@ -209,13 +209,12 @@ def _token_stats(tok_dir: Path, world: World) -> dict[str, Any]:
 
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     head = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n"
-    user, prompt, response = [], [], []
     convs = [r["messages"] for r in world.sft] + [r[k] for r in world.prefs_train for k in ("chosen", "rejected")]
-    for m in convs:
-        u, a = m[0]["content"], m[1]["content"]
-        user.append(len(tok.encode(u).ids))
-        prompt.append(len(tok.encode(f"{head}{u}<|im_end|>\n<|im_start|>assistant\n").ids))
-        response.append(len(tok.encode(f"{a}<|im_end|>\n").ids))
+    users = [m[0]["content"] for m in convs]
+    # one batched call per column (the tokenizer's own threads), not one call per text
+    user = [len(e.ids) for e in tok.encode_batch(users)]
+    prompt = [len(e.ids) for e in tok.encode_batch([f"{head}{u}<|im_end|>\n<|im_start|>assistant\n" for u in users])]
+    response = [len(e.ids) for e in tok.encode_batch([f"{m[1]['content']}<|im_end|>\n" for m in convs])]
     full = [p + r for p, r in zip(prompt, response)]
 
     def summary(v: list[int]) -> dict[str, float]:
