@@ -934,7 +934,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
     # score on the test prompts
     online = r.get("online") or {}
     if online:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fig, ax = plt.subplots(figsize=(8.5, 3.8))
         last = 0
         for method, rounds in online.items():
             ks = [x["round"] for x in rounds]
@@ -952,7 +952,7 @@ def _figures(out: Path, r: dict[str, Any], diffs: dict[str, list[float]], s: Dem
         ax.set_xticks(range(1, last + 2))
         ax.set_xlabel("round (entering policy, training prompts); last: after training")
         ax.set_ylabel("mean judge score")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the plot, not on it
         fig.tight_layout()
         fig.savefig(out / "fig_online.png")
         plt.close(fig)
