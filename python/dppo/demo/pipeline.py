@@ -188,6 +188,13 @@ def _job_copy_run(src: Path, dst: Path, *, console: Console) -> None:
     console.print(f"the same run as {src}: copied", highlight=False)
 
 
+def _register_demo_judge() -> None:
+    from dppo.demo.judge import judge as demo_judge
+    from dppo.eval.judges import register_judge
+
+    register_judge("demo", demo_judge, overwrite=True)
+
+
 def _worker_init() -> None:
     """A worker process: one thread (the results do not depend on how many workers run), no library
     progress bars, the demo's judge registered."""
@@ -195,13 +202,10 @@ def _worker_init() -> None:
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    from dppo.demo.judge import judge as demo_judge
-    from dppo.eval.judges import register_judge
-
     torch.set_num_threads(1)
     disable_progress_bars()
     hf_logging.disable_progress_bar()
-    register_judge("demo", demo_judge, overwrite=True)
+    _register_demo_judge()
 
 
 def _warm_worker() -> None:
@@ -308,9 +312,6 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     ``workers``: processes for the stages that do not depend on each other (default
     ``default_workers()``; 0 runs every stage in this process).
     """
-    from dppo.demo.judge import judge as demo_judge
-    from dppo.eval.judges import register_judge
-
     s = settings or (QUICK if quick else FULL)
     if seeds is not None:
         s = replace(s, seeds=seeds)
@@ -318,7 +319,7 @@ def run_demo(out: str | Path = "demo-out", *, settings: DemoSettings | None = No
     out.mkdir(parents=True, exist_ok=True)
     _check_same_settings(out, s)
     console = console or Console(stderr=True)
-    register_judge("demo", demo_judge, overwrite=True)
+    _register_demo_judge()
     t0 = time.perf_counter()
     # Every stage writes its own messages into OUT/demo.log; the terminal shows one progress bar.
     with open(out / "demo.log", "a", encoding="utf-8") as log_file:
@@ -417,11 +418,10 @@ class _Demo:
         runs = sd / "runs"
         stages = []
         for m in self.methods:
-            if seed == TUNING_SEED:  # the tuning run at the chosen settings is this very run: copied, not trained again
-                stages.append(self.copy_run(f"seed {seed}: train {m}", runs / m,
-                                            lambda m=m: self.tune / "runs" / self.choice(m)["run"]))
-            else:
-                stages.append(self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m)))
+            # seed 0: the tuning run at the chosen settings is this very run: copied, not trained again
+            tuned = (lambda m=m: self.tune / "runs" / self.choice(m)["run"]) if seed == TUNING_SEED else None
+            stages.append(self.train_run(f"seed {seed}: train {m}", runs / m, m, prefs_model, seed, lambda m=m: chosen(m),
+                                         same_as=tuned))
         unll_model = runs / "unll" / "model"
         unll = f"seed {seed}: train unll"
         stages.append(self.train_run(f"seed {seed}: train unll+dpo", runs / "unll+dpo", "dpo", unll_model, seed,
@@ -493,10 +493,6 @@ class _Demo:
             return _job_train, (cfg,)
 
         self.plan.add_job(name, run / "model" / "config.json", job, self.log, needs)
-        return name
-
-    def copy_run(self, name: str, run: Path, src: Callable[[], Path]) -> str:
-        self.plan.add_job(name, run / "model" / "config.json", lambda: (_job_copy_run, (src(), run)), self.log)
         return name
 
     def eval_run(self, name: str, out: Path, prompts: Path, models: Callable[[], list[str]], needs: tuple[str, ...] = ()) -> None:
